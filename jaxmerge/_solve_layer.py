@@ -1,0 +1,305 @@
+"""``solve_layer``: the merged layer that best reproduces every fine-tuned model's outputs."""
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ._bases import Basis, Custom, LowRank, combine_directions, directional_system, truncate_update
+from ._energy import energies
+from ._layers import as_layer, augmented, check_layer
+from ._solve import SolveStatus, psd_solve
+from ._stats import LayerStats
+
+__all__ = ["LayerSolution", "SolveError", "solve_layer"]
+
+
+class SolveError(RuntimeError):
+    """A solve could not produce a finite merge (raised by ``throw=True``)."""
+
+
+class LayerSolution(NamedTuple):
+    """The solution of one layer's merge QP (a pytree).
+
+    Attributes:
+        kernel: merged kernel ``(n_in, n_out)``, in the base kernel's dtype.
+        bias: merged bias ``(n_out,)`` or ``None`` when the layer has none.
+        coefficients: the QP variables: ``(K,)`` for ``"scalar"``, ``(n_out, K)`` for
+            ``"diagonal"``, ``(J,)`` or ``(n_out, J)`` for :class:`Custom`, and the update
+            ``U = W̄ − W̄₀`` itself (``(n_in + 1, n_out)`` with a bias) for ``"full"`` and
+            :class:`LowRank`.
+        energy_base: ``E₀``, the residual energy of the base layer.
+        energy_merged: ``L``, the loss of the merged layer.
+        energy_fraction: ``ρ = 1 − L/E₀``.
+        status: :class:`SolveStatus` code (``int32``; the worst over a batch of systems).
+        condition: condition-number estimate of the system (the largest over a batch).
+        spectrum: for :class:`LowRank`, the energy ``σᵢ²`` of every direction of the full
+            update in decreasing order (their sum is ``ρ_full · E₀`` without ridge); else ``None``.
+    """
+
+    kernel: Float[Array, "n_in n_out"]
+    bias: Float[Array, " n_out"] | None
+    coefficients: Float[Array, "..."]
+    energy_base: Float[Array, ""]
+    energy_merged: Float[Array, ""]
+    energy_fraction: Float[Array, ""]
+    status: Int[Array, ""]
+    condition: Float[Array, ""]
+    spectrum: Float[Array, " r"] | None = None
+
+
+def _broadcast_prior(prior, shape, what):
+    prior = jnp.asarray(prior)
+    try:
+        return jnp.broadcast_to(prior, shape)
+    except ValueError:
+        raise ValueError(
+            f"solve_layer: prior has shape {prior.shape}; the {what} basis needs coefficients "
+            f"broadcastable to {shape}."
+        ) from None
+
+
+@functools.partial(jax.jit, static_argnames=("per_output", "rank", "rcond", "full"))
+def _solve_kernel(
+    gram,
+    cross,
+    task_diag,
+    out_sq,
+    w0,
+    wk,
+    dirs,
+    prior,
+    ridge,
+    alpha,
+    *,
+    full,
+    per_output,
+    rank,
+    rcond,
+):
+    dtype = gram.dtype
+    p = w0.shape[0]
+    gram, cross, task_diag = gram[:p, :p], cross[:p], task_diag[:, :p]
+    # RegMean's α as a change of metric: A_α = αA + (1−α)Diag(A), P_α = αP + (1−α)Σₖ Diag(gₖ)W̄ₖ.
+    diag = jnp.diagonal(gram)
+    gram_a = alpha * gram + (1 - alpha) * jnp.diag(diag)
+    cross_a = alpha * cross + (1 - alpha) * jnp.einsum("ki,kim->im", task_diag, wk)
+    residual = cross_a - gram_a @ w0
+    # Ridge toward the prior, (H + λD)c = f + λDc₀, written with θ = 1/(1+λ) so that λ = ∞ is
+    # exact: (θH + (1−θ)D)c = θf + (1−θ)Dc₀. D = diag(H), floored so that it is invertible.
+    theta = 1.0 / (1.0 + ridge)
+    spectrum = None
+
+    def floored(d):
+        mean = jnp.mean(d, axis=-1, keepdims=True)
+        return jnp.maximum(d, jnp.finfo(dtype).eps * jnp.where(mean > 0, mean, 1.0))
+
+    if full:
+        d = floored(jnp.diagonal(gram_a))
+        h = theta * gram_a + (1 - theta) * jnp.diag(d)
+        f = theta * residual + (1 - theta) * d[:, None] * prior
+        update, status, cond = psd_solve(h, f, rcond=rcond)
+        update = jnp.where(theta == 0, prior, update)
+        if rank is not None:
+            cut = 10 * p * jnp.finfo(dtype).eps if rcond is None else rcond
+            update, spectrum = truncate_update(update, gram_a, rank, cut)
+        coefficients = update
+    else:
+        h, f = directional_system(dirs, gram_a, residual, per_output)
+        d = floored(jnp.diagonal(h, axis1=-2, axis2=-1))
+        eye = jnp.eye(h.shape[-1], dtype=dtype)
+        h = theta * h + (1 - theta) * d[..., None] * eye
+        f = theta * f + (1 - theta) * d * prior
+        coefficients, status, cond = psd_solve(h, f[..., None], rcond=rcond)
+        coefficients = jnp.where(theta == 0, prior, coefficients[..., 0])  # λ = ∞: exactly c₀
+        status, cond = jnp.max(status), jnp.max(cond)
+        update = combine_directions(coefficients, dirs, per_output)
+    e0, loss, rho = energies(gram, cross, jnp.sum(out_sq), w0, update)
+    return w0 + update, coefficients, e0, loss, rho, status, cond, spectrum
+
+
+def _nonfinite_inputs(stats, w0, wk, dirs) -> list[str]:
+    named = [(f"stats.{f}", getattr(stats, f)) for f in LayerStats._fields]
+    named += [("base", w0)] + [(f"finetuned[{k}]", w) for k, w in enumerate(wk)]
+    if dirs is not None:
+        named += [(f"directions[{j}]", b) for j, b in enumerate(dirs)]
+    return [name for name, a in named if not bool(jnp.all(jnp.isfinite(a)))]
+
+
+def solve_layer(
+    stats: LayerStats,
+    base: Any,
+    finetuned: Sequence[Any],
+    *,
+    basis: Basis = "full",
+    ridge: float | Float[ArrayLike, ""] = 0.0,
+    prior: Any = None,
+    alpha: float | Float[ArrayLike, ""] = 1.0,
+    rcond: float | None = None,
+    throw: bool = True,
+) -> LayerSolution:
+    r"""Merge one layer by output-space projection.
+
+    Minimises the calibration loss over updates ``U = W̄ − W̄₀`` in the span of ``basis``::
+
+        min_c  L(c) = E₀ + cᵀHc − 2fᵀc,   H_qr = ⟨B_q, A_α B_r⟩,  f_q = ⟨B_q, P_α − A_α W̄₀⟩
+        (H + λD) c* = f + λD c₀,          D = diag(H),  λ = ridge,  c₀ = prior
+
+    with ``A = gram``, ``P = cross`` and RegMean's metric ``A_α = αA + (1−α)Diag(A)``,
+    ``P_α = αP + (1−α)Σₖ Diag(gₖ)W̄ₖ``. ``ridge = 0`` is the projection; ``ridge → ∞`` (``inf``
+    allowed) returns the prior exactly. The bias is solved exactly through the constant input.
+    Energies ``E₀, L, ρ`` are always measured in the true metric (``α = 1``).
+
+    Args:
+        stats: the layer's calibration statistics (see :func:`layer_stats`).
+        base: the base layer: a kernel ``(n_in, n_out)``, a ``(kernel, bias)`` pair or a
+            ``{"kernel", "bias"}`` dict.
+        finetuned: the ``K`` fine-tuned layers, in the same form, in the statistics' task order.
+        basis: ``"scalar"``, ``"diagonal"``, ``"full"``, :class:`LowRank` or :class:`Custom`.
+        ridge: ``λ ≥ 0``; pulls the coefficients toward ``prior`` in the scale-free metric
+            ``D = diag(H)``.
+        prior: the coefficients ``c₀`` the ridge pulls toward (default 0, the base). For scalar,
+            diagonal and custom bases, an array broadcastable to the coefficients' shape (e.g.
+            ``1/K`` for the uniform soup, ``λ_TA`` for task arithmetic); for ``"full"`` and
+            :class:`LowRank`, a merged layer-like.
+        alpha: RegMean's ``α ∈ [0, 1]``; 1 is the exact output-space metric.
+        rcond: relative eigenvalue cut-off of the solver (see :func:`psd_solve`).
+        throw: raise :class:`SolveError` when the result would not be finite. Under ``jax.jit``
+            the status cannot stop the trace: check ``status`` yourself.
+
+    Returns:
+        A :class:`LayerSolution`.
+
+    Raises:
+        ValueError, TypeError: shapes, dtypes or options that do not fit the layer.
+        SolveError: ``throw=True`` and the statistics or weights hold NaN or Inf.
+
+    Examples:
+        Two fine-tunes, each changing its own input's weight; the tasks see disjoint inputs, so
+        the full basis recovers both updates exactly:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxmerge import layer_stats
+        >>> w0 = jnp.zeros((2, 1))
+        >>> w1, w2 = jnp.array([[1.0], [0.0]]), jnp.array([[0.0], [2.0]])
+        >>> x1, x2 = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])
+        >>> stats = layer_stats([x1, x2], [x1 @ w1, x2 @ w2])
+        >>> sol = solve_layer(stats, w0, [w1, w2], basis="full")
+        >>> sol.kernel.ravel().round(6).tolist(), round(float(sol.energy_fraction), 6)
+        ([1.0, 2.0], 1.0)
+        >>> round(float(solve_layer(stats, w0, [w1, w2], basis="scalar").energy_fraction), 6)
+        1.0
+    """
+    if not isinstance(stats, LayerStats):
+        raise TypeError(f"solve_layer: stats must be a LayerStats, got {type(stats).__name__}.")
+    if not isinstance(finetuned, Sequence) or len(finetuned) == 0:
+        raise ValueError(
+            "solve_layer: finetuned must be a non-empty sequence of layers (K ≥ 1); got "
+            f"{finetuned!r:.80}."
+        )
+    k0, b0 = check_layer(as_layer(base, "base"), "base", stats)
+    layers = [
+        check_layer(as_layer(t, f"finetuned[{k}]"), f"finetuned[{k}]", stats)
+        for k, t in enumerate(finetuned)
+    ]
+    has_bias = b0 is not None
+    for k, (_, b) in enumerate(layers):
+        if (b is None) == has_bias:
+            raise ValueError(
+                f"solve_layer: finetuned[{k}] {'has no' if has_bias else 'has a'} bias but the "
+                f"base {'has one' if has_bias else 'has none'}; give every layer a bias or none."
+            )
+    if len(layers) != stats.num_tasks:
+        raise ValueError(
+            f"solve_layer: {len(layers)} fine-tuned layers but the statistics hold "
+            f"{stats.num_tasks} tasks; give one fine-tune per task, in task order."
+        )
+    dtype = stats.gram.dtype
+    w0 = augmented(k0, b0).astype(dtype)
+    wk = jnp.stack([augmented(k, b).astype(dtype) for k, b in layers])
+    p, m = w0.shape
+    ridge_v, alpha_v = jnp.asarray(ridge, dtype), jnp.asarray(alpha, dtype)
+    if not isinstance(ridge, jax.core.Tracer) and not float(ridge) >= 0:
+        raise ValueError(f"solve_layer: ridge must be ≥ 0 (or inf), got {ridge}.")
+    if not isinstance(alpha, jax.core.Tracer) and not 0 <= float(alpha) <= 1:
+        raise ValueError(f"solve_layer: alpha must lie in [0, 1], got {alpha}.")
+
+    full, rank, per_output, dirs = False, None, False, None
+    if isinstance(basis, LowRank):
+        full, rank = True, basis.rank
+        if rank > min(p, m):
+            raise ValueError(
+                f"solve_layer: LowRank({rank}) exceeds the largest possible rank {min(p, m)} of "
+                f"an update of shape ({p}, {m})."
+            )
+    elif isinstance(basis, Custom):
+        per_output = bool(basis.per_output)
+        if isinstance(basis.directions, dict) or not len(basis.directions):
+            raise ValueError("solve_layer: Custom needs a non-empty sequence of directions.")
+        dirs = []
+        for j, d in enumerate(basis.directions):
+            kd, bd = check_layer(
+                as_layer(d, f"Custom.directions[{j}]"), f"Custom.directions[{j}]", stats
+            )
+            if has_bias and bd is None:
+                bd = jnp.zeros((m,), dtype)
+            elif not has_bias and bd is not None:
+                raise ValueError(
+                    f"solve_layer: Custom.directions[{j}] has a bias; the layer has none."
+                )
+            dirs.append(augmented(kd, bd).astype(dtype))
+        dirs = jnp.stack(dirs)
+    elif basis in ("scalar", "diagonal"):
+        per_output = basis == "diagonal"
+        dirs = wk - w0
+    elif basis == "full":
+        full = True
+    else:
+        raise ValueError(
+            f"solve_layer: unknown basis {basis!r}; use 'scalar', 'diagonal', 'full', "
+            "LowRank(r) or Custom(directions)."
+        )
+
+    if full:
+        if prior is None:
+            prior = jnp.zeros((p, m), dtype)
+        else:
+            kp, bp = check_layer(as_layer(prior, "prior"), "prior", stats)
+            if (bp is None) == has_bias:
+                raise ValueError("solve_layer: prior must have a bias exactly when the base has.")
+            prior = augmented(kp, bp).astype(dtype) - w0
+    else:
+        shape = (m, dirs.shape[0]) if per_output else (dirs.shape[0],)
+        name = "diagonal" if per_output else "scalar"
+        prior = _broadcast_prior(0.0 if prior is None else prior, shape, name).astype(dtype)
+
+    merged, coeff, e0, loss, rho, status, cond, spectrum = _solve_kernel(
+        stats.gram,
+        stats.cross,
+        stats.task_diag,
+        stats.out_sq,
+        w0,
+        wk,
+        dirs,
+        prior,
+        ridge_v,
+        alpha_v,
+        full=full,
+        per_output=per_output,
+        rank=rank,
+        rcond=rcond,
+    )
+    if throw and not isinstance(status, jax.core.Tracer):
+        if int(status) == SolveStatus.NONFINITE or not bool(jnp.all(jnp.isfinite(merged))):
+            bad = _nonfinite_inputs(stats, w0, wk, dirs)
+            raise SolveError(
+                "solve_layer: the merge would not be finite; NaN or Inf in "
+                + (", ".join(bad) if bad else "the solve (overflow)")
+                + ". Check the calibration data and the parameters."
+            )
+    kernel = merged[: k0.shape[0]].astype(k0.dtype)
+    bias = merged[-1].astype(b0.dtype) if has_bias else None
+    return LayerSolution(kernel, bias, coeff, e0, loss, rho, status, cond, spectrum)
