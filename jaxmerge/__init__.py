@@ -23,4 +23,12 @@ from ._stats import layer_stats as layer_stats
 from ._stats import normalize_stats as normalize_stats
 from ._stats import update_stats as update_stats
 
+# Whole Flax models (merge, reports)
+
+# Baselines
+
+# Devices and hosts
+
+# Checkpoints and interchange
+
 __version__ = "0.1.0"
