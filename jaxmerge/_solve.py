@@ -27,7 +27,7 @@ import enum
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 __all__ = ["SolveStatus", "psd_solve"]
 
@@ -133,8 +133,8 @@ def _solve_one(h, f, rcond):
 
 
 def psd_solve(
-    h: Float[Array, "*batch p p"],
-    f: Float[Array, "*batch p r"],
+    h: Float[ArrayLike, "*batch p p"],
+    f: Float[ArrayLike, "*batch p r"],
     *,
     rcond: float | None = None,
 ) -> tuple[Float[Array, "*batch p r"], Int[Array, "*batch"], Float[Array, "*batch"]]:
@@ -156,6 +156,7 @@ def psd_solve(
         >>> x.ravel().tolist(), SolveStatus(int(status)).name
         ([2.0, 0.0], 'PSEUDO_INVERSE')
     """
+    h, f = jnp.asarray(h), jnp.asarray(f)
     batch = h.shape[:-2]
     if f.shape[:-2] != batch or f.shape[-2] != h.shape[-1] or h.shape[-1] != h.shape[-2]:
         raise ValueError(f"psd_solve: incompatible shapes h {h.shape} and f {f.shape}.")

@@ -1,0 +1,177 @@
+"""Hard numerics, property-based: random shapes, K, bases and conditioning.
+
+For every problem drawn: results are finite, the captured energy of the solved merge is in
+[0, 1], and the solution is optimal — the gradient of the QP objective, ``2(Hc − f)``, is zero
+relative to the scale of its terms — or the status says why not (``PSEUDO_INVERSE``: the system
+was singular or too ill-conditioned for the dtype and the minimum-norm truncated solution was
+returned).
+"""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxmerge as jm
+
+SETTINGS = settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+
+
+def conditioned_inputs(rng, rows, n, cond, dtype):
+    """Inputs whose Gram matrix XᵀX/rows has condition number ``cond`` (exactly, in float64)."""
+    u, _ = np.linalg.qr(rng.normal(size=(rows, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    s = np.sqrt(np.logspace(0, -np.log10(cond), n)) * np.sqrt(rows)
+    return ((u * s) @ v.T).astype(dtype)
+
+
+@st.composite
+def problems(draw):
+    k = draw(st.integers(1, 4))
+    n = draw(st.integers(2, 7))
+    m = draw(st.integers(1, 5))
+    basis = draw(st.sampled_from(["scalar", "diagonal", "full", "lowrank", "custom"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    log_cond = draw(st.floats(0, 1))  # fraction of the dtype's hardest condition number
+    return k, n, m, basis, seed, log_cond
+
+
+def build(k, n, m, seed, cond, dtype):
+    rng = np.random.default_rng(seed)
+    w0 = rng.normal(size=(n, m)).astype(dtype)
+    fts = [(w0 + 0.5 * rng.normal(size=(n, m))).astype(dtype) for _ in range(k)]
+    xs = [conditioned_inputs(rng, n + 3 + t, n, cond, dtype) for t in range(k)]
+    ys = [(x @ w).astype(dtype) for x, w in zip(xs, fts, strict=True)]
+    return rng, w0, fts, jm.layer_stats(xs, ys)
+
+
+def check(sol, stats, w0, fts, basis_obj, tol_grad, tol_rho):
+    """Finite, ρ ∈ [0, 1], and zero QP gradient unless the status says the system was singular."""
+    assert np.all(np.isfinite(np.asarray(sol.kernel)))
+    rho = float(sol.energy_fraction)
+    assert -tol_rho <= rho <= 1 + tol_rho, rho
+    status = jm.SolveStatus(int(sol.status))
+    assert status != jm.SolveStatus.NONFINITE
+    if status == jm.SolveStatus.PSEUDO_INVERSE:
+        return
+    # The gradient of the QP objective in the basis coordinates, recomputed in float64 numpy.
+    a = np.asarray(stats.gram, np.float64)[:-1, :-1]  # bias-free layers: drop the constant input
+    p = np.asarray(stats.cross, np.float64)[:-1]
+    w0 = np.asarray(w0, np.float64)
+    u = np.asarray(sol.kernel, np.float64) - w0
+    r = p - a @ w0
+    if isinstance(basis_obj, jm.LowRank) and basis_obj.rank < min(u.shape):
+        # Optimal among rank-r updates only: it cannot beat the full basis.
+        full = jm.solve_layer(stats, w0, fts, basis="full")
+        assert rho <= float(full.energy_fraction) + tol_rho
+        return
+    if basis_obj == "full" or isinstance(basis_obj, jm.LowRank):
+        grad, scale = a @ u - r, np.abs(a).max() * np.abs(u).max() + np.abs(r).max()
+    else:
+        if isinstance(basis_obj, jm.Custom):
+            dirs, per_output = np.asarray(basis_obj.directions, np.float64), basis_obj.per_output
+        else:
+            dirs = np.stack([np.asarray(f, np.float64) - w0 for f in fts])
+            per_output = basis_obj == "diagonal"
+        ad = np.einsum("ij,qjm->qim", a, dirs)
+        if per_output:
+            h, f = np.einsum("qim,rim->mqr", dirs, ad), np.einsum("qim,im->mq", dirs, r)
+            c = np.asarray(sol.coefficients, np.float64)
+            grad = np.einsum("mqr,mr->mq", h, c) - f
+        else:
+            h, f = np.einsum("qim,rim->qr", dirs, ad), np.einsum("qim,im->q", dirs, r)
+            c = np.asarray(sol.coefficients, np.float64)
+            grad = h @ c - f
+        scale = np.abs(h).max() * np.abs(c).max() + np.abs(f).max()
+    assert np.abs(grad).max() <= tol_grad * scale, (np.abs(grad).max(), scale, status)
+
+
+def run_case(k, n, m, basis, seed, log_cond, dtype, max_cond, tol_grad, tol_rho):
+    cond = 10 ** (log_cond * np.log10(max_cond))
+    rng, w0, fts, stats = build(k, n, m, seed, cond, dtype)
+    basis_obj = {
+        "lowrank": jm.LowRank(min(n, m) if seed % 2 else 1),
+        "custom": jm.Custom(
+            [rng.normal(size=(n, m)).astype(dtype) for _ in range(2)], per_output=bool(seed % 2)
+        ),
+    }.get(basis, basis)
+    sol = jm.solve_layer(stats, w0, fts, basis=basis_obj)
+    check(sol, stats, w0, fts, basis_obj, tol_grad, tol_rho)
+
+
+@SETTINGS
+@given(problems())
+def test_float64_up_to_cond_1e10(problem):
+    with jax.enable_x64(True):
+        run_case(*problem, np.float64, max_cond=1e10, tol_grad=1e-9, tol_rho=1e-9)
+
+
+@SETTINGS
+@given(problems())
+def test_float32_up_to_cond_1e6(problem):
+    run_case(*problem, np.float32, max_cond=1e6, tol_grad=1e-3, tol_rho=1e-3)
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.lists(st.integers(1, 9), min_size=1, max_size=5))
+def test_streaming_any_split_equals_one_shot(seed, sizes):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(sum(sizes), 3)), rng.normal(size=(sum(sizes), 2))
+        s = jm.init_stats(3, 2, 1)
+        for lo, hi in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True):
+            s = jm.update_stats(s, x[lo:hi], y[lo:hi], 0)
+        one = jm.layer_stats([x], [y])
+        for a, b in zip(jm.normalize_stats(s), one, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_psd_solve_singular_matrices_give_min_norm(dtype):
+    """Rank-deficient PSD systems of every rank, against numpy's pseudo-inverse."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(dtype == "float64"):
+        for rank in range(0, 6):
+            b = rng.normal(size=(6, rank))
+            h = (b @ b.T).astype(dtype)
+            f = (h @ rng.normal(size=(6, 2))).astype(dtype)
+            x, status, _ = jm.psd_solve(h, f)
+            ref = np.linalg.pinv(h.astype(np.float64), rcond=1e-6) @ f.astype(np.float64)
+            tol = 1e-3 if dtype == "float32" else 1e-9
+            np.testing.assert_allclose(x, ref, atol=tol * max(1, np.abs(ref).max()))
+            expected = jm.SolveStatus.CHOLESKY if rank == 6 else jm.SolveStatus.PSEUDO_INVERSE
+            assert int(status) == expected
+
+
+SCRIPT = """
+import numpy as np, jaxmerge as jm
+rng = np.random.default_rng(7)
+xs = [rng.normal(size=(50, 16)).astype(np.float32) for _ in range(3)]
+w0 = rng.normal(size=(16, 8)).astype(np.float32)
+fts = [(w0 + rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=8).astype(np.float32))
+       for _ in range(3)]
+ys = [x @ w + b for x, (w, b) in zip(xs, fts)]
+stats = jm.layer_stats(xs, ys)
+out = []
+for basis in ["scalar", "diagonal", "full", jm.LowRank(3)]:
+    sol = jm.solve_layer(stats, (w0, np.zeros(8, np.float32)), fts, basis=basis)
+    out.append(np.asarray(sol.kernel).tobytes().hex() + np.asarray(sol.bias).tobytes().hex())
+print("|".join(out))
+"""
+
+
+def test_bit_identical_across_runs():
+    """Same inputs, two fresh processes: bit-identical merged parameters on CPU."""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(runs[0]) > 1000
