@@ -1,0 +1,146 @@
+"""Pretraining and fine-tuning with optax, cached on disk.
+
+The image base model is a trunk pretrained with a 10-class head on Fashion-MNIST. Each task then
+fine-tunes the whole trunk together with a fresh head of its own (AdamW); the trunks are what get
+merged, the heads stay per task.
+
+Trained parameters are cached under ``benchmarks/cache/`` as ``.npz`` files named by a hash of the
+full training configuration (data sizes, seed, steps, learning rate, ...), so a rerun with the same
+configuration loads instead of training and any change retrains.
+"""
+
+import hashlib
+import json
+import pathlib
+
+import flax.traverse_util as traverse
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import optax
+
+CACHE = pathlib.Path(__file__).resolve().parent / "cache"
+VERSION = 1  # bump when training code changes in a way the configuration does not capture
+
+
+def cache_key(config: dict) -> str:
+    """A short stable hash of a JSON-serialisable configuration."""
+    text = json.dumps({"version": VERSION, **config}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_params(path: pathlib.Path, params) -> None:
+    """Save a nested dict of arrays as ``.npz`` (keys are ``/``-joined paths)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = traverse.flatten_dict(jax.device_get(params), sep="/")
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
+    tmp.replace(path)
+
+
+def load_params(path: pathlib.Path):
+    """The nested dict saved by :func:`save_params`."""
+    with np.load(path) as f:
+        return traverse.unflatten_dict({k: jnp.asarray(f[k]) for k in f.files}, sep="/")
+
+
+def fingerprint(params) -> str:
+    """A short hash of a pytree's array contents (identifies a base model in cache keys)."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse.flatten_dict(jax.device_get(params), sep="/").items()):
+        digest.update(path.encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached(config: dict, train_fn):
+    """``train_fn()``'s parameters, loaded from the cache when ``config`` was trained before."""
+    path = CACHE / f"{config['kind']}-{cache_key(config)}.npz"
+    if path.exists():
+        return load_params(path)
+    params = train_fn()
+    save_params(path, params)
+    return params
+
+
+def train_classifier(
+    trunk, params, x, y, *, steps: int, lr: float, batch: int, seed: int, weight_decay=1e-4
+):
+    """AdamW on softmax cross-entropy of ``models.logits`` over random minibatches of ``(x, y)``.
+
+    Every parameter in ``params`` (trunk and head) is trained.
+    """
+    opt = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+
+    @jax.jit
+    def step(params, state, xb, yb):
+        def loss(p):
+            out = models.logits(trunk, p, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(out, yb).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(seed)
+    state = opt.init(params)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    for _ in range(steps):
+        idx = jnp.asarray(rng.integers(0, len(y), batch))
+        params, state = step(params, state, x[idx], y[idx])
+    return params
+
+
+def pretrain(trunk_name: str, task, *, seed: int, steps: int, lr: float = 1e-3, batch: int = 128):
+    """The base classifier: the trunk and a 10-class head trained on ``task`` (Fashion-MNIST)."""
+    config = {
+        "kind": f"pretrain-{trunk_name}",
+        "task": task.name,
+        "n_train": len(task.train[1]),
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "batch": batch,
+    }
+
+    def run():
+        trunk = models.trunk_module(trunk_name)
+        x, y = task.train
+        params = models.init_classifier(trunk, task.num_classes, x, jax.random.PRNGKey(seed))
+        return train_classifier(trunk, params, x, y, steps=steps, lr=lr, batch=batch, seed=seed)
+
+    return cached(config, run)
+
+
+def finetune(
+    trunk_name: str,
+    base_trunk,
+    task,
+    *,
+    seed: int,
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 64,
+):
+    """Fine-tune the base trunk with a fresh head on ``task``; returns ``{"trunk", "head"}``."""
+    config = {
+        "kind": f"finetune-{trunk_name}",
+        "base": fingerprint(base_trunk),
+        "task": task.name,
+        "n_train": len(task.train[1]),
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "batch": batch,
+    }
+
+    def run():
+        trunk = models.trunk_module(trunk_name)
+        x, y = task.train
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), len(task.name))
+        head = models.new_head(trunk, base_trunk, task.num_classes, x, key)
+        params = {"trunk": base_trunk, "head": head}
+        return train_classifier(trunk, params, x, y, steps=steps, lr=lr, batch=batch, seed=seed + 1)
+
+    return cached(config, run)
