@@ -28,7 +28,20 @@ from ._stats import update_stats as update_stats
 # Baselines
 
 # Devices and hosts
+from ._distributed import allreduce_stats as allreduce_stats
+from ._distributed import sharded_update_stats as sharded_update_stats
+from ._distributed import sharded_update_stats_by_path as sharded_update_stats_by_path
+from ._distributed import solve_layers as solve_layers
 
 # Checkpoints and interchange
+from ._resumable import accumulate_resumable as accumulate_resumable
+from .checkpoint import SavedStats as SavedStats
+from .checkpoint import combine_saved_stats as combine_saved_stats
+from .checkpoint import load_params as load_params
+from .checkpoint import load_stats as load_stats
+from .checkpoint import save_params as save_params
+from .checkpoint import save_stats as save_stats
+from .hf import load_bert_safetensors as load_bert_safetensors
+from .hf import save_bert_safetensors as save_bert_safetensors
 
 __version__ = "0.1.0"

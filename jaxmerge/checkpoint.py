@@ -1,0 +1,393 @@
+"""Orbax checkpoints of parameters and of calibration statistics, written atomically.
+
+Parameters are stored as a plain Orbax ``StandardCheckpointer`` checkpoint, so checkpoints written
+by other Orbax users (or by a ``CheckpointManager``: pass the item directory, e.g.
+``run/1000/default``) load here and merged parameters load anywhere. Restoring is against an
+abstract target: shapes, dtypes and shardings come from a template pytree, or from the
+checkpoint's own metadata (on the default device) when no template is given.
+
+Statistics (a ``{layer path: LayerStats}`` mapping) are stored with a JSON record of the format
+version, task names, layer paths, shapes, dtype and per-task row counts, so a later run can merge
+without the calibration data, and statistics saved by several runs or hosts can be summed
+(:func:`combine_saved_stats`; the statistics are a monoid).
+
+Every writer refuses to replace an existing path unless ``overwrite=True`` and never writes into
+the destination: the checkpoint is completed in a hidden sibling directory and renamed into place,
+so a run killed at any point leaves every previous checkpoint complete and readable (at worst a
+hidden ``.NAME.tmp-*`` directory remains). An overwrite renames the old checkpoint aside before
+the new one is renamed in and deletes it after.
+"""
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ._stats import LayerStats, combine_stats
+
+__all__ = [
+    "save_params",
+    "load_params",
+    "SavedStats",
+    "save_stats",
+    "load_stats",
+    "combine_saved_stats",
+]
+
+STATS_FORMAT = "jaxmerge.stats"
+STATS_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
+    """Yield a fresh, not-yet-existing temporary path; on success it becomes ``path``.
+
+    The temporary path is a hidden sibling of ``path`` (same file system, so the final rename is
+    atomic). On an exception it is removed and ``path`` is untouched.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what}: {path} exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    try:
+        yield tmp
+        if not tmp.is_dir():
+            raise RuntimeError(f"{what}: nothing was written to the temporary directory {tmp}.")
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{what}: {path} appeared while writing; not replacing it.")
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat(tree) -> dict[str, Any]:
+    """``{"a/b/0": leaf}`` for any pytree (dict keys, attributes and indices as path parts)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _abstract(leaf, default_sharding):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding if leaf.sharding is not None else default_sharding
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    a = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default_sharding)
+
+
+def _check_checkpoint_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: no checkpoint directory at {path}.")
+    if not (path / "_CHECKPOINT_METADATA").exists() and not (path / "_METADATA").exists():
+        raise ValueError(
+            f"{what}: {path} is not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA); "
+            "for a CheckpointManager directory pass the item directory, e.g. <dir>/<step>/default."
+        )
+
+
+def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> Path:
+    """Write a parameter pytree as an Orbax checkpoint, atomically.
+
+    Args:
+        path: destination directory; must not exist unless ``overwrite``.
+        params: any pytree of arrays (e.g. Flax ``{"params": ...}`` variables).
+        overwrite: replace an existing checkpoint at ``path``.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ValueError: ``params`` has no array leaves.
+
+    Examples:
+        >>> import tempfile, jax.numpy as jnp
+        >>> d = tempfile.mkdtemp()
+        >>> p = save_params(f"{d}/merged", {"dense": {"kernel": jnp.ones((2, 3))}})
+        >>> load_params(p)["dense"]["kernel"].shape
+        (2, 3)
+    """
+    if not jax.tree.leaves(params):
+        raise ValueError("save_params: params has no array leaves; nothing to save.")
+    with atomic_directory(path, overwrite=overwrite, what="save_params") as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp, params)
+            ckptr.wait_until_finished()
+    return Path(path).absolute()
+
+
+def load_params(path: PathLike, template: Any = None) -> Any:
+    """Read a parameter pytree from an Orbax checkpoint, restoring against an abstract target.
+
+    Args:
+        path: an Orbax (``StandardCheckpointer`` / ``PyTreeCheckpointer``) checkpoint directory.
+        template: optional pytree with the expected structure: arrays (their shapes, dtypes and
+            shardings are used), ``jax.ShapeDtypeStruct`` or numpy arrays. Dtypes may differ from
+            the stored ones (values are cast); shapes and paths must agree. Without a template
+            the checkpoint's metadata gives the structure, shapes and dtypes, placed on the
+            default device.
+
+    Returns:
+        The restored pytree (the template's structure when given).
+
+    Raises:
+        FileNotFoundError: no directory at ``path``.
+        ValueError: not an Orbax checkpoint, or the template's paths or shapes differ from the
+            stored ones (every difference is listed).
+
+    Examples:
+        >>> import tempfile, jax, jax.numpy as jnp
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_params(f"{d}/p", {"w": jnp.ones(3)})
+        >>> load_params(f"{d}/p", {"w": jax.ShapeDtypeStruct((3,), jnp.bfloat16)})["w"].dtype
+        dtype(bfloat16)
+        >>> load_params(f"{d}/p", {"w": jnp.ones(4)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: load_params: ... w: stored shape (3,), template shape (4,)...
+    """
+    path = Path(path).absolute()
+    _check_checkpoint_dir(path, "load_params")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata.tree
+        if template is None:
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default), stored
+            )
+        else:
+            target = jax.tree.map(lambda x: _abstract(x, default), template)
+            _compare(_flat(stored), _flat(target), path)
+        return ckptr.restore(path, target)
+
+
+def _compare(stored: dict, target: dict, path: Path) -> None:
+    problems = [f"missing from the checkpoint: {k}" for k in target if k not in stored]
+    problems += [f"in the checkpoint but not the template: {k}" for k in stored if k not in target]
+    problems += [
+        f"{k}: stored shape {tuple(stored[k].shape)}, template shape {tuple(target[k].shape)}"
+        for k in target
+        if k in stored and tuple(stored[k].shape) != tuple(target[k].shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
+        raise ValueError(f"load_params: {path} does not match the template: {shown}.")
+
+
+class SavedStats(NamedTuple):
+    """Statistics read back from disk.
+
+    Attributes:
+        stats: ``{layer path: LayerStats}`` in the saved order.
+        tasks: the task names, one per row of ``count``/``task_diag``.
+    """
+
+    stats: dict[Any, LayerStats]
+    tasks: tuple[str, ...]
+
+
+def _encode_key(key) -> str | list:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, tuple) and all(isinstance(k, str | int) for k in key):
+        return list(key)
+    raise TypeError(
+        f"save_stats: layer path {key!r} must be a str or a tuple of str/int (JSON-storable)."
+    )
+
+
+def save_stats(
+    path: PathLike,
+    stats: Mapping[Any, LayerStats],
+    *,
+    tasks: Sequence[str],
+    overwrite: bool = False,
+) -> Path:
+    """Write per-layer statistics and their metadata as one Orbax checkpoint, atomically.
+
+    The checkpoint holds the arrays of every :class:`LayerStats` and a JSON record: format name
+    and version, ``tasks``, and per layer its path, ``n_in``, ``n_out``, dtype and the row count
+    of every task.
+
+    Args:
+        path: destination directory; must not exist unless ``overwrite``.
+        stats: ``{layer path: LayerStats}``; a path is a string or a tuple of strings/ints.
+        tasks: one name per task (``num_tasks`` of every layer).
+        overwrite: replace an existing checkpoint at ``path``.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        TypeError: a value is not a ``LayerStats`` or a layer path is not storable.
+        ValueError: empty ``stats``, duplicate task names, or a layer's ``num_tasks`` differs
+            from ``len(tasks)``.
+
+    Examples:
+        >>> import tempfile, jax.numpy as jnp
+        >>> from jaxmerge import init_stats, update_stats
+        >>> s = update_stats(init_stats(2, 1, 2), jnp.ones((3, 2)), jnp.ones((3, 1)), 1)
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_stats(f"{d}/stats", {"dense": s}, tasks=["sst2", "mnli"])
+        >>> saved = load_stats(f"{d}/stats")
+        >>> saved.tasks, saved.stats["dense"].count.tolist()
+        (('sst2', 'mnli'), [0.0, 3.0])
+    """
+    tasks = tuple(tasks)
+    if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"save_stats: tasks must be distinct strings, got {list(tasks)}.")
+    if not stats:
+        raise ValueError("save_stats: no layers given (stats is empty).")
+    layers, arrays = [], []
+    for key, s in stats.items():
+        if not isinstance(s, LayerStats):
+            raise TypeError(f"save_stats: stats[{key!r}] is a {type(s).__name__}, not LayerStats.")
+        if s.num_tasks != len(tasks):
+            raise ValueError(
+                f"save_stats: stats[{key!r}] has {s.num_tasks} tasks but {len(tasks)} task names "
+                "were given."
+            )
+        layers.append(
+            {
+                "path": _encode_key(key),
+                "n_in": s.n_in,
+                "n_out": s.n_out,
+                "dtype": str(jnp.dtype(s.gram.dtype)),
+                "count": np.asarray(s.count).tolist(),
+            }
+        )
+        arrays.append(s._asdict())
+    meta = {
+        "format": STATS_FORMAT,
+        "version": STATS_VERSION,
+        "tasks": list(tasks),
+        "layers": layers,
+    }
+    with atomic_directory(path, overwrite=overwrite, what="save_stats") as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(
+                tmp,
+                args=ocp.args.Composite(
+                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
+                ),
+            )
+    return Path(path).absolute()
+
+
+def load_stats(path: PathLike) -> SavedStats:
+    """Read statistics written by :func:`save_stats`.
+
+    The arrays are restored against abstract targets built from the saved record (shapes and
+    dtypes), on the default device.
+
+    Raises:
+        FileNotFoundError: no directory at ``path``.
+        ValueError: the directory is not a jaxmerge statistics checkpoint, or of a newer format
+            version.
+
+    Examples:
+        See :func:`save_stats`.
+    """
+    path = Path(path).absolute()
+    _check_checkpoint_dir(path, "load_stats")
+    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
+        raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+            "metadata"
+        ]
+        if meta.get("format") != STATS_FORMAT:
+            raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
+        if meta.get("version", 0) > STATS_VERSION:
+            raise ValueError(
+                f"load_stats: {path} has format version {meta['version']}; this jaxmerge reads "
+                f"up to version {STATS_VERSION}. Upgrade jaxmerge."
+            )
+        k = len(meta["tasks"])
+        target = []
+        for layer in meta["layers"]:
+            n1, m, dtype = layer["n_in"] + 1, layer["n_out"], jnp.dtype(layer["dtype"])
+            shapes = dict(gram=(n1, n1), cross=(n1, m), out_sq=(m,), task_diag=(k, n1), count=(k,))
+            target.append(
+                {f: jax.ShapeDtypeStruct(shapes[f], dtype, sharding=default) for f in shapes}
+            )
+        arrays = ckptr.restore(
+            path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
+        )["stats"]
+    stats = {}
+    for layer, a in zip(meta["layers"], arrays, strict=True):
+        key = layer["path"]
+        stats[tuple(key) if isinstance(key, list) else key] = LayerStats(**a)
+    return SavedStats(stats, tuple(meta["tasks"]))
+
+
+def combine_saved_stats(paths: Sequence[PathLike]) -> SavedStats:
+    """Sum statistics saved by several runs or hosts (each over disjoint calibration rows).
+
+    Every file must have the same task names, layer paths, shapes and dtypes. Plain sums add to
+    the statistics of the union; per-task normalised statistics (weight ``1/Nₖ``) add correctly
+    when each file holds different tasks.
+
+    Raises:
+        ValueError: no paths, or the files disagree (the first difference is named).
+
+    Examples:
+        >>> import tempfile, jax.numpy as jnp
+        >>> from jaxmerge import init_stats, update_stats
+        >>> d = tempfile.mkdtemp()
+        >>> s = update_stats(init_stats(1, 1, 1), jnp.ones((2, 1)), jnp.ones((2, 1)), 0)
+        >>> for host in range(2):
+        ...     _ = save_stats(f"{d}/host{host}", {"fc": s}, tasks=["a"])
+        >>> combine_saved_stats([f"{d}/host0", f"{d}/host1"]).stats["fc"].count.tolist()
+        [4.0]
+    """
+    if not paths:
+        raise ValueError("combine_saved_stats: no paths given.")
+    total = load_stats(paths[0])
+    for p in paths[1:]:
+        part = load_stats(p)
+        if part.tasks != total.tasks:
+            raise ValueError(
+                f"combine_saved_stats: {p} has tasks {list(part.tasks)}, {paths[0]} has "
+                f"{list(total.tasks)}."
+            )
+        if list(part.stats) != list(total.stats):
+            raise ValueError(
+                f"combine_saved_stats: {p} has layers {list(part.stats)}, {paths[0]} has "
+                f"{list(total.stats)}."
+            )
+        try:
+            combined = {k: combine_stats(total.stats[k], part.stats[k]) for k in total.stats}
+        except ValueError as e:
+            raise ValueError(f"combine_saved_stats: {p}: {e}") from None
+        total = SavedStats(combined, total.tasks)
+    return total

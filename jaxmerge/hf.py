@@ -1,0 +1,195 @@
+"""Hugging Face safetensors ↔ Flax parameters for BERT-family encoders.
+
+A Hugging Face ``BertModel`` checkpoint names its tensors ``encoder.layer.0.attention.self.query.
+weight``; :class:`jaxmerge.models.BertModel` names the same parameter
+``encoder/layer/0/attention/self/query/kernel``. The conversion is one rule per leaf:
+
+====================  =====================  ==========================================
+Hugging Face          Flax                   value
+====================  =====================  ==========================================
+``*.weight`` (Linear) ``*/kernel``           transposed: PyTorch ``(out, in)`` → ``(in, out)``
+``*.bias``            ``*/bias``             unchanged
+``*_embeddings.weight`` ``*/embedding``      unchanged ``(num, hidden)``
+``LayerNorm.weight``  ``LayerNorm/scale``    unchanged (old checkpoints: ``gamma``)
+``LayerNorm.bias``    ``LayerNorm/bias``     unchanged (old checkpoints: ``beta``)
+====================  =====================  ==========================================
+
+A ``bert.`` prefix (task-head checkpoints) is dropped and the ``embeddings.position_ids`` buffer is
+skipped; any other tensor the model does not have is an error. Arrays keep their dtype (float32 /
+float16; bfloat16 needs ``ml_dtypes``, which JAX installs).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .checkpoint import atomic_directory
+from .models.bert import BertConfig, BertModel
+
+__all__ = ["load_bert_safetensors", "save_bert_safetensors"]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_SKIPPED = ("embeddings.position_ids",)
+
+
+def _leaf_names(module: str) -> dict[str, str]:
+    """HF leaf name → Flax leaf name for the module whose last path part is ``module``."""
+    if module == "LayerNorm":
+        return {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}
+    if module.endswith("_embeddings"):
+        return {"weight": "embedding"}
+    return {"weight": "kernel", "bias": "bias"}
+
+
+def _expected_shapes(config: BertConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(BertModel(config).init, jax.random.key(0), ids)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _check_shapes(flat: dict, expected: dict, where: str) -> None:
+    problems = [f"missing {'/'.join(k)}" for k in expected if k not in flat]
+    problems += [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
+    problems += [
+        f"{'/'.join(k)} has shape {tuple(np.shape(flat[k]))}, the config needs {expected[k]}"
+        for k in expected
+        if k in flat and tuple(np.shape(flat[k])) != tuple(expected[k])
+    ]
+    if problems:
+        shown = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
+        raise ValueError(f"{where}: parameters do not match the BERT config: {shown}.")
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"load_bert_safetensors: no safetensors file at {path}.")
+    return path
+
+
+def load_bert_safetensors(
+    path: str | os.PathLike, *, config: BertConfig | None = None
+) -> tuple[BertConfig, dict]:
+    """Read a Hugging Face BERT checkpoint into :class:`~jaxmerge.models.BertModel` variables.
+
+    Args:
+        path: a directory holding ``model.safetensors`` (and usually ``config.json``), or the
+            ``.safetensors`` file itself (its directory is searched for ``config.json``).
+        config: the model's configuration; by default read from ``config.json``.
+
+    Returns:
+        ``(config, variables)`` with ``variables = {"params": ...}`` ready for
+        ``BertModel(config).apply(variables, input_ids)``. Arrays are ``jax.Array`` in the file's
+        dtype. The file is only read.
+
+    Raises:
+        FileNotFoundError: no weights file, or no ``config.json`` and no ``config`` given.
+        ValueError: a tensor is missing, unexpected or of the wrong shape for the configuration
+            (all differences are listed).
+
+    Examples:
+        >>> import tempfile, jax, jax.numpy as jnp
+        >>> cfg = BertConfig.tiny()
+        >>> v = BertModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        >>> d = save_bert_safetensors(v, f"{tempfile.mkdtemp()}/tiny", cfg)
+        >>> cfg2, v2 = load_bert_safetensors(d)
+        >>> cfg2 == cfg, v2["params"]["pooler"]["dense"]["kernel"].shape
+        (True, (16, 16))
+    """
+    weights = _weights_file(Path(path))
+    if config is None:
+        config_file = weights.parent / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"load_bert_safetensors: no {CONFIG_NAME} next to {weights}; pass config=."
+            )
+        config = BertConfig.from_dict(json.loads(config_file.read_text()))
+    tensors = load_file(weights)
+    flat = {}
+    for name, value in tensors.items():
+        name = name.removeprefix("bert.")
+        if name in _SKIPPED:
+            continue
+        *module, leaf = name.split(".")
+        new_leaf = _leaf_names(module[-1] if module else "").get(leaf, leaf)
+        if new_leaf == "kernel":
+            if value.ndim != 2:
+                raise ValueError(
+                    f"load_bert_safetensors: {name} has shape {value.shape}; a Linear weight "
+                    "must be 2-D (out, in)."
+                )
+            value = value.T
+        flat[(*module, new_leaf)] = value
+    expected = _expected_shapes(config)
+    _check_shapes(flat, expected, f"load_bert_safetensors({weights})")
+    return config, {"params": _unflatten({k: jnp.asarray(v) for k, v in flat.items()})}
+
+
+def save_bert_safetensors(
+    params: dict, path: str | os.PathLike, config: BertConfig, *, overwrite: bool = False
+) -> Path:
+    """Write BERT parameters as a Hugging Face checkpoint directory, atomically.
+
+    The inverse of :func:`load_bert_safetensors`: ``path/model.safetensors`` with HF tensor
+    names (Linear kernels transposed back to ``(out, in)``) and ``path/config.json``. Loads with
+    ``transformers.BertModel.from_pretrained(path)`` and with :func:`load_bert_safetensors`.
+
+    Args:
+        params: :class:`~jaxmerge.models.BertModel` variables ``{"params": ...}`` or the inner
+            parameter tree.
+        path: destination directory; must not exist unless ``overwrite``.
+        config: the model's :class:`~jaxmerge.models.BertConfig`.
+        overwrite: replace an existing directory at ``path``.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ValueError: the parameters do not match ``config``.
+
+    Examples:
+        See :func:`load_bert_safetensors`.
+    """
+    if not isinstance(params, dict):
+        raise TypeError(f"save_bert_safetensors: params must be a dict, got {type(params)}.")
+    if set(params) == {"params"}:
+        params = params["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = {tuple(_key(k) for k in p): leaf for p, leaf in leaves}
+    _check_shapes(flat, _expected_shapes(config), "save_bert_safetensors")
+    tensors = {}
+    for (*module, leaf), value in flat.items():
+        inverse = {v: k for k, v in _leaf_names(module[-1]).items() if k in ("weight", "bias")}
+        value = np.asarray(value)
+        tensors[".".join([*module, inverse[leaf]])] = np.ascontiguousarray(
+            value.T if leaf == "kernel" else value
+        )
+    with atomic_directory(path, overwrite=overwrite, what="save_bert_safetensors") as tmp:
+        tmp.mkdir()
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return Path(path).absolute()
+
+
+def _key(k) -> str:
+    return str(getattr(k, "key", k))
