@@ -28,10 +28,6 @@ from ._stats import update_stats as update_stats
 # Baselines
 
 # Devices and hosts
-from ._distributed import allreduce_stats as allreduce_stats
-from ._distributed import sharded_update_stats as sharded_update_stats
-from ._distributed import sharded_update_stats_by_path as sharded_update_stats_by_path
-from ._distributed import solve_layers as solve_layers
 
 # Checkpoints and interchange
 from ._resumable import accumulate_resumable as accumulate_resumable
