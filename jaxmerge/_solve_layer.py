@@ -62,7 +62,7 @@ def _broadcast_prior(prior, shape, what):
         ) from None
 
 
-@functools.partial(jax.jit, static_argnames=("per_output", "rank", "rcond", "full"))
+@functools.partial(jax.jit, static_argnames=("per_output", "rank", "rcond", "jitter", "full"))
 def _solve_kernel(
     gram,
     cross,
@@ -79,6 +79,7 @@ def _solve_kernel(
     per_output,
     rank,
     rcond,
+    jitter,
 ):
     dtype = gram.dtype
     p = w0.shape[0]
@@ -101,10 +102,10 @@ def _solve_kernel(
         d = floored(jnp.diagonal(gram_a))
         h = theta * gram_a + (1 - theta) * jnp.diag(d)
         f = theta * residual + (1 - theta) * d[:, None] * prior
-        update, status, cond = psd_solve(h, f, rcond=rcond)
+        update, status, cond = psd_solve(h, f, rcond=rcond, jitter=jitter)
         update = jnp.where(theta == 0, prior, update)
         if rank is not None:
-            cut = 10 * p * jnp.finfo(dtype).eps if rcond is None else rcond
+            cut = p * jnp.finfo(dtype).eps if rcond is None else rcond
             update, spectrum = truncate_update(update, gram_a, rank, cut)
         coefficients = update
     else:
@@ -113,7 +114,7 @@ def _solve_kernel(
         eye = jnp.eye(h.shape[-1], dtype=dtype)
         h = theta * h + (1 - theta) * d[..., None] * eye
         f = theta * f + (1 - theta) * d * prior
-        coefficients, status, cond = psd_solve(h, f[..., None], rcond=rcond)
+        coefficients, status, cond = psd_solve(h, f[..., None], rcond=rcond, jitter=jitter)
         coefficients = jnp.where(theta == 0, prior, coefficients[..., 0])  # λ = ∞: exactly c₀
         status, cond = jnp.max(status), jnp.max(cond)
         update = combine_directions(coefficients, dirs, per_output)
@@ -139,6 +140,7 @@ def solve_layer(
     prior: Any = None,
     alpha: float | Float[ArrayLike, ""] = 1.0,
     rcond: float | None = None,
+    jitter: float = 0.0,
     throw: bool = True,
 ) -> LayerSolution:
     r"""Merge one layer by output-space projection.
@@ -167,6 +169,9 @@ def solve_layer(
             :class:`LowRank`, a merged layer-like.
         alpha: RegMean's ``α ∈ [0, 1]``; 1 is the exact output-space metric.
         rcond: relative eigenvalue cut-off of the solver (see :func:`psd_solve`).
+        jitter: relative ridge the solver tries before an eigendecomposition when the plain
+            Cholesky factorisation fails (see :func:`psd_solve`); 0 keeps the exact
+            minimum-norm fallback.
         throw: raise :class:`SolveError` when the result would not be finite. Under ``jax.jit``
             the status cannot stop the trace: check ``status`` yourself.
 
@@ -291,6 +296,7 @@ def solve_layer(
         per_output=per_output,
         rank=rank,
         rcond=rcond,
+        jitter=float(jitter),
     )
     if throw and not isinstance(status, jax.core.Tracer):
         if int(status) == SolveStatus.NONFINITE or not bool(jnp.all(jnp.isfinite(merged))):

@@ -175,3 +175,21 @@ def test_bit_identical_across_runs():
         for _ in range(2)
     ]
     assert runs[0] == runs[1] and len(runs[0]) > 1000
+
+
+def test_jitter_is_an_explicit_ridge(x64):
+    """With ``jitter`` the failed factorisation is retried as (H/s + jitter·I) x = f/s."""
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=(5, 3))
+    h = b @ b.T  # rank 3 of 5: the plain factorisation fails
+    f = h @ rng.normal(size=(5, 1))
+    x, status, _ = jm.psd_solve(h, f, jitter=1e-3)
+    assert int(status) == jm.SolveStatus.JITTERED
+    s = np.mean(np.diag(h))
+    np.testing.assert_allclose(x, np.linalg.solve(h / s + 1e-3 * np.eye(5), f / s), rtol=1e-9)
+    x0, status0, _ = jm.psd_solve(h, f)  # default: exact minimum norm
+    assert int(status0) == jm.SolveStatus.PSEUDO_INVERSE
+    np.testing.assert_allclose(x0, np.linalg.pinv(h) @ f, rtol=1e-9, atol=1e-12)
+    # A well-conditioned system never uses the jitter.
+    _, status1, _ = jm.psd_solve(h + np.eye(5), f, jitter=1e-3)
+    assert int(status1) == jm.SolveStatus.CHOLESKY

@@ -358,3 +358,34 @@ def test_flax_dense_params_are_layers(x64, rng):
     a = jm.solve_layer(jm.layer_stats(xs, ys), as_dict(base), [as_dict(f) for f in fts])
     b = jm.solve_layer(jm.layer_stats(xs, ys), base, fts)
     np.testing.assert_array_equal(a.kernel, b.kernel)
+
+
+def test_energy_fraction_scores_any_merge(x64, rng):
+    """ρ of arbitrary merges against the raw-data loss, including held-out data and ρ < 0."""
+    base, fts, xs, ys = make_problem(rng, 3, 5, 4)
+    half = [len(x) // 2 for x in xs]
+    calib_x = [x[:h] for x, h in zip(xs, half, strict=True)]
+    calib = jm.layer_stats(calib_x, [y[:h] for y, h in zip(ys, half, strict=True)])
+    held_x = [x[h:] for x, h in zip(xs, half, strict=True)]
+    held_y = [y[h:] for y, h in zip(ys, half, strict=True)]
+    heldout = jm.layer_stats(held_x, held_y)
+    sol = jm.solve_layer(calib, base, fts, basis="full")
+    w0bar = layer_matrix(*base)
+    e0 = task_loss(held_x, held_y, w0bar)
+    merges = {
+        "solved": (np.asarray(sol.kernel), np.asarray(sol.bias)),
+        "soup": (np.mean([f[0] for f in fts], 0), np.mean([f[1] for f in fts], 0)),
+        "far away": (base[0] + 5.0, base[1] - 5.0),
+    }
+    for name, merged in merges.items():
+        want = 1 - task_loss(held_x, held_y, layer_matrix(*merged)) / e0
+        got = float(jm.energy_fraction(heldout, base, merged))
+        np.testing.assert_allclose(got, want, rtol=1e-9, err_msg=name)
+    assert float(jm.energy_fraction(heldout, base, merges["far away"])) < 0
+    assert float(jm.energy_fraction(heldout, base, base)) == 0.0
+    # In-sample ρ of the solution is what solve_layer reported.
+    np.testing.assert_allclose(
+        float(jm.energy_fraction(calib, base, merges["solved"])),
+        float(sol.energy_fraction),
+        rtol=1e-9,
+    )
