@@ -26,6 +26,14 @@ from ._stats import update_stats as update_stats
 # Whole Flax models (merge, reports)
 
 # Baselines
+from ._baselines import dare as dare
+from ._baselines import dare_masks as dare_masks
+from ._baselines import dare_task_vectors as dare_task_vectors
+from ._baselines import soup as soup
+from ._baselines import task_arithmetic as task_arithmetic
+from ._baselines import task_vectors as task_vectors
+from ._baselines import ties as ties
+from ._baselines import ties_task_vectors as ties_task_vectors
 
 # Devices and hosts
 
