@@ -36,6 +36,22 @@ def _target(state):
     return jax.tree.map(leaf, state)
 
 
+def _check_like(state, target):
+    if jax.tree.structure(state) != jax.tree.structure(target):
+        raise ValueError(
+            f"accumulate_resumable: update changed the state's structure from "
+            f"{jax.tree.structure(target)} to {jax.tree.structure(state)}."
+        )
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    for (path, new), old in zip(leaves, jax.tree.leaves(target), strict=True):
+        if jax.numpy.shape(new) != old.shape or jax.numpy.result_type(new) != old.dtype:
+            raise ValueError(
+                f"accumulate_resumable: update changed the state: {jax.tree_util.keystr(path)} "
+                f"{old.dtype}{list(old.shape)} became "
+                f"{jax.numpy.result_type(new)}{list(jax.numpy.shape(new))}."
+            )
+
+
 def accumulate_resumable(
     update: Callable[[State, Any], State],
     init: State,
@@ -62,8 +78,9 @@ def accumulate_resumable(
         The final state. A rerun after completion returns it again without calling ``update``.
 
     Raises:
-        ValueError: ``save_every`` or ``keep`` below 1, or ``batches`` has fewer batches than
-            the checkpoint has consumed (the data changed).
+        ValueError: ``save_every`` or ``keep`` below 1, ``update`` changed the state's
+            structure, shapes or dtypes, or ``batches`` has fewer batches than the checkpoint
+            has consumed (the data changed).
         TypeError: a state leaf is not a ``jax.Array``.
 
     Examples:
@@ -102,6 +119,7 @@ def accumulate_resumable(
         saved = consumed
         for batch in it:
             state = update(state, batch)
+            _check_like(state, target)
             consumed += 1
             if consumed % save_every == 0:
                 manager.save(consumed, args=ocp.args.StandardSave({"state": state}))

@@ -52,8 +52,11 @@ PathLike = str | os.PathLike
 def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
     """Yield a fresh, not-yet-existing temporary path; on success it becomes ``path``.
 
-    The temporary path is a hidden sibling of ``path`` (same file system, so the final rename is
-    atomic). On an exception it is removed and ``path`` is untouched.
+    The temporary path is a hidden sibling ``.NAME.tmp-*`` of ``path`` (same file system, so the
+    final rename is atomic). On an exception it is removed and ``path`` is untouched. An
+    overwrite renames the old ``path`` to ``.NAME.old-*``, renames the new one in and deletes the
+    old one; a run killed between those two renames leaves the complete old checkpoint under
+    ``.NAME.old-*``. Leftovers of killed runs are deleted by the next successful write.
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
@@ -66,17 +69,19 @@ def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[
         if not tmp.is_dir():
             raise RuntimeError(f"{what}: nothing was written to the temporary directory {tmp}.")
         if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{what}: {path} appeared while writing; not replacing it.")
             old = path.parent / f".{path.name}.old-{tag}"
             os.rename(path, old)
             os.rename(tmp, path)
-            shutil.rmtree(old)
         else:
             os.rename(tmp, path)
+        for stale in (
+            *path.parent.glob(f".{path.name}.tmp-*"),
+            *path.parent.glob(f".{path.name}.old-*"),
+        ):
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for partial in path.parent.glob(f"{tmp.name}*"):  # ours, and Orbax's own temporary
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _key_name(key) -> str:
@@ -125,6 +130,7 @@ def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> Path
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
+        TypeError: a leaf is not an array or a number (its path is named).
         ValueError: ``params`` has no array leaves.
 
     Examples:
@@ -134,8 +140,15 @@ def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> Path
         >>> load_params(p)["dense"]["kernel"].shape
         (2, 3)
     """
-    if not jax.tree.leaves(params):
+    leaves = _flat(params)
+    if not leaves:
         raise ValueError("save_params: params has no array leaves; nothing to save.")
+    for key, leaf in leaves.items():
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float):
+            raise TypeError(
+                f"save_params: params/{key} is a {type(leaf).__name__}; every leaf must be an "
+                "array or a number."
+            )
     with atomic_directory(path, overwrite=overwrite, what="save_params") as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp, params)
@@ -225,9 +238,9 @@ def _encode_key(key) -> str | list:
 
 def save_stats(
     path: PathLike,
-    stats: Mapping[Any, LayerStats],
+    stats: Mapping[Any, Any],
     *,
-    tasks: Sequence[str],
+    tasks: Sequence[Any],
     overwrite: bool = False,
 ) -> Path:
     """Write per-layer statistics and their metadata as one Orbax checkpoint, atomically.

@@ -109,7 +109,8 @@ def load_bert_safetensors(
     Examples:
         >>> import tempfile, jax, jax.numpy as jnp
         >>> cfg = BertConfig.tiny()
-        >>> v = BertModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        >>> shapes = jax.eval_shape(BertModel(cfg).init, jax.random.key(0), jnp.zeros((1, 4), int))
+        >>> v = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
         >>> d = save_bert_safetensors(v, f"{tempfile.mkdtemp()}/tiny", cfg)
         >>> cfg2, v2 = load_bert_safetensors(d)
         >>> cfg2 == cfg, v2["params"]["pooler"]["dense"]["kernel"].shape

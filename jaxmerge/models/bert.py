@@ -262,8 +262,8 @@ class BertModel(nn.Module):
         >>> import jax, jax.numpy as jnp
         >>> model = BertModel(BertConfig.tiny())
         >>> ids = jnp.array([[2, 5, 7, 0]])
-        >>> variables = model.init(jax.random.key(0), ids)
-        >>> out = model.apply(variables, ids, attention_mask=jnp.array([[1, 1, 1, 0]]))
+        >>> variables = jax.jit(model.init)(jax.random.key(0), ids)
+        >>> out = jax.jit(model.apply)(variables, ids, attention_mask=jnp.array([[1, 1, 1, 0]]))
         >>> out.last_hidden_state.shape, out.pooler_output.shape
         ((1, 4, 16), (1, 16))
         >>> sorted(variables["params"]["encoder"]["layer"]["0"]["attention"]["self"])
