@@ -14,8 +14,10 @@ without the calibration data, and statistics saved by several runs or hosts can 
 Every writer refuses to replace an existing path unless ``overwrite=True`` and never writes into
 the destination: the checkpoint is completed in a hidden sibling directory and renamed into place,
 so a run killed at any point leaves every previous checkpoint complete and readable (at worst a
-hidden ``.NAME.tmp-*`` directory remains). An overwrite renames the old checkpoint aside before
-the new one is renamed in and deletes it after.
+hidden ``.NAME.tmp-*`` directory remains, deleted by the next write). An overwrite renames the old
+checkpoint to ``.NAME.old-*``, renames the new one in and then deletes the old one; a kill between
+the two renames leaves ``PATH`` absent and the old checkpoint readable there, and the loaders of
+this module read it when ``PATH`` is absent. One writer per path at a time.
 """
 
 import contextlib
@@ -56,10 +58,12 @@ def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[
     final rename is atomic). On an exception it is removed and ``path`` is untouched. An
     overwrite renames the old ``path`` to ``.NAME.old-*``, renames the new one in and deletes the
     old one; a run killed between those two renames leaves the complete old checkpoint under
-    ``.NAME.old-*``. Leftovers of killed runs are deleted by the next successful write.
+    ``.NAME.old-*``, where the loaders find it (and where it counts as existing). Leftovers of
+    killed runs are deleted by the next successful write.
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
+    exists = path.exists() or any(path.parent.glob(f".{path.name}.old-*"))
+    if exists and not overwrite:
         raise FileExistsError(f"{what}: {path} exists; pass overwrite=True to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -107,7 +111,14 @@ def _abstract(leaf, default_sharding):
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default_sharding)
 
 
-def _check_checkpoint_dir(path: Path, what: str) -> None:
+def _checkpoint_dir(path: PathLike, what: str) -> Path:
+    """The directory to read for ``path``: itself, or the complete previous checkpoint that an
+    overwrite killed between its two renames left at ``.NAME.old-*``."""
+    path = Path(path).absolute()
+    if not path.exists():
+        previous = list(path.parent.glob(f".{path.name}.old-*"))
+        if len(previous) == 1:
+            path = previous[0]
     if not path.is_dir():
         raise FileNotFoundError(f"{what}: no checkpoint directory at {path}.")
     if not (path / "_CHECKPOINT_METADATA").exists() and not (path / "_METADATA").exists():
@@ -115,6 +126,7 @@ def _check_checkpoint_dir(path: Path, what: str) -> None:
             f"{what}: {path} is not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA); "
             "for a CheckpointManager directory pass the item directory, e.g. <dir>/<step>/default."
         )
+    return path
 
 
 def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> Path:
@@ -186,8 +198,7 @@ def load_params(path: PathLike, template: Any = None) -> Any:
         ...
         ValueError: load_params: ... w: stored shape (3,), template shape (4,)...
     """
-    path = Path(path).absolute()
-    _check_checkpoint_dir(path, "load_params")
+    path = _checkpoint_dir(path, "load_params")
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata.tree
@@ -329,8 +340,7 @@ def load_stats(path: PathLike) -> SavedStats:
     Examples:
         See :func:`save_stats`.
     """
-    path = Path(path).absolute()
-    _check_checkpoint_dir(path, "load_stats")
+    path = _checkpoint_dir(path, "load_stats")
     if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
         raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

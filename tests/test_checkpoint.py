@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,50 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         save_params(path, _params(1), overwrite=True)
     assert _digest(path) == before
     assert _identical(load_params(path), _params(0))
+    assert _hidden(tmp_path) == []
+
+
+def test_overwrite_killed_between_renames_is_recovered(tmp_path):
+    path = save_params(tmp_path / "ckpt", _params(0))
+    os.rename(path, tmp_path / ".ckpt.old-0123abcd")  # a kill after the first rename
+    assert _identical(load_params(path), _params(0))
+    with pytest.raises(FileExistsError):
+        save_params(path, _params(1))
+    save_params(path, _params(1), overwrite=True)
+    assert _identical(load_params(path), _params(1))
+    assert _hidden(tmp_path) == []
+
+
+_OVERWRITER = textwrap.dedent(
+    """
+    import sys
+    import jax.numpy as jnp
+    from jaxmerge import save_params
+    for i in range(1, 10_000):
+        save_params(sys.argv[1], {"a": jnp.full((64, 64), i), "b": jnp.full(9, i)}, overwrite=True)
+        print(i, flush=True)
+    """
+)
+
+
+def test_killed_overwrites_leave_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    save_params(path, {"a": jnp.zeros((64, 64), jnp.int32), "b": jnp.zeros(9, jnp.int32)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OVERWRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in proc.stdout:
+            if int(line) >= 3:  # the next save is under way: kill it
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=120)
+        proc.stdout.close()
+    got = load_params(path)
+    assert int(got["a"][0, 0]) >= 3
+    assert all(bool((leaf == got["a"][0, 0]).all()) for leaf in jax.tree.leaves(got))
+    save_params(path, {"a": jnp.ones(2)}, overwrite=True)  # a rerun completes and cleans up
     assert _hidden(tmp_path) == []
 
 
