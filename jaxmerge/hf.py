@@ -1,18 +1,13 @@
 """Hugging Face safetensors ↔ Flax parameters for BERT-family encoders.
 
-A Hugging Face ``BertModel`` checkpoint names its tensors ``encoder.layer.0.attention.self.query.
-weight``; :class:`jaxmerge.models.BertModel` names the same parameter
-``encoder/layer/0/attention/self/query/kernel``. The conversion is one rule per leaf:
+A Hugging Face ``BertModel`` checkpoint names a tensor
+``encoder.layer.0.attention.self.query.weight``; :class:`jaxmerge.models.BertModel` names the same
+parameter ``encoder/layer/0/attention/self/query/kernel``. The conversion is one rule per leaf:
 
-====================  =====================  ==========================================
-Hugging Face          Flax                   value
-====================  =====================  ==========================================
-``*.weight`` (Linear) ``*/kernel``           transposed: PyTorch ``(out, in)`` → ``(in, out)``
-``*.bias``            ``*/bias``             unchanged
-``*_embeddings.weight`` ``*/embedding``      unchanged ``(num, hidden)``
-``LayerNorm.weight``  ``LayerNorm/scale``    unchanged (old checkpoints: ``gamma``)
-``LayerNorm.bias``    ``LayerNorm/bias``     unchanged (old checkpoints: ``beta``)
-====================  =====================  ==========================================
+- a Linear ``*.weight`` ``(out, in)`` ↔ ``*/kernel`` ``(in, out)``, transposed;
+- ``*_embeddings.weight`` ↔ ``*_embeddings/embedding``, unchanged;
+- ``LayerNorm.weight`` ↔ ``LayerNorm/scale`` (old checkpoints: ``gamma``), unchanged;
+- ``*.bias`` ↔ ``*/bias`` (old LayerNorm checkpoints: ``beta``), unchanged.
 
 A ``bert.`` prefix (task-head checkpoints) is dropped and the ``embeddings.position_ids`` buffer is
 skipped; any other tensor the model does not have is an error. Arrays keep their dtype (float32 /
@@ -21,6 +16,7 @@ float16; bfloat16 needs ``ml_dtypes``, which JAX installs).
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +142,7 @@ def load_bert_safetensors(
 
 
 def save_bert_safetensors(
-    params: dict, path: str | os.PathLike, config: BertConfig, *, overwrite: bool = False
+    params: Mapping, path: str | os.PathLike, config: BertConfig, *, overwrite: bool = False
 ) -> Path:
     """Write BERT parameters as a Hugging Face checkpoint directory, atomically.
 
@@ -171,8 +167,10 @@ def save_bert_safetensors(
     Examples:
         See :func:`load_bert_safetensors`.
     """
-    if not isinstance(params, dict):
-        raise TypeError(f"save_bert_safetensors: params must be a dict, got {type(params)}.")
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"save_bert_safetensors: params must be a mapping, got {type(params).__name__}."
+        )
     if set(params) == {"params"}:
         params = params["params"]
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
