@@ -34,6 +34,15 @@ from ._baselines import task_arithmetic as task_arithmetic
 from ._baselines import task_vectors as task_vectors
 from ._baselines import ties as ties
 from ._baselines import ties_task_vectors as ties_task_vectors
+from ._fisher import empirical_fisher as empirical_fisher
+from ._fisher import fisher_average as fisher_average
+from ._fisher import fisher_merge as fisher_merge
+from ._reweighted import BasisFactory as BasisFactory
+from ._reweighted import dare_basis as dare_basis
+from ._reweighted import dare_layer as dare_layer
+from ._reweighted import regmean_layer as regmean_layer
+from ._reweighted import ties_basis as ties_basis
+from ._reweighted import ties_layer as ties_layer
 
 # Devices and hosts
 
