@@ -20,10 +20,12 @@ from jaxmerge import (
     LayerStats,
     combine_saved_stats,
     init_stats,
+    layer_stats,
     load_params,
     load_stats,
     save_params,
     save_stats,
+    solve_layer,
     update_stats,
 )
 
@@ -269,6 +271,20 @@ def test_stats_from_two_hosts_combine_to_the_stats_of_all_rows(tmp_path):
     for field, value in ref.items():
         np.testing.assert_allclose(getattr(total.stats["fc"], field), value, rtol=1e-5, atol=1e-5)
     assert total.tasks == ("a", "b")
+
+
+def test_merge_from_saved_stats_equals_merge_from_memory(tmp_path):
+    r = np.random.default_rng(4)
+    base = (r.standard_normal((3, 2)), r.standard_normal(2))
+    tuned = [(base[0] + 0.1 * r.standard_normal((3, 2)), base[1]) for _ in range(2)]
+    xs = [r.standard_normal((20, 3)) for _ in range(2)]
+    ys = [x @ w + b for x, (w, b) in zip(xs, tuned, strict=True)]
+    stats = layer_stats(xs, ys)
+    save_stats(tmp_path / "s", {"fc": stats}, tasks=["a", "b"])
+    loaded = load_stats(tmp_path / "s").stats["fc"]
+    want = solve_layer(stats, base, tuned, basis="full")
+    got = solve_layer(loaded, base, tuned, basis="full")
+    assert _identical((got.kernel, got.bias), (want.kernel, want.bias))
 
 
 def test_stats_errors_are_clear(tmp_path):
