@@ -1,0 +1,254 @@
+"""Scale-out: sharded statistics, device-parallel solves and several processes.
+
+The multi-device and multi-process runs happen in subprocesses (``distributed_worker.py``): 8
+emulated devices must be configured before JAX starts, and ``jax.distributed`` needs processes of
+its own. Their results are compared here with single-device ``update_stats``/``solve_layer`` and
+with float64 numpy sums.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker as worker
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import augment
+
+import jaxmerge as jm
+
+HERE = Path(__file__).parent
+
+
+def numpy_stats(x, y, task, num_tasks, mask=None, weight=1.0):
+    """Float64 sums of one batch, straight from the definitions."""
+    xa = augment(x)
+    y = np.asarray(y, np.float64).reshape(len(xa), -1)
+    m = np.ones(len(xa)) if mask is None else np.asarray(mask, np.float64).reshape(-1)
+    v = weight * m
+    task_diag = np.zeros((num_tasks, xa.shape[1]))
+    task_diag[task] = v @ xa**2
+    count = np.zeros(num_tasks)
+    count[task] = m.sum()
+    return {
+        "gram": xa.T @ (v[:, None] * xa),
+        "cross": xa.T @ (v[:, None] * y),
+        "out_sq": v @ y**2,
+        "task_diag": task_diag,
+        "count": count,
+    }
+
+
+def close(got, want, rtol=1e-5):
+    """float32 agreement, relative to the largest entry."""
+    want = np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1e-30)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * scale)
+
+
+def run(args, env_extra, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", **env_extra)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "distributed_worker.py"), *args],
+        cwd=HERE.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"worker {proc.args[2:]} failed:\n{out[-4000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """All worker processes, started together: 8 devices; 2 processes × 2; 1 process × 4."""
+    out = tmp_path_factory.mktemp("workers")
+    port = str(free_port())
+    two = {"JAX_NUM_CPU_DEVICES": "2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs = [
+        run(["devices", str(out)], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+        run(["single", str(out)], {"JAX_NUM_CPU_DEVICES": "4"}),
+    ]
+    procs += [run(["host", str(i), port, str(out)], two) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    names = ("devices", "single", "host0", "host1", "global0", "global1")
+    return {name: dict(np.load(out / f"{name}.npz")) for name in names}
+
+
+# ---- 8 emulated devices -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "rows"), [(kind, r) for kind, rows in worker.BATCHES.items() for r in rows]
+)
+def test_sharded_stats_equal_single_device(workers, kind, rows):
+    x, y, mask = worker.batch_data(rows, seed=rows)
+    x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+    k = worker.K
+    inputs = {"p": (x, y, mask), "q": (y, x, None), "bf16": (x16, y16, None)}
+    for name, (n, m) in worker.UPDATES.items():
+        xx, yy, mm = inputs[name]
+        single = jm.update_stats(jm.init_stats(n, m, k), xx, yy, 1, mask=mm, weight=0.5)
+        ref = numpy_stats(np.asarray(xx, np.float64), np.asarray(yy, np.float64), 1, k, mm, 0.5)
+        for field in jm.LayerStats._fields:
+            got = workers["devices"][f"stats/{kind}/{rows}/{name}/{field}"]
+            assert got.dtype == np.float32
+            close(got, getattr(single, field))
+            close(got, ref[field])
+
+
+@pytest.fixture(scope="module")
+def one_by_one():
+    """``solve_layer`` on each layer of the worker's problem, on one device."""
+    base, fts, data = worker.layer_problem()
+    stats = {p: jm.layer_stats(*data[p]) for p in worker.SOLVE_SHAPES}
+    cache = {}
+
+    def get(basis, path):
+        if (basis, path) not in cache:
+            cache[basis, path] = jm.solve_layer(
+                stats[path], base[path], [f[path] for f in fts], basis=basis
+            )
+        return cache[basis, path]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("kind", "basis"), [(kind, b) for kind, bases in worker.SOLVES.items() for b in bases]
+)
+def test_device_parallel_solves_equal_solve_layer(workers, one_by_one, kind, basis):
+    # 5 layers in two shape groups (4 + 1) on 8 (or 4) devices: both stacks are padded.
+    for path in worker.SOLVE_SHAPES:
+        want = one_by_one(basis, path)
+        for field in ("kernel", "bias", "energy_fraction"):
+            got = workers["devices"][f"solve/{kind}/{basis}/{path}/{field}"]
+            close(got, getattr(want, field), 1e-4)
+        assert workers["devices"][f"solve/{kind}/{basis}/{path}/status"] == int(want.status)
+
+
+# ---- two processes joined by jax.distributed ----------------------------------------------------
+
+
+def test_two_processes_equal_one_process(workers):
+    single = workers["single"]
+    for name in ("host0", "host1", "global0", "global1"):
+        assert workers[name].keys() == single.keys()
+        for key, want in single.items():
+            # Exact: the data are dyadic, so every sum is exact whatever the reduction order, and
+            # each device solves the same lanes as in the single process.
+            np.testing.assert_array_equal(workers[name][key], want, err_msg=f"{name}: {key}")
+
+
+def test_two_processes_statistics_are_the_data_sums(workers):
+    _, _, rows = worker.host_problem()
+    for path in rows[0]:
+        want = None
+        for k, layers in enumerate(rows):
+            x, y = layers[path]
+            part = numpy_stats(x, y, k, worker.K)
+            part = {f: v / len(x) if f != "count" else v for f, v in part.items()}
+            want = part if want is None else {f: want[f] + part[f] for f in part}
+        for field, value in want.items():
+            close(workers["host0"][f"stats/{path}/{field}"], value, 1e-6)
+
+
+# ---- one device, in process ---------------------------------------------------------------------
+
+
+def test_solve_layers_mixed_bases_and_priors(rng):
+    base, fts, data = worker.layer_problem(seed=3)
+    stats = {p: jm.layer_stats(*data[p]) for p in ("a", "b", "c", "d")}
+    directions = [{"kernel": rng.normal(size=(5, 4)), "bias": rng.normal(size=4)}] * 2
+    basis = {"a": "scalar", "b": "scalar", "c": jm.Custom(directions, per_output=True), "d": "full"}
+    prior = {"a": 0.5, "b": 0.5, "d": fts[0]["d"]}
+    got = jm.solve_layers(stats, base, fts, basis=basis, prior=prior, ridge=0.3)
+    assert list(got) == list(stats)
+    for path in stats:
+        want = jm.solve_layer(
+            stats[path],
+            base[path],
+            [f[path] for f in fts],
+            basis=basis.get(path, "full"),
+            prior=prior.get(path),
+            ridge=0.3,
+        )
+        for field in ("kernel", "bias", "coefficients", "energy_fraction", "condition"):
+            close(getattr(got[path], field), getattr(want, field), 1e-5)
+        assert int(got[path].status) == int(want.status)
+
+
+def test_sharded_update_under_jit_with_traced_task():
+    x, y, mask = worker.batch_data(5, seed=1)
+    init = jm.init_stats(worker.N_IN, worker.N_OUT, worker.K)
+
+    @jax.jit
+    def step(stats, task, weight):
+        return jm.sharded_update_stats(stats, x, y, task, mask=mask, weight=weight)
+
+    got = step(init, jnp.int32(1), jnp.float32(0.25))
+    ref = numpy_stats(x, y, 1, worker.K, mask=mask, weight=0.25)
+    for field in jm.LayerStats._fields:
+        close(getattr(got, field), ref[field])
+
+
+def test_allreduce_stats_single_process_is_identity():
+    s = jm.update_stats(jm.init_stats(2, 1, 1), np.ones((3, 2)), np.ones((3, 1)), 0)
+    assert jm.allreduce_stats(s) is s
+
+
+def test_bad_input_names_the_layer():
+    s = jm.init_stats(2, 1, 1)
+    x, y = np.ones((3, 2), np.float32), np.ones((3, 1), np.float32)
+    with pytest.raises(ValueError, match="layer 'dec': update_stats: inputs x have shape"):
+        jm.sharded_update_stats_by_path({"enc": s, "dec": s}, {"enc": (x, y), "dec": (y, x)}, 0)
+    with pytest.raises(ValueError, match="only in stats: \\['dec'\\]"):
+        jm.sharded_update_stats_by_path({"enc": s, "dec": s}, {"enc": (x, y)}, 0)
+    with pytest.raises(ValueError, match="task 1 is out of range"):
+        jm.sharded_update_stats(s, x, y, 1)
+    with pytest.raises(TypeError, match="task must be an integer"):
+        jm.sharded_update_stats(s, x, y, 0.0)
+    mesh = jax.make_mesh((1,), ("batch",))
+    with pytest.raises(ValueError, match="not 'data'; pass axis="):
+        jm.sharded_update_stats(s, x, y, 0, mesh=mesh)
+    stats = {"enc": jm.layer_stats([x], [y])}
+    with pytest.raises(ValueError, match="layer 'enc': missing from finetuned\\[0\\]"):
+        jm.solve_layers(stats, {"enc": np.zeros((2, 1))}, [{"dec": np.zeros((2, 1))}])
+    with pytest.raises(ValueError, match="layer 'enc': unknown basis 'rowwise'"):
+        jm.solve_layers(
+            stats, {"enc": np.zeros((2, 1))}, [{"enc": np.ones((2, 1))}], basis="rowwise"
+        )
+    with pytest.raises(ValueError, match="layer 'enc': finetuned\\[0\\]: kernel must be 2-D"):
+        jm.solve_layers(stats, {"enc": np.zeros((2, 1))}, [{"enc": np.ones(2)}])
+    with pytest.raises(ValueError, match="kernel has shape \\(3, 1\\)"):
+        jm.solve_layers(stats, {"enc": np.zeros((3, 1))}, [{"enc": np.ones((3, 1))}])
+
+
+def test_nonfinite_statistics_raise_naming_the_layer():
+    x, y = np.ones((3, 2), np.float32), np.ones((3, 1), np.float32)
+    good = jm.layer_stats([x], [y])
+    bad = good._replace(gram=good.gram.at[0, 0].set(jnp.nan))
+    stats = {"ok": good, "broken": bad}
+    base = {p: np.zeros((2, 1), np.float32) for p in stats}
+    fts = [{p: np.ones((2, 1), np.float32) for p in stats}]
+    with pytest.raises(jm.SolveError, match="layer 'broken': .*NaN or Inf in stats.gram"):
+        jm.solve_layers(stats, base, fts)
+    sols = jm.solve_layers(stats, base, fts, throw=False)
+    assert int(sols["broken"].status) == jm.SolveStatus.NONFINITE
+    assert int(sols["ok"].status) != jm.SolveStatus.NONFINITE
