@@ -78,24 +78,33 @@ def test_qp_reproduces_task_arithmetic(x64, rng, scale, basis):
 
 
 @pytest.mark.parametrize("options", TIES_OPTIONS)
-@pytest.mark.parametrize("per_output", [False, True])
-def test_qp_reproduces_ties(x64, rng, options, per_output):
+@pytest.mark.parametrize(("per_output", "scale"), [(False, 0.8), (True, [0.8, 0.3, 1.2])])
+def test_qp_reproduces_ties(x64, rng, options, per_output, scale):
     base, fts, stats, _ = make_layer_problem(rng)
-    ties = as_matrix(jm.ties(base, fts, density=0.3, scale=0.8, **options))
+    ties = as_matrix(jm.ties(base, fts, density=0.3, scale=scale, **options))
 
     def solve(ridge):
         return jm.ties_layer(
-            stats, base, fts, density=0.3, scale=0.8, per_output=per_output, ridge=ridge, **options
+            stats,
+            base,
+            fts,
+            density=0.3,
+            scale=scale,
+            per_output=per_output,
+            ridge=ridge,
+            **options,
         )
 
     exact = solve(np.inf)
     assert_same(as_matrix(exact), ties)
-    np.testing.assert_array_equal(exact.coefficients, np.full(exact.coefficients.shape, 0.8))
+    np.testing.assert_array_equal(
+        exact.coefficients, np.broadcast_to(scale, exact.coefficients.shape)
+    )
     approaches(solve, ties)
     # The same through solve_layer with the processed task vectors as a Custom basis.
     dirs = jm.ties_task_vectors(base, fts, density=0.3, **options)
     custom = jm.solve_layer(
-        stats, base, fts, basis=jm.Custom(dirs, per_output), ridge=np.inf, prior=0.8
+        stats, base, fts, basis=jm.Custom(dirs, per_output), ridge=np.inf, prior=np.asarray(scale)
     )
     assert_same(as_matrix(custom), ties)
 
