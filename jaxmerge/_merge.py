@@ -1,0 +1,1013 @@
+r"""Whole Flax models: ``merge`` and its steps ``collect_stats`` and ``solve_stats``.
+
+Every supported layer (see :mod:`jaxmerge._flax.capture`) is merged by output matching: for
+layer ``l`` and task ``k`` the calibration gives input rows ``X̃ₖ`` and the fine-tuned model's
+outputs ``Yₖ`` of that layer, and :func:`~jaxmerge.solve_layer` picks the merged ``W̄`` in the
+chosen basis minimising ``Σₖ wₖ‖X̃ₖW̄ − Yₖ‖²`` (``wₖ = 1/Nₖ``: every task counts equally, padding
+rows masked out). Layers that read the same input tensor (q/k/v, gate/up) share one
+:class:`~jaxmerge.LayerStats`, their outputs concatenated; with the full basis they are solved
+with one Cholesky factor and all their columns as right-hand sides.
+
+Algorithms:
+
+* ``"parallel"`` (RegMean style): ``X̃ₖ`` are the fine-tuned model ``k``'s own activations; one
+  forward pass per task and batch accumulates every layer's statistics, then every layer is
+  solved independently.
+* ``"sequential"``: ``X̃ₖ`` are the activations of the partially merged model on task ``k``'s
+  data, ``Yₖ`` still the fine-tuned model's outputs of the layer, so each layer corrects the error
+  left upstream. When every task's calibration is one batch (of matching shapes) the whole merge
+  is one jitted function: one forward pass per fine-tuned model records the targets, then one
+  forward pass of the merged model over all tasks' examples (concatenated along axis 0) solves
+  each layer group at the moment it is reached and continues with the merged layer. Embeddings
+  read token ids, which do not depend on the merge, so they are solved beforehand from their own
+  (cheap) statistics. With several batches the statistics of a layer need every batch before it
+  can be solved, so the merge makes one pass over the calibration data per layer group (each pass
+  jitted; XLA drops the work after the group collected); concatenate the calibration into one
+  batch per task when it fits in memory.
+
+Parameters that are not solved by output matching (anything outside a supported layer, layers
+with unsupported configurations, and other linen collections) take a **fallback** rule chosen per
+parameter path: ``"mean"`` (of the fine-tunes, the default), ``"base"``, or a number ``λ`` for
+task arithmetic ``θ₀ + λ Σₖ (θₖ − θ₀)``. Integer parameters keep the base's value.
+
+The full basis starts from the fallback value: of all minimisers, it returns the one closest (in
+the Frobenius norm) to the fallback merge, ``W̄ = C + A⁺(P − AC)``. Input directions the calibration
+never excites (dead units, unseen embedding rows) therefore keep the fallback value rather than
+the base's, the same rule as every other parameter without data. Scalar, diagonal, custom and
+low-rank bases are updates of the base. With one fine-tune (and no ridge) the merge is that
+fine-tune, the exact optimum of every basis.
+
+Options ``basis``, ``prior``, ``ridge`` and ``fallback`` each take one value, a mapping from path
+patterns (:mod:`fnmatch` globs, first match wins) to values, or a callable ``path -> value``
+(e.g. a basis factory). ``basis``, ``prior`` and ``ridge`` are looked up with the layer path,
+``fallback`` with the parameter path (``"Dense_0/kernel"``). A ``prior`` for the full and
+low-rank bases is the layer's own parameter dict (``{"kernel": ..., "bias": ...}``); a
+:class:`~jaxmerge.Custom` direction may be given in that form too.
+"""
+
+import dataclasses
+import fnmatch
+import functools
+import itertools
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._bases import Custom, LowRank, combine_directions
+from ._energy import energies
+from ._flax.adapters import (
+    EmbedStats,
+    LayerSpec,
+    as_direction,
+    embed_restricted,
+    from_layer,
+    init_group_stats,
+    member_stats,
+    row_mask,
+    scale_stats,
+    to_layer,
+    update_group_stats,
+)
+from ._flax.capture import as_model
+from ._flax.fold import cast_like, check_trees, flatten, from_pure, has_collections, to_pure
+from ._layers import augmented
+from ._report import LayerReport, MergeReport
+from ._solve import SolveStatus
+from ._solve_layer import SolveError, solve_layer
+from ._stats import LayerStats
+
+__all__ = ["GroupStats", "collect_stats", "solve_stats", "merge"]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stats"], meta_fields=["layers"])
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Statistics of a group of layers that read the same input (a pytree; ``layers`` is static).
+
+    Add two with ``jax.tree.map(jnp.add, a, b)`` (or ``psum`` them): like
+    :class:`~jaxmerge.LayerStats` they are sums.
+
+    Attributes:
+        stats: a :class:`~jaxmerge.LayerStats` whose output columns are the members' outputs
+            concatenated in order, or an :class:`EmbedStats` for an embedding.
+        layers: the members' :class:`LayerSpec` objects, in call order.
+    """
+
+    stats: LayerStats | EmbedStats
+    layers: tuple[LayerSpec, ...]
+
+    @property
+    def key(self) -> str:
+        """The group's key in a statistics dict: the member paths joined by ``+``."""
+        return "+".join(s.path for s in self.layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    basis: Any
+    prior: Any
+    ridge: float
+    alpha: float
+    rcond: float | None
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+
+def _resolve(option, path: str, default, what: str):
+    """One value, ``{glob: value}`` (first match) or ``path -> value``."""
+    if isinstance(option, Mapping):
+        for pattern, value in option.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                return value
+        return default
+    if callable(option) and not isinstance(option, str | LowRank | Custom):
+        try:
+            return option(path)
+        except Exception as error:
+            raise type(error)(f"merge: the {what} callable failed for {path!r}: {error}") from error
+    return option
+
+
+def _basis_name(basis) -> str:
+    return basis if isinstance(basis, str) else repr(basis)
+
+
+def _fallback_rule(rule) -> str:
+    if rule in ("mean", "base"):
+        return rule
+    if isinstance(rule, int | float) and not isinstance(rule, bool) and math.isfinite(rule):
+        return f"task_arithmetic({rule:g})"
+    raise ValueError(
+        f"merge: fallback must be 'mean', 'base' or a number λ (task arithmetic), got {rule!r}."
+    )
+
+
+def _fallback_value(rule, base, finetuned):
+    if not jnp.issubdtype(jnp.result_type(base), jnp.floating) or rule == "base":
+        return base
+    dtype = jnp.promote_types(jnp.result_type(base), jnp.float32)
+    stack = jnp.stack([jnp.asarray(f, dtype) for f in finetuned])
+    if rule == "mean":
+        return jnp.mean(stack, axis=0)
+    b = jnp.asarray(base, dtype)
+    return b + rule * jnp.sum(stack - b, axis=0)
+
+
+# ---- the plan: which layers, grouped how -----------------------------------------------------
+
+
+def _default_dtype():
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def _param_names(spec: LayerSpec):
+    return [spec.kernel] + ([spec.bias] if spec.bias else [])
+
+
+def _leaf(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _layer_params(flat: Mapping, spec: LayerSpec) -> dict:
+    return {name: flat[_leaf(spec.path, name)] for name in _param_names(spec)}
+
+
+class _Plan:
+    """The model, its supported layers (call order) and their shared-input groups."""
+
+    def __init__(self, model, call_kwargs, tree, batch, mask_key):
+        self.model = as_model(model, call_kwargs)
+        self.linen_params_only = hasattr(self.model, "module") and not has_collections(tree)
+        self.mask_key = mask_key
+        flat, _ = flatten(tree)
+        calls, alive = [], []
+
+        def hook(call):
+            calls.append(call)
+            alive.append(call.x)  # keep ids of inputs unique while tracing
+            return call.default()
+
+        try:
+            jax.eval_shape(lambda t, b: self.apply(t, b, hook), tree, batch)
+        except (TypeError, ValueError) as error:
+            raise type(error)(
+                f"merge: the model does not run on the calibration batch with the base "
+                f"parameters: {error}"
+            ) from error
+        counts = {}
+        for call in calls:
+            counts[call.path] = counts.get(call.path, 0) + 1
+        self.specs: dict[str, LayerSpec] = {}
+        for call in calls:
+            if call.path in self.specs:
+                continue
+            spec = LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
+                             counts[call.path])  # fmt: skip
+            ok = all(
+                _leaf(spec.path, n) in flat
+                and np.shape(flat[_leaf(spec.path, n)]) == np.shape(call.params[n])
+                for n in _param_names(spec)
+            )
+            if ok:  # layers under lifted transforms (scan, vmap) have other shapes: fall back
+                self.specs[call.path] = spec
+        groups: dict[Any, list[str]] = {}
+        for call in calls:
+            spec = self.specs.get(call.path)
+            if spec is None or any(call.path in g for g in groups.values()):
+                continue
+            shared = spec.calls == 1 and call.signature[0] == "affine"
+            key = (call.signature, spec.n_in) if shared else ("own", call.path)
+            groups.setdefault(key, []).append(call.path)
+        self.groups = [tuple(g) for g in groups.values()]
+        self.group_of = {p: g for g in self.groups for p in g}
+
+    def apply(self, tree, batch, hook):
+        if self.linen_params_only:
+            tree = {"params": tree}
+        return self.model.apply(tree, batch, hook)
+
+    def mask(self, batch):
+        if self.mask_key is None or not isinstance(batch, Mapping) or self.mask_key not in batch:
+            return None
+        return jnp.asarray(batch[self.mask_key])
+
+    def key(self, group) -> str:
+        return "+".join(group)
+
+    def group_specs(self, group):
+        return tuple(self.specs[p] for p in group)
+
+    def record(self, tree, batch, keep):
+        """``{path: [(x rows, row shape, y rows) per call]}`` of one forward pass."""
+        out = {}
+
+        def hook(call):
+            y = call.default()
+            if call.path in keep:
+                x, lead = call.rows()
+                out.setdefault(call.path, []).append((x, lead, y.reshape(-1, call.n_out)))
+            return y
+
+        self.apply(tree, batch, hook)
+        return out
+
+
+def _batch_stats(plan, groups, num_tasks, dtype, sums, tree_in, tree_tgt, batch, task):
+    """Add one batch of one task to the plain sums of ``groups`` (traced)."""
+    keep = {p for g in groups for p in g}
+    mask = plan.mask(batch)
+    rec_in = plan.record(tree_in, batch, keep)
+    rec_tgt = rec_in if tree_tgt is None else plan.record(tree_tgt, batch, keep)
+    out = {}
+    for group in groups:
+        key = plan.key(group)
+        stats = sums[key]
+        for i, (x, lead, _) in enumerate(rec_in[group[0]]):
+            targets = [rec_tgt[p][i] for p in group]
+            for p, (_, lead_t, _) in zip(group, targets, strict=True):
+                if lead_t != lead:
+                    raise ValueError(
+                        f"merge: layer {p!r} sees rows {lead} in the input stream but {lead_t} "
+                        "in the fine-tuned model; the two forward passes disagree."
+                    )
+            y = jnp.concatenate([t[2] for t in targets], axis=-1)
+            stats = update_group_stats(stats, x, y, task, row_mask(mask, lead))
+        out[key] = stats
+    return out
+
+
+def _zero_sums(plan, groups, num_tasks, dtype):
+    return {plan.key(g): init_group_stats(plan.group_specs(g), num_tasks, dtype) for g in groups}
+
+
+def _check_finite_task(plan, groups, sums, k):
+    for group in groups:
+        stats = sums[plan.key(group)]
+        if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(stats)):
+            raise ValueError(
+                f"merge: non-finite activations at layer {group[0]!r} on task {k}: the inputs "
+                "or the fine-tuned outputs of this layer hold NaN or Inf. Check the calibration "
+                "data and the parameters feeding this layer."
+            )
+        if float(stats.count[k]) == 0:
+            raise ValueError(
+                f"merge: layer {group[0]!r} saw no unmasked rows of task {k}; every task needs "
+                "calibration rows at every layer."
+            )
+
+
+def _progress(enabled: bool):
+    from rich.progress import Progress
+
+    return Progress(transient=True, disable=not enabled)
+
+
+def _peek(calibration, num_tasks):
+    """Iterators over each task's batches and the first batch, with clear errors."""
+    if isinstance(calibration, Mapping) or not isinstance(calibration, Sequence):
+        raise TypeError(
+            "merge: calibration must be a sequence of K iterables of batches (one per "
+            f"fine-tuned model), got {type(calibration).__name__}."
+        )
+    if len(calibration) != num_tasks:
+        raise ValueError(
+            f"merge: {len(calibration)} calibration iterables for {num_tasks} fine-tuned models; "
+            "give one per model, in the same order."
+        )
+    iters, first = [], None
+    for k, batches in enumerate(calibration):
+        if not isinstance(batches, Iterable) or hasattr(batches, "shape"):
+            raise TypeError(
+                f"merge: calibration[{k}] must be an iterable of batches (e.g. a list), got "
+                f"{type(batches).__name__}; wrap a single batch in a list."
+            )
+        it = iter(batches)
+        head = next(it, None)
+        if head is None:
+            raise ValueError(f"merge: calibration[{k}] is empty; every task needs a batch.")
+        first = head if first is None else first
+        iters.append(itertools.chain([head], it))
+    return iters, first
+
+
+def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label):
+    """Normalised (``wₖ = 1/Nₖ``) statistics of ``groups`` over all tasks and batches."""
+    k_tasks = len(trees_tgt)
+    fn = jax.jit(functools.partial(_batch_stats, plan, groups, k_tasks, dtype))
+    total = None
+    with _progress(progress) as bar:
+        job = bar.add_task(label, total=None)
+        for k, batches in enumerate(iters):
+            sums = _zero_sums(plan, groups, k_tasks, dtype)
+            for batch in batches:
+                src = trees_tgt[k] if tree_in is None else tree_in
+                tgt = None if tree_in is None else trees_tgt[k]
+                sums = fn(sums, src, tgt, batch, k)
+                bar.advance(job)
+            _check_finite_task(plan, groups, sums, k)
+            part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return {plan.key(g): GroupStats(total[plan.key(g)], plan.group_specs(g)) for g in groups}
+
+
+def collect_stats(
+    model,
+    finetuned: Sequence[Any],
+    calibration: Sequence[Iterable[Any]],
+    *,
+    inputs: Any = None,
+    paths: Iterable[str] | None = None,
+    mask_key: str | None = "mask",
+    call_kwargs: Mapping[str, Any] | None = None,
+    dtype=None,
+    progress: bool = True,
+) -> dict[str, GroupStats]:
+    """Calibration statistics of every supported layer of a Flax model.
+
+    For task ``k`` the targets are the outputs of fine-tuned model ``k`` at each layer; the
+    inputs are that model's own activations (``inputs=None``, the parallel merge) or those of the
+    model with parameters ``inputs`` on the same examples (e.g. a merged model: scoring a
+    sequential merge). Each task's plain sums are scaled by ``1/Nₖ`` (rows counted after the mask)
+    and the tasks are added.
+
+    Args:
+        model: a ``flax.linen.Module`` or a ``flax.nnx.Module`` (its structure; for NNX the
+            parameters come from the trees given here).
+        finetuned: the ``K`` fine-tuned parameter trees (linen params or variables dicts, or
+            NNX ``State`` objects of ``nnx.Param``).
+        calibration: ``K`` iterables of batches; a batch is an array (the model's positional
+            input) or a dict of keyword arguments.
+        inputs: optional parameter tree whose activations feed every layer.
+        paths: collect only the groups with a member among these layer paths (bounded memory:
+            collect and solve a few layers at a time).
+        mask_key: key of a 0/1 padding mask in dict batches, over the batch's leading axes; a
+            layer's rows are masked when their leading axes start with the mask's shape.
+        call_kwargs: static keyword arguments of every forward call (e.g. ``train=False``).
+        dtype: accumulation dtype (float32; float64 under ``jax_enable_x64``).
+        progress: show a progress bar.
+
+    Returns:
+        ``{group key: GroupStats}`` in call order; a key is the member paths joined by ``+``.
+
+    Raises:
+        ValueError: an empty or missing calibration iterable, non-finite activations (naming the
+            layer), or a layer without unmasked rows.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(2)
+        >>> x = jnp.ones((4, 3))
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> stats = collect_stats(model, [params], [[x]], progress=False)
+        >>> list(stats), stats[""].stats.gram.shape
+        ([''], (4, 4))
+    """
+    finetuned = [to_pure(t) for t in finetuned]
+    iters, first = _peek(calibration, len(finetuned))
+    plan = _Plan(model, call_kwargs, finetuned[0], first, mask_key)
+    groups = plan.groups
+    if paths is not None:
+        wanted = set(paths)
+        groups = [g for g in groups if wanted & set(g)]
+    return _collect(
+        plan,
+        finetuned,
+        iters,
+        groups=groups,
+        tree_in=None if inputs is None else to_pure(inputs),
+        dtype=jnp.dtype(dtype) if dtype is not None else _default_dtype(),
+        progress=progress,
+        label="collecting statistics",
+    )
+
+
+# ---- solving ------------------------------------------------------------------------------------
+
+
+def _energy_metrics(stats: LayerStats, base, merged):
+    (k0, b0), (k1, b1) = base, merged
+    dtype = stats.gram.dtype
+    p = stats.n_in + (b0 is not None)
+    w0 = augmented(k0, b0).astype(dtype)
+    w1 = augmented(k1, b1).astype(dtype)
+    return energies(stats.gram[:p, :p], stats.cross[:p], jnp.sum(stats.out_sq), w0, w1 - w0)
+
+
+def _channels(layer):
+    kernel, bias = layer
+    return jnp.diagonal(kernel)[:, None, None], None if bias is None else bias[:, None]
+
+
+def _solve_norm(stats: LayerStats, start, finetuned, prior, opt: _Options):
+    """Per-channel 2×2 systems ``[x̂_c, 1] → y_c`` of a LayerNorm/RMSNorm (the full basis)."""
+    c = stats.n_in
+    g, p, td = stats.gram, stats.cross, stats.task_diag
+    a, b, d = jnp.diagonal(g)[:c], g[:c, c], jnp.broadcast_to(g[c, c], (c,))
+    per_channel = LayerStats(
+        gram=jnp.stack([jnp.stack([a, b], -1), jnp.stack([b, d], -1)], -2),
+        cross=jnp.stack([jnp.diagonal(p[:c, :c]), p[c, :c]], -1)[..., None],
+        out_sq=stats.out_sq[:, None],
+        task_diag=jnp.stack([td[:, :c].T, jnp.broadcast_to(td[:, c], (c, td.shape[0]))], -1),
+        count=jnp.broadcast_to(stats.count, (c, stats.count.shape[0])),
+    )
+
+    def one(st, s, fs, pr):
+        return solve_layer(st, s, fs, basis="full", ridge=opt.ridge, prior=pr, alpha=opt.alpha,
+                           rcond=opt.rcond, throw=False)  # fmt: skip
+
+    sol = jax.vmap(one)(
+        per_channel,
+        _channels(start),
+        [_channels(f) for f in finetuned],
+        None if prior is None else _channels(prior),
+    )
+    bias = None if sol.bias is None else sol.bias[:, 0]
+    return (jnp.diag(sol.kernel[:, 0, 0]), bias), jnp.max(sol.status), jnp.max(sol.condition)
+
+
+def _solve_member(spec, stats, base, finetuned, centre, opt: _Options):
+    """Merged ``(kernel, bias)``, status and condition of one dense/conv/norm layer."""
+    b0 = to_layer(spec, base)
+    fks = [to_layer(spec, f) for f in finetuned]
+    c0 = to_layer(spec, centre)
+    basis, prior = opt.basis, opt.prior
+    if len(fks) == 1 and opt.ridge == 0:
+        return fks[0], jnp.int32(SolveStatus.CHOLESKY), jnp.array(jnp.nan, stats.gram.dtype)
+    full = basis == "full" or isinstance(basis, LowRank)
+    if full and isinstance(prior, Mapping):
+        prior = to_layer(spec, prior)
+    if isinstance(basis, Custom):
+        basis = Custom([as_direction(spec, d) for d in basis.directions], basis.per_output)
+    if spec.kind == "norm" and full:
+        return _solve_norm(stats, c0 if basis == "full" else b0, fks, prior, opt)
+    sol = solve_layer(stats, c0 if basis == "full" else b0, fks, basis=basis, ridge=opt.ridge,
+                      prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
+    return (sol.kernel, sol.bias), sol.status, sol.condition
+
+
+def _solve_embed(spec, stats: EmbedStats, base, finetuned, centre, opt: _Options):
+    """Embedding rows: solved on the seen tokens; unseen rows keep the fallback (eager only)."""
+    e0 = jnp.asarray(base[spec.kernel])
+    eks = [jnp.asarray(f[spec.kernel]) for f in finetuned]
+    centre = jnp.asarray(centre[spec.kernel])
+    seen = np.flatnonzero(np.asarray(stats.diag) > 0)
+    dtype = stats.diag.dtype
+    nan = jnp.array(jnp.nan, dtype)
+    if len(seen) == 0:
+        zero = jnp.zeros((), dtype)
+        return centre, (zero, zero, jnp.array(1.0, dtype), jnp.int32(0), nan)
+    rs = embed_restricted(stats, seen)
+    basis, prior = opt.basis, opt.prior
+    if len(eks) == 1 and opt.ridge == 0:
+        merged, status, cond = eks[0], jnp.int32(SolveStatus.CHOLESKY), nan
+    elif basis == "full" or isinstance(basis, LowRank):
+        start = (centre if basis == "full" else e0)[seen]
+        if isinstance(prior, Mapping):
+            prior = jnp.asarray(prior[spec.kernel])[seen]
+        sol = solve_layer(rs, start, [e[seen] for e in eks], basis=basis, ridge=opt.ridge,
+                          prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
+        merged = centre.at[seen].set(sol.kernel.astype(centre.dtype))
+        status, cond = sol.status, sol.condition
+    else:
+        if isinstance(basis, Custom):
+            dirs = [as_direction(spec, d) for d in basis.directions]
+            dirs = jnp.stack([jnp.asarray(d[0] if isinstance(d, tuple) else d) for d in dirs])
+            per_output = basis.per_output
+            restricted = Custom(list(dirs[:, seen]), per_output)
+        else:
+            dirs = jnp.stack([e - e0 for e in eks])
+            per_output = basis == "diagonal"
+            restricted = basis
+        sol = solve_layer(rs, e0[seen], [e[seen] for e in eks], basis=restricted, ridge=opt.ridge,
+                          prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
+        merged = e0 + combine_directions(sol.coefficients, dirs.astype(dtype), per_output)
+        status, cond = sol.status, sol.condition
+    n = len(seen)
+    e_0, loss, rho = energies(
+        rs.gram[:n, :n], rs.cross[:n], jnp.sum(rs.out_sq), e0[seen].astype(dtype),
+        (merged[seen] - e0[seen]).astype(dtype),
+    )  # fmt: skip
+    return merged, (e_0, loss, rho, status, cond)
+
+
+def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options):
+    """``{path: (merged parameter dict, (E₀, L, ρ, status, condition))}`` (traceable except for
+    embeddings)."""
+    specs, stats = group.layers, group.stats
+    bases = [_layer_params(base_flat, s) for s in specs]
+    fts = [[_layer_params(f, s) for f in ft_flats] for s in specs]
+    centres = [_layer_params(centre_flat, s) for s in specs]
+    opts = [options[s.path] for s in specs]
+    out = {}
+    try:
+        if specs[0].kind == "embed":
+            merged, metrics = _solve_embed(specs[0], stats, bases[0], fts[0], centres[0], opts[0])
+            out[specs[0].path] = ({specs[0].kernel: merged}, metrics)
+            return out
+        together = (
+            len(specs) > 1
+            and len(ft_flats) > 1
+            and all(o.basis == "full" and o.prior is None for o in opts)
+            and len({(o.ridge, o.alpha, o.rcond) for o in opts}) == 1
+            and len({s.bias is None for s in specs}) == 1
+        )
+        if together:  # one factorisation, every member's columns as right-hand sides
+
+            def cat(layers):
+                kernel = jnp.concatenate([k for k, _ in layers], axis=1)
+                bias = None if layers[0][1] is None else jnp.concatenate([b for _, b in layers])
+                return kernel, bias
+
+            def layers(subs):
+                return [to_layer(s, p) for s, p in zip(specs, subs, strict=True)]
+
+            per_task = [
+                layers([fts[i][k] for i in range(len(specs))]) for k in range(len(ft_flats))
+            ]
+            o = opts[0]
+            sol = solve_layer(stats, cat(layers(centres)), [cat(t) for t in per_task],
+                              basis="full", ridge=o.ridge, alpha=o.alpha, rcond=o.rcond,
+                              throw=False)  # fmt: skip
+            start = 0
+            for i, spec in enumerate(specs):
+                cols = slice(start, start + spec.n_out)
+                start += spec.n_out
+                merged = (sol.kernel[:, cols], None if sol.bias is None else sol.bias[cols])
+                b0 = to_layer(spec, bases[i])
+                e0, loss, rho = _energy_metrics(member_stats(stats, specs, i), b0, merged)
+                params = from_layer(spec, *merged, bases[i])
+                out[spec.path] = (params, (e0, loss, rho, sol.status, sol.condition))
+            return out
+        for i, spec in enumerate(specs):
+            st = member_stats(stats, specs, i)
+            merged, status, cond = _solve_member(spec, st, bases[i], fts[i], centres[i], opts[i])
+            e0, loss, rho = _energy_metrics(st, to_layer(spec, bases[i]), merged)
+            out[spec.path] = (from_layer(spec, *merged, bases[i]), (e0, loss, rho, status, cond))
+        return out
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"merge: layer {group.key!r}: {error}") from error
+
+
+def _heldout_metrics(group: GroupStats, base_flat, merged_flat):
+    """``{path: (E₀, ρ)}`` of the merged layers on held-out statistics."""
+    out = {}
+    for i, spec in enumerate(group.layers):
+        b0, b1 = _layer_params(base_flat, spec), _layer_params(merged_flat, spec)
+        if spec.kind == "embed":
+            seen = np.flatnonzero(np.asarray(group.stats.diag) > 0)
+            rs, n = embed_restricted(group.stats, seen), len(seen)
+            dtype = rs.gram.dtype
+            e0_, k1 = jnp.asarray(b0[spec.kernel])[seen], jnp.asarray(b1[spec.kernel])[seen]
+            e0, _, rho = energies(rs.gram[:n, :n], rs.cross[:n], jnp.sum(rs.out_sq),
+                                  e0_.astype(dtype), (k1 - e0_).astype(dtype))  # fmt: skip
+        else:
+            st = member_stats(group.stats, group.layers, i)
+            e0, _, rho = _energy_metrics(st, to_layer(spec, b0), to_layer(spec, b1))
+        out[spec.path] = (float(e0), float(rho))
+    return out
+
+
+def _layer_report(spec, opt, metrics, seconds, group):
+    e0, loss, rho, status, cond = (np.asarray(m).item() for m in metrics)
+    return LayerReport(
+        path=spec.path,
+        kind=spec.kind,
+        basis=_basis_name(opt.basis),
+        energy_base=float(e0),
+        energy_merged=float(loss),
+        rho=float(rho),
+        condition=float(cond),
+        status=SolveStatus(int(status)).name,
+        seconds=seconds,
+        shared_input=tuple(p for p in group if p != spec.path),
+    )
+
+
+def _check_solved(path, metrics, params, throw):
+    status = int(np.asarray(metrics[3]))
+    finite = all(bool(jnp.all(jnp.isfinite(v))) for v in params.values())
+    if throw and (status == SolveStatus.NONFINITE or not finite):
+        raise SolveError(
+            f"merge: layer {path!r} would not be finite: its statistics (activations of the "
+            "calibration data) or parameters hold NaN or Inf."
+        )
+
+
+class _Trees:
+    """Base and fine-tunes as flat ``{path: leaf}`` dicts, checked, plus the fallback merge."""
+
+    def __init__(self, base, finetuned, fallback):
+        if not isinstance(finetuned, Sequence) or isinstance(finetuned, Mapping) or not finetuned:
+            raise ValueError(
+                "merge: finetuned must be a non-empty sequence of parameter trees (K ≥ 1)."
+            )
+        self.like = base
+        self.base = to_pure(base)
+        self.finetuned = [to_pure(t) for t in finetuned]
+        self.base_flat, self.treedef = flatten(self.base)
+        flats = [flatten(t, f"finetuned[{k}]") for k, t in enumerate(self.finetuned)]
+        check_trees(self.base_flat, self.treedef, flats)
+        self.ft_flats = [f for f, _ in flats]
+        self.rules, self.centre = {}, {}
+        for path, leaf in self.base_flat.items():
+            rule = _resolve(fallback, path, "mean", "fallback")
+            self.rules[path] = _fallback_rule(rule)
+            self.centre[path] = _fallback_value(rule, leaf, [f[path] for f in self.ft_flats])
+
+    def tree(self, flat):
+        """A pure tree of the base's structure from ``{path: leaf}`` (values not cast)."""
+        return jax.tree_util.tree_unflatten(self.treedef, [flat[p] for p in self.base_flat])
+
+    def fold(self, flat):
+        """The merge in the base's container, dtypes and shardings."""
+        leaves = {p: cast_like(flat[p], like) for p, like in self.base_flat.items()}
+        return from_pure(self.like, self.tree(leaves))
+
+
+def _options(plan_specs, basis, prior, ridge, alpha, rcond):
+    out = {}
+    for path in plan_specs:
+        r = _resolve(ridge, path, 0.0, "ridge")
+        if not isinstance(r, int | float) or not r >= 0:
+            raise ValueError(f"merge: ridge for layer {path!r} must be a number ≥ 0, got {r!r}.")
+        out[path] = _Options(
+            basis=_resolve(basis, path, "full", "basis"),
+            prior=_resolve(prior, path, None, "prior"),
+            ridge=float(r),
+            alpha=alpha,
+            rcond=rcond,
+        )
+    return out
+
+
+def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
+    """Solve every group eagerly (parallel); returns layer reports, writes ``merged_flat``."""
+    reports = []
+    with _progress(progress) as bar:
+        job = bar.add_task("solving layers", total=len(stats))
+        for group in stats.values():
+            start = time.perf_counter()
+            result = _solve_group(group, trees.base_flat, trees.ft_flats, trees.centre, options)
+            jax.block_until_ready(result)
+            seconds = time.perf_counter() - start
+            paths = [s.path for s in group.layers]
+            for spec in group.layers:
+                params, metrics = result[spec.path]
+                _check_solved(spec.path, metrics, params, throw)
+                for name, value in params.items():
+                    merged_flat[_leaf(spec.path, name)] = value
+                reports.append(_layer_report(spec, options[spec.path], metrics, seconds, paths))
+            bar.advance(job)
+    return reports
+
+
+def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, heldout):
+    solved_leaves = set()
+    for spec in solved_paths:
+        solved_leaves.update(_leaf(spec.path, n) for n in _param_names(spec))
+    fallbacks = {p: r for p, r in trees.rules.items() if p not in solved_leaves}
+    if heldout is not None:
+        scored = {}
+        for group in heldout.values():
+            scored.update(_heldout_metrics(group, trees.base_flat, merged_flat))
+        reports = [
+            dataclasses.replace(
+                r, energy_base_heldout=scored[r.path][0], rho_heldout=scored[r.path][1]
+            )
+            if r.path in scored
+            else r
+            for r in reports
+        ]
+    report = MergeReport(
+        algorithm, len(trees.ft_flats), tuple(reports), fallbacks, time.perf_counter() - started
+    )
+    return trees.fold(merged_flat), report
+
+
+def solve_stats(
+    stats: Mapping[str, GroupStats],
+    base,
+    finetuned: Sequence[Any],
+    *,
+    basis: Any = "full",
+    prior: Any = None,
+    ridge: Any = 0.0,
+    alpha: float = 1.0,
+    fallback: Any = "mean",
+    rcond: float | None = None,
+    heldout: Mapping[str, GroupStats] | None = None,
+    progress: bool = True,
+    throw: bool = True,
+) -> tuple[Any, MergeReport]:
+    """Merge a model from collected statistics: solve every group, fall back elsewhere, fold.
+
+    Each group is solved with :func:`~jaxmerge.solve_layer` (see the module docs for the full
+    basis' starting point, shared inputs and the fallback rules); the merged tree has exactly the
+    base's structure, dtypes and shardings.
+
+    Args:
+        stats: ``{group key: GroupStats}`` from :func:`collect_stats` (possibly combined over
+            devices, hosts or runs).
+        base: the base parameter tree (linen params or variables, or an NNX ``State``).
+        finetuned: the ``K`` fine-tuned trees, in the statistics' task order.
+        basis, prior, ridge: options of :func:`~jaxmerge.solve_layer`, each one value, a
+            ``{glob: value}`` mapping or a callable ``layer path -> value``.
+        alpha: RegMean's ``α``.
+        fallback: ``"mean"``, ``"base"`` or a number ``λ`` (task arithmetic) for parameters not
+            solved; one value, a mapping or a callable of the parameter path.
+        rcond: relative eigenvalue cut-off of the solver.
+        heldout: statistics of held-out calibration data to score the merge on.
+        progress: show a progress bar.
+        throw: raise :class:`~jaxmerge.SolveError` when a layer would not be finite.
+
+    Returns:
+        ``(merged tree, MergeReport)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(1)
+        >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> base = {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)}
+        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]]), "bias": jnp.zeros(1)},
+        ...        {"kernel": jnp.array([[0.0], [2.0]]), "bias": jnp.zeros(1)}]
+        >>> stats = collect_stats(model, fts, [[x[:1]], [x[1:]]], progress=False)
+        >>> merged, report = solve_stats(stats, base, fts, progress=False)
+        >>> merged["kernel"].ravel().round(4).tolist(), round(report.rho, 4)
+        ([1.0, 2.0], 1.0)
+    """
+    started = time.perf_counter()
+    trees = _Trees(base, finetuned, fallback)
+    specs = [s for g in stats.values() for s in g.layers]
+    options = _options([s.path for s in specs], basis, prior, ridge, alpha, rcond)
+    merged_flat = dict(trees.centre)
+    reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
+                         merged_flat=merged_flat)  # fmt: skip
+    return _finish(trees, merged_flat, reports, specs, "parallel", started, heldout)
+
+
+# ---- sequential ---------------------------------------------------------------------------------
+
+
+def _lead(batch) -> int:
+    return int(jax.tree.leaves(batch)[0].shape[0])
+
+
+def _concatenable(batches) -> bool:
+    structs = [jax.tree.structure(b) for b in batches]
+    if any(s != structs[0] for s in structs):
+        return False
+    leaves = [jax.tree.leaves(b) for b in batches]
+    return all(
+        len({(np.shape(x)[1:], jnp.result_type(x)) for x in group}) == 1 and np.ndim(group[0]) > 0
+        for group in zip(*leaves, strict=True)
+    )
+
+
+def _sequential_pass(plan, options, trees, batches, embed_params, dtype):
+    """The one-batch sequential merge as one traced function (see the module docs)."""
+    k_tasks = len(trees.ft_flats)
+    solvable = set(plan.specs)
+
+    def run(base_flat, ft_flats, centre_flat, embed_params, batches):
+        targets = [
+            plan.record(trees.tree(f), b, solvable) for f, b in zip(ft_flats, batches, strict=True)
+        ]
+        sizes = [_lead(b) for b in batches]
+        masks = [plan.mask(b) for b in batches]
+        xcat = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *batches)
+        solved = dict(embed_params)
+        metrics = {}
+
+        def hook(call):
+            path = call.path
+            if path not in plan.specs:
+                return call.default()
+            if path not in solved:
+                group = plan.group_of[path]
+                specs = plan.group_specs(group)
+                x, lead = call.rows()
+                if lead[:1] != (sum(sizes),):
+                    raise ValueError(
+                        f"merge: layer {path!r} receives rows {lead}; the sequential merge needs "
+                        "the examples on axis 0 of every layer input."
+                    )
+                stats = init_group_stats(specs, k_tasks, dtype)
+                start = 0
+                for k in range(k_tasks):
+                    lead_k = (sizes[k],) + tuple(lead[1:])
+                    xk = x.reshape(*lead, -1)[start : start + sizes[k]]
+                    start += sizes[k]
+                    y = jnp.concatenate([targets[k][p][0][2] for p in group], axis=-1)
+                    mask = row_mask(masks[k], lead_k)
+                    rows = jnp.sum(mask) if mask is not None else float(np.prod(lead_k))
+                    weight = jnp.where(rows > 0, 1.0 / jnp.maximum(rows, 1.0), 0.0)
+                    stats = update_group_stats(stats, xk.reshape(-1, x.shape[-1]), y, k, mask,
+                                               weight)  # fmt: skip
+                finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in stats]))
+                result = _solve_group(
+                    GroupStats(stats, specs), base_flat, ft_flats, centre_flat, options
+                )
+                for p, (params, m) in result.items():
+                    solved[p] = params
+                    metrics[p] = (m, finite)
+            return call.run(solved[path])
+
+        plan.apply(trees.tree(centre_flat), xcat, hook)
+        return {p: solved[p] for p in metrics}, metrics
+
+    return jax.jit(run)(trees.base_flat, trees.ft_flats, trees.centre, embed_params, batches)
+
+
+def merge(
+    model,
+    base,
+    finetuned: Sequence[Any],
+    calibration: Sequence[Iterable[Any]],
+    *,
+    algorithm: str = "parallel",
+    basis: Any = "full",
+    prior: Any = None,
+    ridge: Any = 0.0,
+    alpha: float = 1.0,
+    fallback: Any = "mean",
+    heldout: Sequence[Iterable[Any]] | None = None,
+    mask_key: str | None = "mask",
+    call_kwargs: Mapping[str, Any] | None = None,
+    rcond: float | None = None,
+    progress: bool = True,
+    throw: bool = True,
+) -> tuple[Any, MergeReport]:
+    r"""Merge fine-tuned Flax models by output-space projection, layer by layer.
+
+    For every supported layer (``Dense``/``Linear``, ``DenseGeneral``/``LinearGeneral``, ``Conv``,
+    ``Embed``, ``LayerNorm``, ``RMSNorm``, in linen or NNX) the merged parameters minimise
+
+        ``Σₖ (1/Nₖ) ‖X̃ₖ W̄ − Yₖ‖²``  over ``W̄`` in the span of ``basis``,
+
+    with ``X̃ₖ`` the layer's inputs on task ``k``'s calibration rows (the fine-tuned model's own,
+    ``algorithm="parallel"``, or the partially merged model's, ``"sequential"``) and ``Yₖ`` the
+    fine-tuned model ``k``'s outputs of the layer. Other parameters follow ``fallback``. See the
+    module docs for the algorithms, shared inputs and the options' forms.
+
+    Args:
+        model: a ``flax.linen.Module`` or an ``flax.nnx.Module`` (for NNX, its non-parameter state
+            is used as is).
+        base: the base parameters: a linen params dict or variables dict
+            (``{"params": ..., ...}``), or an NNX ``State`` of ``nnx.Param``.
+        finetuned: the ``K`` fine-tuned trees, each shaped and typed like ``base``.
+        calibration: ``K`` iterables of batches, ``calibration[k]`` for fine-tune ``k``; a batch
+            is an array (positional input) or a dict of keyword arguments, which may hold a
+            padding mask under ``mask_key``.
+        algorithm: ``"parallel"`` or ``"sequential"``.
+        basis: ``"scalar"``, ``"diagonal"``, ``"full"``, :class:`~jaxmerge.LowRank` or
+            :class:`~jaxmerge.Custom`, per layer path (one value, ``{glob: value}`` or a callable).
+        prior: ridge prior per layer path (coefficients, or the layer's parameter dict for the
+            full and low-rank bases).
+        ridge: ``λ ≥ 0`` per layer path.
+        alpha: RegMean's ``α``.
+        fallback: rule for parameters not solved: ``"mean"``, ``"base"`` or ``λ`` (task
+            arithmetic), per parameter path.
+        heldout: optional ``K`` iterables of held-out batches, scored with the merged model
+            (``rho_heldout`` in the report).
+        mask_key: key of the padding mask in dict batches (``None``: no mask).
+        call_kwargs: static keyword arguments of every forward call.
+        rcond: relative eigenvalue cut-off of the solver.
+        progress: show progress bars (per task and per layer).
+        throw: raise :class:`~jaxmerge.SolveError` when a layer would not be finite.
+
+    Returns:
+        ``(merged, report)``: ``merged`` has exactly the base's tree structure, dtypes and
+        shardings (an NNX ``State`` for an NNX base); ``report`` is a
+        :class:`~jaxmerge.MergeReport`.
+
+    Raises:
+        ValueError, TypeError: mismatched trees, shapes or dtypes (naming the parameter path),
+            missing or empty calibration, non-finite activations (naming the layer), bad options.
+        SolveError: a layer's solve is not finite and ``throw=True``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(1)
+        >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> base = {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)}
+        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]]), "bias": jnp.zeros(1)},
+        ...        {"kernel": jnp.array([[0.0], [2.0]]), "bias": jnp.zeros(1)}]
+        >>> merged, report = merge(model, base, fts, [[x[:1]], [x[1:]]], progress=False)
+        >>> merged["kernel"].ravel().round(4).tolist(), report.layers[0].status
+        ([1.0, 2.0], 'CHOLESKY')
+    """
+    started = time.perf_counter()
+    if algorithm not in ("parallel", "sequential"):
+        raise ValueError(f"merge: algorithm must be 'parallel' or 'sequential', got {algorithm!r}.")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"merge: alpha must lie in [0, 1], got {alpha}.")
+    trees = _Trees(base, finetuned, fallback)
+    k_tasks = len(trees.ft_flats)
+    iters, first = _peek(calibration, k_tasks)
+    plan = _Plan(model, call_kwargs, trees.base, first, mask_key)
+    options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
+    dtype = _default_dtype()
+    collect = functools.partial(_collect, plan, trees.finetuned, dtype=dtype, progress=progress)
+    merged_flat = dict(trees.centre)
+    specs = list(plan.specs.values())
+
+    if algorithm == "parallel":
+        stats = collect(iters, groups=plan.groups, tree_in=None, label="collecting statistics")
+        reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
+                             merged_flat=merged_flat)  # fmt: skip
+    else:
+        batches = [list(it) for it in iters]
+        reports = []
+        single = all(len(b) == 1 for b in batches) and _concatenable([b[0] for b in batches])
+        embeds = [g for g in plan.groups if plan.specs[g[0]].kind == "embed"]
+        passes = embeds if single else plan.groups
+        with _progress(progress) as bar:
+            job = bar.add_task("sequential merge", total=len(passes) + single)
+            for group in passes:  # one pass per group (or only the embeddings)
+                stats = collect(
+                    [iter(b) for b in batches],
+                    groups=[group],
+                    tree_in=trees.tree(merged_flat),
+                    label=f"layer {plan.key(group)}",
+                )
+                reports += _solve_all(stats, trees, options, throw=throw, progress=False,
+                                      merged_flat=merged_flat)  # fmt: skip
+                bar.advance(job)
+            if single:
+                embed_params = {
+                    p: _layer_params(merged_flat, plan.specs[p]) for g in embeds for p in g
+                }
+                solved, metrics = _sequential_pass(
+                    plan, options, trees, [b[0] for b in batches], embed_params, dtype
+                )
+                bar.advance(job)
+                for group in plan.groups:
+                    for path in group if group not in embeds else ():
+                        m, finite = metrics[path]
+                        if not bool(finite):
+                            raise ValueError(
+                                f"merge: non-finite activations at layer {group[0]!r}: the "
+                                "merged model's inputs or the fine-tuned outputs of this layer "
+                                "hold NaN or Inf."
+                            )
+                        _check_solved(path, m, solved[path], throw)
+                        for name, value in solved[path].items():
+                            merged_flat[_leaf(path, name)] = value
+                        reports.append(
+                            _layer_report(plan.specs[path], options[path], m, None, group)
+                        )
+        order = {p: i for i, p in enumerate(plan.specs)}
+        reports.sort(key=lambda r: order[r.path])
+
+    held = None
+    if heldout is not None:
+        held_iters, _ = _peek(heldout, k_tasks)
+        tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
+        held = collect(held_iters, groups=plan.groups, tree_in=tree_in, label="held-out")
+    return _finish(trees, merged_flat, reports, specs, algorithm, started, held)

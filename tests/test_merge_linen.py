@@ -1,0 +1,361 @@
+"""Whole linen models: merges checked against numpy RegMean and exact special cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from models import (
+    DIM,
+    VOCAB,
+    LinenCNN,
+    LinenMLP,
+    LinenTransformer,
+    finetunes,
+    token_batch,
+)
+from reference import augment, layer_matrix
+
+import jaxmerge
+from jaxmerge import Custom, LowRank, merge
+
+
+def regmean(xs, ys, masks=None):
+    """Numpy RegMean with an exact bias: solve (Σₖ X̃ₖᵀMₖX̃ₖ/Nₖ) W̄ = Σₖ X̃ₖᵀMₖYₖ/Nₖ."""
+    gram, cross = 0.0, 0.0
+    for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        xa = augment(x)
+        y = np.asarray(y, np.float64).reshape(len(xa), -1)
+        m = np.ones(len(xa)) if masks is None else np.asarray(masks[k], np.float64).ravel()
+        gram = gram + (xa * m[:, None]).T @ xa / m.sum()
+        cross = cross + (xa * m[:, None]).T @ y / m.sum()
+    return np.linalg.solve(gram, cross)
+
+
+def np_layer(params):
+    return layer_matrix(params["kernel"], params.get("bias"))
+
+
+# ---- MLP ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = LinenMLP(hidden=16, out=3)
+    rng = np.random.default_rng(0)
+    xs = [
+        jnp.asarray(rng.normal(size=(64, 4)) * [3, 1, 1, 1] + 1, jnp.float32),
+        jnp.asarray(rng.normal(size=(64, 4)) * [1, 1, 1, 3] - 1, jnp.float32),
+    ]
+    base = model.init(jax.random.key(0), xs[0])["params"]
+    fts = finetunes(base, 2, 0.6)
+    out = {}
+    for alg in ("parallel", "sequential"):
+        out[alg] = merge(model, base, fts, [[x] for x in xs], algorithm=alg, progress=False)
+    return model, xs, base, fts, out
+
+
+def test_parallel_full_is_numpy_regmean(mlp):
+    model, xs, base, fts, out = mlp
+    merged, report = out["parallel"]
+    # layer 1: every task's inputs are its calibration data
+    ys = [augment(x) @ np_layer(f["Dense_0"]) for x, f in zip(xs, fts, strict=True)]
+    expect0 = regmean(xs, ys)
+    np.testing.assert_allclose(np_layer(merged["Dense_0"]), expect0, rtol=1e-4, atol=1e-4)
+    # layer 2: each fine-tune's own hidden activations (numpy forward)
+    hs = [np.tanh(augment(x) @ np_layer(f["Dense_0"])) for x, f in zip(xs, fts, strict=True)]
+    ys = [augment(h) @ np_layer(f["Dense_1"]) for h, f in zip(hs, fts, strict=True)]
+    np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+    assert [r.path for r in report.layers] == ["Dense_0", "Dense_1"]
+    assert report.fallbacks == {}
+
+
+def _output_error(model, params, xs, fts):
+    return sum(
+        float(
+            jnp.mean(
+                jnp.sum(
+                    (model.apply({"params": params}, x) - model.apply({"params": f}, x)) ** 2, -1
+                )
+            )
+        )
+        for x, f in zip(xs, fts, strict=True)
+    )
+
+
+def test_sequential_beats_parallel_when_the_first_layer_is_inexact(mlp):
+    model, xs, base, fts, out = mlp
+    par = _output_error(model, out["parallel"][0], xs, fts)
+    seq = _output_error(model, out["sequential"][0], xs, fts)
+    base_err = _output_error(model, base, xs, fts)
+    assert out["parallel"][1].layers[0].rho < 0.99  # the first layer cannot fit both tasks
+    assert seq < 0.8 * par < 0.8 * base_err
+    # the first layer sees the same inputs in both algorithms
+    np.testing.assert_allclose(
+        out["sequential"][0]["Dense_0"]["kernel"],
+        out["parallel"][0]["Dense_0"]["kernel"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_sequential_second_layer_uses_merged_inputs(mlp):
+    model, xs, base, fts, out = mlp
+    merged, _ = out["sequential"]
+    hs = [np.tanh(augment(x) @ np_layer(merged["Dense_0"])) for x in xs]
+    ys = [
+        augment(np.tanh(augment(x) @ np_layer(f["Dense_0"]))) @ np_layer(f["Dense_1"])
+        for x, f in zip(xs, fts, strict=True)
+    ]
+    np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+
+
+def test_one_layer_model_parallel_equals_sequential(rng):
+    model = nn.Dense(3)
+    xs = [jnp.asarray(rng.normal(size=(20, 4)), jnp.float32) for _ in range(2)]
+    base = model.init(jax.random.key(0), xs[0])["params"]
+    fts = finetunes(base, 2)
+    cal = [[x] for x in xs]
+    a, _ = merge(model, base, fts, cal, algorithm="parallel", progress=False)
+    b, _ = merge(model, base, fts, cal, algorithm="sequential", progress=False)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_several_batches_accumulate_like_one(mlp):
+    model, xs, base, fts, out = mlp
+    for alg in ("parallel", "sequential"):
+        cal = [
+            [x[:40], x[40:]] for x in xs
+        ]  # unequal batches: per-task weights are 1/N, not per batch
+        merged, _ = merge(model, base, fts, cal, algorithm=alg, progress=False)
+        jax.tree.map(
+            lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), merged, out[alg][0]
+        )
+
+
+# ---- CNN ----------------------------------------------------------------------------------------
+
+
+def im2col_same3(x):
+    """Numpy patches of a 3×3 SAME stride-1 convolution, ordered (kh, kw, c) like the kernel."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    b, h, w, c = x.shape
+    cols = [x[:, i : i + h - 2, j : j + w - 2, :] for i in range(3) for j in range(3)]
+    return np.stack(cols, axis=3).reshape(b * (h - 2) * (w - 2), 9 * c)
+
+
+def test_cnn_conv_is_regmean_on_patches(rng):
+    model = LinenCNN()
+    xs = [jnp.asarray(rng.normal(size=(3, 6, 6, 2)), jnp.float32) for _ in range(2)]
+    base = model.init(jax.random.key(0), xs[0])["params"]
+    fts = finetunes(base, 2)
+    merged, report = merge(model, base, fts, [[x] for x in xs], progress=False)
+    patches = [im2col_same3(x) for x in xs]
+    ys = [
+        augment(p) @ layer_matrix(np.reshape(f["Conv_0"]["kernel"], (18, 4)), f["Conv_0"]["bias"])
+        for p, f in zip(patches, fts, strict=True)
+    ]
+    got = layer_matrix(np.reshape(merged["Conv_0"]["kernel"], (18, 4)), merged["Conv_0"]["bias"])
+    np.testing.assert_allclose(got, regmean(patches, ys), rtol=1e-4, atol=1e-4)
+    assert [(r.path, r.kind) for r in report.layers] == [
+        ("Conv_0", "conv"),
+        ("Conv_1", "conv"),
+        ("Dense_0", "dense"),
+    ]
+
+
+# ---- transformer --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    model = LinenTransformer()
+    base = model.init(jax.random.key(0), **token_batch(0))["params"]
+    fts = finetunes(base, 2, 0.2)
+    cal = [[token_batch(1)], [token_batch(2, low=3)]]  # task 1 never sees tokens 0-2
+    merged, report = merge(
+        model, base, fts, cal, progress=False, heldout=[[token_batch(5)], [token_batch(6)]]
+    )
+    return model, base, fts, cal, merged, report
+
+
+def _embedded(params, batch):
+    return np.asarray(params["embed"]["embedding"], np.float64)[
+        np.asarray(batch["tokens"])
+    ] + np.asarray(params["pos"], np.float64)
+
+
+def _layer_norm(x, eps=1e-6):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+def test_transformer_embedding_is_token_count_weighted_mean(transformer):
+    model, base, fts, cal, merged, _ = transformer
+    counts = []
+    for (batch,) in cal:
+        tokens, mask = np.asarray(batch["tokens"]).ravel(), np.asarray(batch["mask"]).ravel()
+        counts.append(np.bincount(tokens, weights=mask, minlength=VOCAB) / mask.sum())
+    counts = np.stack(counts)
+    tables = np.stack([np.asarray(f["embed"]["embedding"], np.float64) for f in fts])
+    seen = counts.sum(0) > 0
+    expect = np.einsum("kv,kvd->vd", counts, tables) / np.where(seen, counts.sum(0), 1)[:, None]
+    expect[~seen] = tables.mean(0)[~seen]  # unseen rows: the fallback (mean of fine-tunes)
+    np.testing.assert_allclose(merged["embed"]["embedding"], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_layernorm_is_per_channel_2x2(transformer):
+    model, base, fts, cal, merged, _ = transformer
+    xhat = [_layer_norm(_embedded(f, b[0])) for f, b in zip(fts, cal, strict=True)]
+    masks = [np.asarray(b[0]["mask"]).ravel() for b in cal]
+    for c in range(DIM):
+        gram, cross = 0.0, 0.0
+        for k, f in enumerate(fts):
+            xa = np.stack([xhat[k][..., c].ravel(), np.ones(masks[k].size)], 1)
+            y = xa @ np.array(
+                [float(f["block"]["ln1"]["scale"][c]), float(f["block"]["ln1"]["bias"][c])]
+            )
+            gram = gram + (xa * masks[k][:, None]).T @ xa / masks[k].sum()
+            cross = cross + (xa * masks[k][:, None]).T @ y / masks[k].sum()
+        scale, bias = np.linalg.solve(gram, cross)
+        np.testing.assert_allclose(
+            float(merged["block"]["ln1"]["scale"][c]), scale, rtol=1e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            float(merged["block"]["ln1"]["bias"][c]), bias, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_transformer_shared_qkv_is_regmean_on_masked_rows(transformer):
+    model, base, fts, cal, merged, report = transformer
+
+    def ln(f, b):
+        return _layer_norm(_embedded(f, b)) * np.asarray(f["block"]["ln1"]["scale"]) + np.asarray(
+            f["block"]["ln1"]["bias"]
+        )
+
+    xs = [ln(f, b[0]).reshape(-1, DIM) for f, b in zip(fts, cal, strict=True)]
+    masks = [np.asarray(b[0]["mask"]).ravel() for b in cal]
+    for name in ("query", "key", "value"):
+        mats = [
+            layer_matrix(
+                np.reshape(f["block"]["attn"][name]["kernel"], (DIM, DIM)),
+                np.ravel(f["block"]["attn"][name]["bias"]),
+            )
+            for f in fts
+        ]
+        ys = [augment(x) @ w for x, w in zip(xs, mats, strict=True)]
+        got = layer_matrix(
+            np.reshape(merged["block"]["attn"][name]["kernel"], (DIM, DIM)),
+            np.ravel(merged["block"]["attn"][name]["bias"]),
+        )
+        np.testing.assert_allclose(got, regmean(xs, ys, masks), rtol=2e-4, atol=2e-4)
+    rows = {r.path: r for r in report.layers}
+    assert rows["block/attn/query"].shared_input == ("block/attn/key", "block/attn/value")
+    assert rows["block/attn/query"].condition == rows["block/attn/value"].condition  # one factor
+
+
+def test_transformer_report_and_fallbacks(transformer, tmp_path):
+    model, base, fts, cal, merged, report = transformer
+    kinds = {r.path: r.kind for r in report.layers}
+    assert kinds == {
+        "embed": "embed", "block/ln1": "norm", "block/attn/query": "dense_general",
+        "block/attn/key": "dense_general", "block/attn/value": "dense_general",
+        "block/attn/out": "dense_general", "block/ln2": "norm", "block/up": "dense",
+        "block/down": "dense", "ln_f": "norm", "head": "dense",
+    }  # fmt: skip
+    assert report.fallbacks == {"pos": "mean"}
+    np.testing.assert_allclose(merged["pos"], (fts[0]["pos"] + fts[1]["pos"]) / 2, rtol=1e-6)
+    for r in report.layers:
+        assert 0 <= r.rho <= 1 + 1e-6 and r.rho_heldout is not None and r.rho_heldout <= 1 + 1e-6
+    e0 = np.array([r.energy_base for r in report.layers])
+    assert report.rho == pytest.approx(1 - sum(r.energy_merged for r in report.layers) / e0.sum())
+    again = jaxmerge.MergeReport.from_json(report.to_json())
+    assert again.layers[0] == report.layers[0] and again.rho == pytest.approx(report.rho)
+    assert "block/attn/query" in str(report) and "held-out" in str(report)
+    pytest.importorskip("matplotlib")
+    report.plot(tmp_path / "rho.png")
+    assert (tmp_path / "rho.png").stat().st_size > 0
+
+
+def test_transformer_padding_is_ignored(transformer):
+    model, base, fts, cal, merged, _ = transformer
+    repadded = []
+    for (batch,) in cal:
+        tokens = np.where(np.asarray(batch["mask"]) > 0, np.asarray(batch["tokens"]), VOCAB - 1)
+        repadded.append([{"tokens": jnp.asarray(tokens), "mask": batch["mask"]}])
+    again, _ = merge(model, base, fts, repadded, progress=False)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), again, merged)
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_one_finetune_is_returned_exactly(transformer, algorithm):
+    model, base, fts, cal, _, _ = transformer
+    merged, report = merge(model, base, fts[:1], cal[:1], algorithm=algorithm, progress=False)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    jax.tree.map(np.testing.assert_array_equal, merged, fts[0])
+    assert all(r.rho == pytest.approx(1.0, abs=1e-4) for r in report.layers if r.energy_base > 1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_identical_finetunes_return_that_finetune(transformer, algorithm):
+    model, base, fts, cal, _, _ = transformer
+    merged, _ = merge(model, base, [fts[0], fts[0]], cal, algorithm=algorithm, progress=False)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), merged, fts[0]
+    )
+
+
+def test_bases_per_path_and_factories(transformer):
+    model, base, fts, cal, _, _ = transformer
+    calls = []
+
+    def basis_for(path):
+        calls.append(path)
+        if path.startswith("block/attn"):
+            deltas = [
+                jax.tree.map(
+                    lambda a, b: a - b,
+                    f["block"]["attn"][path.split("/")[-1]],
+                    base["block"]["attn"][path.split("/")[-1]],
+                )
+                for f in fts
+            ]
+            return Custom(deltas)  # directions in the layer's own parameter format
+        return {"embed": "diagonal", "head": LowRank(1)}.get(path, "scalar")
+
+    merged, report = merge(model, base, fts, cal, basis=basis_for, progress=False)
+    rows = {r.path: r for r in report.layers}
+    assert set(calls) == set(rows)
+    assert rows["head"].basis == "LowRank(rank=1)" and rows["block/up"].basis == "scalar"
+    # scalar: the merged layer is base + Σ cₖ Δₖ with the optimal cₖ (checked on one layer)
+    d = [np.ravel(f["block"]["up"]["kernel"] - base["block"]["up"]["kernel"]) for f in fts]
+    got = np.ravel(merged["block"]["up"]["kernel"] - base["block"]["up"]["kernel"])
+    coef = np.linalg.lstsq(np.stack(d, 1), got, rcond=None)[0]
+    np.testing.assert_allclose(np.stack(d, 1) @ coef, got, atol=1e-5)
+    # a Custom basis over the task vectors is the scalar basis; fallbacks; ridge → ∞ is the prior
+    scalar, rep2 = merge(
+        model,
+        base,
+        fts,
+        cal,
+        basis={"block/attn/*": "scalar"},
+        fallback={"pos": 0.5},
+        ridge={"head": float("inf")},
+        prior={"head": base["head"]},
+        progress=False,
+    )
+    np.testing.assert_allclose(
+        merged["block"]["attn"]["query"]["kernel"],
+        scalar["block"]["attn"]["query"]["kernel"],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    rho = {r.path: r.rho for r in rep2.layers}
+    full = {r.path: r.rho for r in transformer[5].layers}
+    assert all(rho[p] <= full[p] + 1e-5 for p in full if p.startswith("block/attn"))
+    expect = base["pos"] + 0.5 * ((fts[0]["pos"] - base["pos"]) + (fts[1]["pos"] - base["pos"]))
+    np.testing.assert_allclose(scalar["pos"], expect, rtol=1e-6)
+    assert rep2.fallbacks == {"pos": "task_arithmetic(0.5)"}
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), scalar["head"], base["head"]
+    )
