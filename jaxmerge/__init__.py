@@ -24,6 +24,14 @@ from ._stats import normalize_stats as normalize_stats
 from ._stats import update_stats as update_stats
 
 # Whole Flax models (merge, reports)
+from ._flax.adapters import EmbedStats as EmbedStats
+from ._flax.adapters import LayerSpec as LayerSpec
+from ._merge import GroupStats as GroupStats
+from ._merge import collect_stats as collect_stats
+from ._merge import merge as merge
+from ._merge import solve_stats as solve_stats
+from ._report import LayerReport as LayerReport
+from ._report import MergeReport as MergeReport
 
 # Baselines
 from ._baselines import dare as dare
