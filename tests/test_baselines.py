@@ -177,6 +177,18 @@ def test_ties_density_one_without_conflicts_is_task_arithmetic(x64, rng):
     assert_trees_close(jm.ties(base, fts, density=1.0), jm.soup(base, fts), rtol=1e-14)
 
 
+def test_unchanged_finetunes_give_the_base(x64, rng):
+    """Zero task vectors: every threshold is 0, no sign is elected, nothing is divided by 0."""
+    base, _ = models(rng)
+    for merged in (
+        jm.ties(base, [base, base], trim="model"),
+        jm.ties(base, [base, base], aggregate="sum"),
+        jm.dare(base, [base, base], jax.random.key(0), drop_rate=0.5, merge="ties"),
+    ):
+        for got, want in zip(leaves(merged), leaves(base), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 # ---- DARE ---------------------------------------------------------------------------------
 
 
