@@ -385,7 +385,10 @@ def ties_task_vectors(
     absolute terms (a bias, a norm scale) is not wiped out by a larger one elsewhere, and each
     layer's result depends on that layer alone, which is what a layer-by-layer QP over these
     directions needs. ``trim="model", aggregate="mean"`` is the TIES paper's definition;
-    ``trim="model", aggregate="sum"`` is FusionBench's.
+    ``trim="model", aggregate="sum"`` is FusionBench's. One detail differs from mergekit, which
+    keeps exactly ``⌊density · size⌋`` entries and breaks ties at the threshold arbitrarily:
+    rounding to the nearest count and keeping all tied entries makes the result independent of
+    the order of the entries.
 
     Args:
         base: base parameters ``θ₀``.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float, PyTree
 
-from ._baselines import flatten_models, work_dtype
+from ._baselines import flatten_models, flatten_params, work_dtype
 
 __all__ = ["empirical_fisher", "fisher_average", "fisher_merge"]
 
@@ -73,6 +73,7 @@ def empirical_fisher(
     Raises:
         ValueError: no examples, a batch without a common leading axis, or a loss that is not a
             scalar.
+        TypeError: a parameter is not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -81,6 +82,7 @@ def empirical_fisher(
         >>> float(empirical_fisher(loss, {"w": jnp.array(1.0)}, [batch])["w"])  # (4 + 64) / 2
         34.0
     """
+    flatten_params("empirical_fisher", params, "params")
     total, count = None, 0
     for index, batch in enumerate(batches):
         size = _batch_size(batch, index)

@@ -146,6 +146,8 @@ def test_fisher_errors(rng):
         jm.empirical_fisher(loss_fn, models[0], [])
     with pytest.raises(ValueError, match="sharing a leading example axis"):
         jm.empirical_fisher(loss_fn, models[0], [{"x": np.zeros((2, N_IN)), "y": np.zeros(3)}])
+    with pytest.raises(TypeError, match="'Dense_0/step' has dtype int"):
+        jm.empirical_fisher(loss_fn, {"params": {"Dense_0": {"step": np.array(1)}}}, data[0])
     bad = [jax.tree.map(np.abs, m) for m in models]
     bad[1]["params"]["Dense_1"]["bias"] = np.array([1.0, np.nan, 0.0])
     with pytest.raises(ValueError, match=r"fishers\[1\] at 'Dense_1/bias' has negative or non"):
