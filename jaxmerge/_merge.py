@@ -670,14 +670,23 @@ class _Trees:
         return from_pure(self.like, self.tree(leaves))
 
 
+_BASES = ("scalar", "diagonal", "full")
+
+
 def _options(plan_specs, basis, prior, ridge, alpha, rcond):
     out = {}
     for path in plan_specs:
         r = _resolve(ridge, path, 0.0, "ridge")
         if not isinstance(r, int | float) or not r >= 0:
             raise ValueError(f"merge: ridge for layer {path!r} must be a number ≥ 0, got {r!r}.")
+        b = _resolve(basis, path, "full", "basis")
+        if not (isinstance(b, LowRank | Custom) or (isinstance(b, str) and b in _BASES)):
+            raise ValueError(
+                f"merge: unknown basis {b!r} for layer {path!r}; use 'scalar', 'diagonal', "
+                "'full', LowRank(r) or Custom(directions)."
+            )
         out[path] = _Options(
-            basis=_resolve(basis, path, "full", "basis"),
+            basis=b,
             prior=_resolve(prior, path, None, "prior"),
             ridge=float(r),
             alpha=alpha,
@@ -771,11 +780,10 @@ def solve_stats(
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
-        >>> model = nn.Dense(1)
+        >>> model = nn.Dense(1, use_bias=False)
         >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-        >>> base = {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)}
-        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]]), "bias": jnp.zeros(1)},
-        ...        {"kernel": jnp.array([[0.0], [2.0]]), "bias": jnp.zeros(1)}]
+        >>> base = {"kernel": jnp.zeros((2, 1))}
+        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]])}, {"kernel": jnp.array([[0.0], [2.0]])}]
         >>> stats = collect_stats(model, fts, [[x[:1]], [x[1:]]], progress=False)
         >>> merged, report = solve_stats(stats, base, fts, progress=False)
         >>> merged["kernel"].ravel().round(4).tolist(), round(report.rho, 4)
@@ -932,12 +940,14 @@ def merge(
         SolveError: a layer's solve is not finite and ``throw=True``.
 
     Examples:
+        Two fine-tunes of a one-layer model, each changing the weight of the input its own task
+        uses; the merge keeps both changes:
+
         >>> import jax, jax.numpy as jnp, flax.linen as nn
-        >>> model = nn.Dense(1)
+        >>> model = nn.Dense(1, use_bias=False)
         >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-        >>> base = {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)}
-        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]]), "bias": jnp.zeros(1)},
-        ...        {"kernel": jnp.array([[0.0], [2.0]]), "bias": jnp.zeros(1)}]
+        >>> base = {"kernel": jnp.zeros((2, 1))}
+        >>> fts = [{"kernel": jnp.array([[1.0], [0.0]])}, {"kernel": jnp.array([[0.0], [2.0]])}]
         >>> merged, report = merge(model, base, fts, [[x[:1]], [x[1:]]], progress=False)
         >>> merged["kernel"].ravel().round(4).tolist(), report.layers[0].status
         ([1.0, 2.0], 'CHOLESKY')

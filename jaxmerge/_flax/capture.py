@@ -239,12 +239,12 @@ def _nnx_call(module, path, args, kwargs):
                 value = new_params.get(name)
                 if value is None:  # an identity-kernel pass without bias
                     value = jnp.zeros((overrides["features"],), params[name].dtype)
-                getattr(module, name)[...] = value
+                getattr(module, name).set_value(value)
             with _bypass():
                 return original(module, *args, **kwargs)
         finally:
             for name, value in saved.items():
-                getattr(module, name)[...] = value
+                getattr(module, name).set_value(value)
 
     def default():
         with _bypass():

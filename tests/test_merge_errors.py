@@ -1,0 +1,137 @@
+"""Whole-model merges: bad input gives clear errors; dtypes, shardings and collections survive."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from models import LinenMLP, finetunes
+
+from jaxmerge import merge
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = LinenMLP(hidden=6, out=2)
+    rng = np.random.default_rng(1)
+    xs = [jnp.asarray(rng.normal(size=(12, 4)), jnp.float32) for _ in range(2)]
+    base = model.init(jax.random.key(0), xs[0])["params"]
+    return model, base, finetunes(base, 2), [[x] for x in xs]
+
+
+def _replace(tree, path, value):
+    tree = jax.tree.map(lambda a: a, tree)
+    *head, last = path.split("/")
+    node = tree
+    for key in head:
+        node = node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return tree
+
+
+def test_mismatched_tree_names_the_parameter(mlp):
+    model, base, fts, cal = mlp
+    broken = _replace(fts[1], "Dense_1/bias", None)
+    with pytest.raises(ValueError, match=r"finetuned\[1\].*Dense_1/bias"):
+        merge(model, base, [fts[0], broken], cal, progress=False)
+
+
+def test_mismatched_shape_names_the_parameter(mlp):
+    model, base, fts, cal = mlp
+    broken = _replace(fts[0], "Dense_0/kernel", jnp.zeros((5, 6)))
+    with pytest.raises(ValueError, match=r"'Dense_0/kernel' has shape \(5, 6\) in finetuned\[0\]"):
+        merge(model, base, [broken, fts[1]], cal, progress=False)
+
+
+def test_mismatched_dtype_names_the_parameter(mlp):
+    model, base, fts, cal = mlp
+    broken = _replace(fts[0], "Dense_1/bias", fts[0]["Dense_1"]["bias"].astype(jnp.float16))
+    with pytest.raises(TypeError, match=r"'Dense_1/bias' has dtype float16 in finetuned\[0\]"):
+        merge(model, base, [broken, fts[1]], cal, progress=False)
+
+
+def test_empty_or_missing_calibration(mlp):
+    model, base, fts, cal = mlp
+    with pytest.raises(ValueError, match=r"calibration\[1\] is empty"):
+        merge(model, base, fts, [cal[0], []], progress=False)
+    with pytest.raises(ValueError, match="1 calibration iterables for 2 fine-tuned models"):
+        merge(model, base, fts, cal[:1], progress=False)
+    with pytest.raises(TypeError, match=r"calibration\[0\] must be an iterable of batches"):
+        merge(model, base, fts, [cal[0][0], cal[1][0]], progress=False)
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_nonfinite_activations_name_the_layer(mlp, algorithm):
+    model, base, fts, cal = mlp
+    bad = cal[1][0].at[3, 2].set(jnp.nan)
+    with pytest.raises(ValueError, match="non-finite activations at layer 'Dense_0'"):
+        merge(model, base, fts, [cal[0], [bad]], algorithm=algorithm, progress=False)
+    # a NaN in a fine-tune's second layer shows up at that layer's targets
+    broken = _replace(fts[1], "Dense_1/bias", fts[1]["Dense_1"]["bias"].at[0].set(jnp.inf))
+    with pytest.raises(ValueError, match="non-finite activations at layer 'Dense_1'"):
+        merge(model, base, [fts[0], broken], cal, algorithm=algorithm, progress=False)
+
+
+def test_bad_options(mlp):
+    model, base, fts, cal = mlp
+    with pytest.raises(ValueError, match="algorithm must be"):
+        merge(model, base, fts, cal, algorithm="greedy", progress=False)
+    with pytest.raises(ValueError, match="fallback must be"):
+        merge(model, base, fts, cal, fallback="median", progress=False)
+    with pytest.raises(ValueError, match="unknown basis 'spectral' for layer 'Dense_1'"):
+        merge(model, base, fts, cal, basis={"Dense_1": "spectral"}, progress=False)
+    with pytest.raises(TypeError, match="flax.linen.Module or a flax.nnx.Module"):
+        merge(lambda x: x, base, fts, cal, progress=False)
+
+
+def test_bf16_parameters_round_trip(mlp):
+    model, base, fts, cal = mlp
+    bf = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)  # noqa: E731
+    merged, report = merge(model, bf(base), [bf(f) for f in fts], cal, progress=False)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(merged))
+    ref, _ = merge(model, base, fts, cal, progress=False)  # float32 for comparison
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(np.float32(u), v, rtol=0.05, atol=0.05), merged, ref
+    )
+    assert report.layers[0].status == "CHOLESKY"
+
+
+class _WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+        return nn.Dense(2)(x)
+
+
+def test_structure_dtypes_shardings_and_other_collections(rng):
+    model = _WithBatchNorm()
+    x = jnp.asarray(rng.normal(size=(10, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    base = jax.tree.map(lambda a: jax.device_put(a, device), variables)
+    base["params"]["Dense_1"]["bias"] = np.asarray(base["params"]["Dense_1"]["bias"])  # numpy leaf
+    fts = finetunes(variables, 2)
+    merged, report = merge(model, base, fts, [[x], [x + 1]], progress=False)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    for got, like in zip(jax.tree.leaves(merged), jax.tree.leaves(base), strict=True):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert isinstance(got, np.ndarray) == isinstance(like, np.ndarray)
+        if isinstance(like, jax.Array):
+            assert got.sharding == like.sharding
+    assert set(report.fallbacks) == {
+        "BatchNorm_0/scale", "BatchNorm_0/bias", "batch_stats/BatchNorm_0/mean",
+        "batch_stats/BatchNorm_0/var",
+    }  # fmt: skip
+    np.testing.assert_allclose(
+        merged["batch_stats"]["BatchNorm_0"]["mean"],
+        (
+            fts[0]["batch_stats"]["BatchNorm_0"]["mean"]
+            + fts[1]["batch_stats"]["BatchNorm_0"]["mean"]
+        )
+        / 2,
+        rtol=1e-6,
+    )

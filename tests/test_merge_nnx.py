@@ -1,0 +1,102 @@
+"""Whole NNX models: the same answers as for linen, on NNX modules and states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from models import NnxCNN, NnxMLP, NnxTransformer, finetunes, token_batch
+from reference import augment, layer_matrix
+from test_merge_linen import im2col_same3, regmean
+
+from jaxmerge import merge
+
+
+def _params(model):
+    return nnx.state(model, nnx.Param)
+
+
+def test_nnx_mlp_parallel_is_numpy_regmean_and_returns_a_state(rng):
+    model = NnxMLP(n_in=4, hidden=6, out=3, rngs=nnx.Rngs(0))
+    base = _params(model)
+    fts = finetunes(base, 2, 0.5)
+    xs = [jnp.asarray(rng.normal(size=(30, 4)) + s, jnp.float32) for s in (-1.0, 1.0)]
+    merged, report = merge(model, base, fts, [[x] for x in xs], progress=False)
+    assert isinstance(merged, nnx.State)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    pure = [nnx.to_pure_dict(f) for f in fts]
+    got = nnx.to_pure_dict(merged)
+
+    def mat(p, i):
+        return layer_matrix(p["layers"][i]["kernel"], p["layers"][i]["bias"])
+
+    ys = [augment(x) @ mat(p, 0) for x, p in zip(xs, pure, strict=True)]
+    np.testing.assert_allclose(mat(got, 0), regmean(xs, ys), rtol=1e-4, atol=1e-4)
+    hs = [np.tanh(augment(x) @ mat(p, 0)) for x, p in zip(xs, pure, strict=True)]
+    ys = [augment(h) @ mat(p, 1) for h, p in zip(hs, pure, strict=True)]
+    np.testing.assert_allclose(mat(got, 1), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+    assert [r.path for r in report.layers] == ["layers/0", "layers/1"]
+    # the model object itself is left untouched
+    np.testing.assert_array_equal(
+        model.layers[0].kernel[...], nnx.to_pure_dict(base)["layers"][0]["kernel"]
+    )
+
+
+def test_nnx_conv_is_regmean_on_patches(rng):
+    model = NnxCNN(rngs=nnx.Rngs(0))
+    base = _params(model)
+    fts = finetunes(base, 2)
+    xs = [jnp.asarray(rng.normal(size=(3, 6, 6, 2)), jnp.float32) for _ in range(2)]
+    merged, report = merge(model, base, fts, [[x] for x in xs], progress=False)
+    pure = [nnx.to_pure_dict(f) for f in fts]
+    patches = [im2col_same3(x) for x in xs]
+
+    def mat(p):
+        return layer_matrix(np.reshape(p["conv1"]["kernel"], (18, 4)), p["conv1"]["bias"])
+
+    ys = [augment(x) @ mat(p) for x, p in zip(patches, pure, strict=True)]
+    got = mat(nnx.to_pure_dict(merged))
+    np.testing.assert_allclose(got, regmean(patches, ys), rtol=1e-4, atol=1e-4)
+    assert [r.kind for r in report.layers] == ["conv", "conv", "dense"]
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    model = NnxTransformer(rngs=nnx.Rngs(0))
+    base = _params(model)
+    fts = finetunes(base, 2, 0.2)
+    cal = [[token_batch(1)], [token_batch(2, low=3)]]
+    return model, base, fts, cal
+
+
+def test_nnx_transformer_layers_and_shared_inputs(transformer):
+    model, base, fts, cal = transformer
+    merged, report = merge(model, base, fts, cal, progress=False)
+    kinds = {r.path: r.kind for r in report.layers}
+    assert kinds == {
+        "embed": "embed", "ln1": "norm", "query": "dense_general", "key": "dense_general",
+        "value": "dense_general", "out": "dense_general", "ln2": "norm", "up": "dense",
+        "down": "dense", "ln_f": "norm", "head": "dense",
+    }  # fmt: skip
+    assert {r.path: r.shared_input for r in report.layers}["key"] == ("query", "value")
+    assert report.fallbacks == {"pos": "mean"}
+    assert 0 < report.rho <= 1
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_nnx_one_finetune_is_returned_exactly(transformer, algorithm):
+    model, base, fts, cal = transformer
+    merged, _ = merge(model, base, fts[:1], cal[:1], algorithm=algorithm, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, merged, fts[0])
+
+
+def test_nnx_identical_finetunes_sequential(transformer):
+    model, base, fts, cal = transformer
+    merged, report = merge(
+        model, base, [fts[0], fts[0]], cal, algorithm="sequential", progress=False
+    )
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), merged, fts[0]
+    )
+    assert report.algorithm == "sequential" and all(r.seconds is None for r in report.layers[1:])
