@@ -5,7 +5,16 @@ outputs on a small calibration set: a convex quadratic programme over residual u
 closed form from second-moment statistics with a Cholesky factorisation.
 """
 
+# ruff: noqa: I001  (imports are grouped by section, not sorted across sections)
+
 # Statistics
+from ._stats import LayerStats as LayerStats
+from ._stats import combine_stats as combine_stats
+from ._stats import init_stats as init_stats
+from ._stats import layer_stats as layer_stats
+from ._stats import normalize_stats as normalize_stats
+from ._stats import update_stats as update_stats
+
 # Bases and the single-layer solve
 from ._bases import Basis as Basis
 from ._bases import Custom as Custom
@@ -16,12 +25,6 @@ from ._solve import psd_solve as psd_solve
 from ._solve_layer import LayerSolution as LayerSolution
 from ._solve_layer import SolveError as SolveError
 from ._solve_layer import solve_layer as solve_layer
-from ._stats import LayerStats as LayerStats
-from ._stats import combine_stats as combine_stats
-from ._stats import init_stats as init_stats
-from ._stats import layer_stats as layer_stats
-from ._stats import normalize_stats as normalize_stats
-from ._stats import update_stats as update_stats
 
 # Whole Flax models (merge, reports)
 from ._flax.adapters import EmbedStats as EmbedStats
