@@ -394,20 +394,27 @@ def _solve_stack(args, *, spec, ridge, alpha, rcond, jitter, mesh, axis):
             finite &= jnp.all(jnp.isfinite(sol.bias))
         return sol, finite & (sol.status != SolveStatus.NONFINITE)
 
+    # Small systems (scalar, diagonal, custom: K × K or J × J) are vmapped. Under vmap the
+    # solver's fallbacks (lax.cond: jitter, eigendecomposition) become selects that compute every
+    # branch, which for the (n+1)² systems of the full and low-rank bases would pay an
+    # eigendecomposition (~10× a Cholesky factorisation) per layer; those lanes run one after the
+    # other on their device (lax.map), where the fallbacks run only when needed.
+    big = spec == "full" or isinstance(spec, LowRank)
+    per_device = functools.partial(jax.lax.map, one) if big else jax.vmap(one)
     args = _on_mesh(args, mesh, P(axis), axis)
     # check_vma=False: the solver's lax.cond branches return constants that are not marked as
     # varying over the axis; every lane is independent, so there is nothing to check.
     solve = jax.shard_map(
-        jax.vmap(one), mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
+        per_device, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
     )
     return solve(args)
 
 
 def _place(stacked, mesh: Mesh, axis: str):
     """Stacked inputs as global arrays split over ``axis`` when the mesh spans processes."""
-    if not mesh.is_multi_process:
-        return stacked
     sharding = NamedSharding(mesh, P(axis))
+    if not mesh.is_multi_process:
+        return jax.device_put(stacked, sharding)
 
     def put(a):
         host = np.asarray(a)

@@ -252,3 +252,69 @@ def test_nonfinite_statistics_raise_naming_the_layer():
     sols = jm.solve_layers(stats, base, fts, throw=False)
     assert int(sols["broken"].status) == jm.SolveStatus.NONFINITE
     assert int(sols["ok"].status) != jm.SolveStatus.NONFINITE
+
+
+# ---- memory formula and layer groups ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "k", "dtype"), [(3, 2, 1, jnp.float32), (7, 5, 3, jnp.bfloat16)]
+)
+def test_stats_bytes_is_the_size_of_the_statistics(n, m, k, dtype):
+    stats = jm.init_stats(n, m, k, dtype=dtype)
+    assert jm.stats_bytes(n, m, k, dtype=dtype) == sum(a.nbytes for a in stats)
+
+
+def test_accumulation_bytes_by_hand():
+    # S = 4·(3² + 3·1 + 1 + 2·3 + 2) = 84; 3 rows of 5 per device, each (2 + 1 + 1)·(2 + 2·4) bytes.
+    got = jm.accumulation_bytes(
+        {"a": (2, 1)}, num_tasks=2, rows=5, devices=2, input_dtype=jnp.bfloat16
+    )
+    assert got == 3 * 84 + 3 * 4 * 10
+
+
+@pytest.mark.parametrize(
+    ("shapes", "rows"), [({"a": (64, 32), "b": (16, 48)}, 64), ({"a": (32, 32)}, 2048)]
+)
+def test_accumulation_bytes_bounds_the_compiled_step(shapes, rows):
+    """The formula against XLA's buffer assignment of the step (arguments + outputs + temps)."""
+    from jaxmerge._distributed import _accumulate, _local_mesh
+
+    stats = [jm.init_stats(n, m, 2) for n, m in shapes.values()]
+    xs = [jnp.zeros((rows, n)) for n, _ in shapes.values()]
+    ys = [jnp.zeros((rows, m)) for _, m in shapes.values()]
+    weights = [jnp.float32(1.0)] * len(shapes)
+    compiled = _accumulate.lower(
+        stats,
+        xs,
+        ys,
+        [None] * len(shapes),
+        jnp.int32(0),
+        weights,
+        mesh=_local_mesh("data"),
+        axis="data",
+    ).compile()
+    analysis = compiled.memory_analysis()
+    xla = analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+    xla += analysis.temp_size_in_bytes
+    formula = jm.accumulation_bytes(shapes, num_tasks=2, rows=rows)
+    assert xla <= formula <= 2 * xla
+
+
+def test_plan_layer_groups_greedy_in_order():
+    shapes = {"l0": (3, 2), "l1": (3, 2), "l2": (7, 7), "l3": (3, 2)}
+    one = {p: jm.accumulation_bytes({p: s}, num_tasks=1, rows=4) for p, s in shapes.items()}
+    budget = one["l0"] + one["l1"]
+    groups = jm.plan_layer_groups(shapes, max(budget, one["l2"]), num_tasks=1, rows=4)
+    assert one["l2"] > budget  # so "l2" stands alone, and "l3" cannot join it
+    assert groups == [["l0", "l1"], ["l2"], ["l3"]]
+    for group in groups:
+        need = jm.accumulation_bytes({p: shapes[p] for p in group}, num_tasks=1, rows=4)
+        assert need <= max(budget, one["l2"])
+    assert jm.plan_layer_groups({}, 10, num_tasks=1, rows=4) == []
+    with pytest.raises(ValueError, match="layer 'l2' \\(7, 7\\) alone needs"):
+        jm.plan_layer_groups(shapes, budget, num_tasks=1, rows=4)
+    with pytest.raises(ValueError, match="layer 'x': expected an \\(n_in, n_out\\) pair"):
+        jm.plan_layer_groups({"x": (3,)}, budget, num_tasks=1, rows=4)
+    with pytest.raises(TypeError, match="dtype must be floating point"):
+        jm.accumulation_bytes(shapes, num_tasks=1, rows=4, dtype=jnp.int32)
