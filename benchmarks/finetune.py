@@ -9,10 +9,12 @@ full training configuration (data sizes, seed, steps, learning rate, ...), so a 
 configuration loads instead of training and any change retrains.
 """
 
+import dataclasses
 import hashlib
 import json
 import pathlib
 
+import data
 import flax.traverse_util as traverse
 import jax
 import jax.numpy as jnp
@@ -85,10 +87,10 @@ def train_classifier(
 
     rng = np.random.default_rng(seed)
     state = opt.init(params)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = jax.tree.map(jnp.asarray, x), jnp.asarray(y)
     for _ in range(steps):
         idx = jnp.asarray(rng.integers(0, len(y), batch))
-        params, state = step(params, state, x[idx], y[idx])
+        params, state = step(params, state, models.take(x, idx), y[idx])
     return params
 
 
@@ -144,3 +146,98 @@ def finetune(
         return train_classifier(trunk, params, x, y, steps=steps, lr=lr, batch=batch, seed=seed + 1)
 
     return cached(config, run)
+
+
+IMAGE_STEPS = {False: {"pretrain": 1500, "finetune": 500}, True: {"pretrain": 150, "finetune": 60}}
+
+
+def image_models(trunk_name: str, *, seed: int, quick: bool):
+    """The image suite's base and fine-tuned classifiers, and the tasks.
+
+    Returns ``(base, finetuned, tasks, pretrain_task)``: ``base`` and each ``finetuned[k]`` are
+    ``{"trunk", "head"}`` parameters; ``tasks`` are :data:`data.IMAGE_TASKS` in order.
+    """
+    sizes = data.QUICK_SIZES if quick else data.Sizes()
+    steps = IMAGE_STEPS[quick]
+    fashion = data.image_task("fashion", seed=seed, sizes=sizes)
+    tasks = [data.image_task(name, seed=seed, sizes=sizes) for name in data.IMAGE_TASKS]
+    base = pretrain(trunk_name, fashion, seed=seed, steps=steps["pretrain"])
+    tuned = [
+        finetune(trunk_name, base["trunk"], t, seed=seed, steps=steps["finetune"]) for t in tasks
+    ]
+    return base, tuned, tasks, fashion
+
+
+TEXT_START = 4  # blocks 0-3 frozen, 4-5 fine-tuned
+TEXT_LENGTH = 32
+TEXT_STEPS = {False: 120, True: 8}
+
+
+def text_models(*, seed: int, quick: bool):
+    """MiniLM-L6 fine-tuned on the text tasks: the top two blocks and a head per task.
+
+    Returns ``(trunk, base, finetuned, tasks)``: ``trunk`` is :class:`models.TextTop` over blocks
+    4–5; ``base`` and each ``finetuned[k]`` are ``{"trunk", "head"}`` (``base["head"]`` is
+    ``None``); the tasks' inputs are replaced by dicts ``{"hidden", "attention_mask"}`` of the
+    frozen bottom blocks' outputs (computed once, cached).
+    """
+    sizes = data.QUICK_SIZES if quick else data.Sizes(val=150, test=300, max_train=1024)
+    module, params = models.load_minilm()
+    tok = models.tokenizer()
+    trunk = models.TextTop(module.config, TEXT_START)
+    base_trunk = {str(i): params["encoder"]["layer"][str(i)] for i in range(TEXT_START, 6)}
+    tasks = []
+    for name in data.TEXT_TASKS:
+        task = data.text_task(name, seed=seed, sizes=sizes)
+        parts = {}
+        for part in ("train", "val", "test", "calib", "heldout"):
+            texts, labels = getattr(task, part)
+            config = {
+                "kind": "hidden",
+                "task": name,
+                "part": part,
+                "seed": seed,
+                "n": len(labels),
+                "length": TEXT_LENGTH,
+                "start": TEXT_START,
+                "quick": quick,
+            }
+
+            def compute(texts=texts):
+                ids, mask = models.tokenize(texts, tok, TEXT_LENGTH)
+                hidden = models.bottom_hidden(module, params, ids, mask, TEXT_START)
+                return {"hidden": hidden, "attention_mask": mask}
+
+            parts[part] = (cached(config, compute), labels)
+        tasks.append(dataclasses.replace(task, **parts))
+    tuned = []
+    for task in tasks:
+        config = {
+            "kind": "finetune-minilm",
+            "task": task.name,
+            "seed": seed,
+            "quick": quick,
+            "steps": TEXT_STEPS[quick],
+            "lr": 2e-4,
+            "batch": 32,
+            "n": len(task.train[1]),
+        }
+
+        def run(task=task):
+            x, y = task.train
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), len(task.name))
+            head = models.new_head(trunk, base_trunk, task.num_classes, x, key)
+            return train_classifier(
+                trunk,
+                {"trunk": base_trunk, "head": head},
+                x,
+                y,
+                steps=TEXT_STEPS[quick],
+                lr=2e-4,
+                batch=32,
+                seed=seed + 1,
+                weight_decay=0.01,
+            )
+
+        tuned.append(cached(config, run))
+    return trunk, {"trunk": base_trunk, "head": None}, tuned, tasks

