@@ -152,10 +152,16 @@ def load_minilm():
 
 
 def tokenizer():
-    """The MiniLM WordPiece tokenizer (``tokenizers``)."""
+    """The MiniLM WordPiece tokenizer (``tokenizers``), padding and truncation switched off.
+
+    (The shipped ``tokenizer.json`` pads every batch; the callers here truncate and pad.)
+    """
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def packed_tokens(texts, tok, *, length: int, num_seqs: int):
