@@ -25,6 +25,12 @@ Algorithms:
   jitted; XLA drops the work after the group collected); concatenate the calibration into one
   batch per task when it fits in memory.
 
+A layer called several times in one forward pass (a shared module) pools the rows of all its
+calls, except in the one-pass sequential merge, which solves it at its first call from that call's
+rows. Every layer input must keep the examples on axis 0 (the sequential merge splits the rows of
+its concatenated batch by task there), and a padding mask applies to a layer whose row axes start
+with the mask's shape (token-level layers; pooled layers use every row).
+
 Parameters that are not solved by output matching (anything outside a supported layer, layers
 with unsupported configurations, and other linen collections) take a **fallback** rule chosen per
 parameter path: ``"mean"`` (of the fine-tunes, the default), ``"base"``, or a number ``λ`` for
@@ -45,6 +51,7 @@ low-rank bases is the layer's own parameter dict (``{"kernel": ..., "bias": ...}
 :class:`~jaxmerge.Custom` direction may be given in that form too.
 """
 
+import collections
 import dataclasses
 import fnmatch
 import functools
@@ -54,6 +61,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +234,16 @@ class _Plan:
             groups.setdefault(key, []).append(call.path)
         self.groups = [tuple(g) for g in groups.values()]
         self.group_of = {p: g for g in self.groups for p in g}
+        self.fns = {}
+
+    def stats_fn(self, groups, num_tasks, dtype):
+        """The jitted :func:`_batch_stats` of ``groups``, built once per plan."""
+        key = (tuple(groups), num_tasks, jnp.dtype(dtype))
+        if key not in self.fns:
+            self.fns[key] = jax.jit(
+                functools.partial(_batch_stats, self, tuple(groups), num_tasks, dtype)
+            )
+        return self.fns[key]
 
     def apply(self, tree, batch, hook):
         if self.linen_params_only:
@@ -256,6 +274,37 @@ class _Plan:
 
         self.apply(tree, batch, hook)
         return out
+
+
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), str(jnp.result_type(a))) for a in leaves)
+
+
+def _plan(model, call_kwargs, tree, batch, mask_key) -> _Plan:
+    """A :class:`_Plan`, reused (with its compiled functions) for the same linen module, tree
+    and batch signatures; linen modules are immutable, NNX modules are not and get a new plan."""
+    if not isinstance(model, nn.Module):
+        return _Plan(model, call_kwargs, tree, batch, mask_key)
+    key = (
+        id(model),
+        _signature(tree),
+        _signature(batch),
+        mask_key,
+        repr(sorted((call_kwargs or {}).items())),
+    )
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is model:
+        _PLANS.move_to_end(key)
+        return hit[1]
+    plan = _Plan(model, call_kwargs, tree, batch, mask_key)
+    _PLANS[key] = (model, plan)
+    while len(_PLANS) > 8:
+        _PLANS.popitem(last=False)
+    return plan
 
 
 def _batch_stats(plan, groups, num_tasks, dtype, sums, tree_in, tree_tgt, batch, task):
@@ -339,11 +388,12 @@ def _peek(calibration, num_tasks):
 def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label):
     """Normalised (``wₖ = 1/Nₖ``) statistics of ``groups`` over all tasks and batches."""
     k_tasks = len(trees_tgt)
-    fn = jax.jit(functools.partial(_batch_stats, plan, groups, k_tasks, dtype))
+    fn = plan.stats_fn(groups, k_tasks, dtype)
     total = None
     with _progress(progress) as bar:
         job = bar.add_task(label, total=None)
         for k, batches in enumerate(iters):
+            bar.update(job, description=f"{label}: task {k + 1}/{k_tasks}")
             sums = _zero_sums(plan, groups, k_tasks, dtype)
             for batch in batches:
                 src = trees_tgt[k] if tree_in is None else tree_in
@@ -410,7 +460,7 @@ def collect_stats(
     """
     finetuned = [to_pure(t) for t in finetuned]
     iters, first = _peek(calibration, len(finetuned))
-    plan = _Plan(model, call_kwargs, finetuned[0], first, mask_key)
+    plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
     groups = plan.groups
     if paths is not None:
         wanted = set(paths)
@@ -960,7 +1010,7 @@ def merge(
     trees = _Trees(base, finetuned, fallback)
     k_tasks = len(trees.ft_flats)
     iters, first = _peek(calibration, k_tasks)
-    plan = _Plan(model, call_kwargs, trees.base, first, mask_key)
+    plan = _plan(model, call_kwargs, trees.base, first, mask_key)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
     dtype = _default_dtype()
     collect = functools.partial(_collect, plan, trees.finetuned, dtype=dtype, progress=progress)

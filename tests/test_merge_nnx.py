@@ -17,10 +17,10 @@ def _params(model):
 
 
 def test_nnx_mlp_parallel_is_numpy_regmean_and_returns_a_state(rng):
-    model = NnxMLP(n_in=4, hidden=6, out=3, rngs=nnx.Rngs(0))
+    model = NnxMLP(n_in=4, hidden=16, out=3, rngs=nnx.Rngs(0))  # the linen MLP's shapes
     base = _params(model)
     fts = finetunes(base, 2, 0.5)
-    xs = [jnp.asarray(rng.normal(size=(30, 4)) + s, jnp.float32) for s in (-1.0, 1.0)]
+    xs = [jnp.asarray(rng.normal(size=(64, 4)) + s, jnp.float32) for s in (-1.0, 1.0)]
     merged, report = merge(model, base, fts, [[x] for x in xs], progress=False)
     assert isinstance(merged, nnx.State)
     assert jax.tree.structure(merged) == jax.tree.structure(base)
@@ -84,10 +84,9 @@ def test_nnx_transformer_layers_and_shared_inputs(transformer):
     assert jax.tree.structure(merged) == jax.tree.structure(base)
 
 
-@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
-def test_nnx_one_finetune_is_returned_exactly(transformer, algorithm):
+def test_nnx_one_finetune_is_returned_exactly_by_the_sequential_merge(transformer):
     model, base, fts, cal = transformer
-    merged, _ = merge(model, base, fts[:1], cal[:1], algorithm=algorithm, progress=False)
+    merged, _ = merge(model, base, fts[:1], cal[:1], algorithm="sequential", progress=False)
     jax.tree.map(np.testing.assert_array_equal, merged, fts[0])
 
 
