@@ -3,7 +3,8 @@
 ``python benchmarks/memory.py [--devices N] [--quick]``
 
 A model of ``L`` square layers (width ``w``, ``K`` tasks) is accumulated one group of ``g``
-layers per pass, for several group sizes ``g``; each pass is one step of
+layers per pass, for several group sizes ``g`` and float32 or bfloat16 layer inputs (the sums
+are float32 either way); each pass is one step of
 ``jaxmerge.sharded_update_stats_by_path`` on ``N`` rows per layer split over ``D`` devices. Each
 group size runs in a fresh process and reports, per device:
 
@@ -128,7 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=2, help="devices on the data axis")
     parser.add_argument("--quick", action="store_true", help="small widths, fewer group sizes")
-    parser.add_argument("--input-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--input-dtypes", nargs="+", default=["float32", "bfloat16"], help="layer input dtypes"
+    )
+    parser.add_argument("--input-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--group", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=None, help="layer width n = m")
@@ -151,28 +155,30 @@ def main() -> None:
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large host buffers go back to the OS when freed
     rows = []
-    for g in groups:
-        cmd = [sys.executable, __file__, "--child", "--group", str(g), "--devices",
-               str(args.devices), "--width", str(args.width), "--rows", str(args.rows),
-               "--tasks", str(args.tasks), "--input-dtype", args.input_dtype]  # fmt: skip
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"group {g} failed:\n{done.stderr[-3000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(
-            f"group {g:2d}: formula {row['formula_bytes'] / 1e6:8.1f} MB  "
-            f"xla {row['xla_bytes'] / 1e6:8.1f} MB  measured {row['measured_bytes'] / 1e6:8.1f} MB"
-            f"  measured/formula {row['measured_over_formula']:.2f}",
-            flush=True,
-        )
+    for input_dtype in args.input_dtypes:
+        for g in groups:
+            cmd = [sys.executable, __file__, "--child", "--group", str(g), "--devices",
+                   str(args.devices), "--width", str(args.width), "--rows", str(args.rows),
+                   "--tasks", str(args.tasks), "--input-dtype", input_dtype]  # fmt: skip
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"group {g} ({input_dtype}) failed:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(dict(row, input_dtype=input_dtype))
+            print(
+                f"{input_dtype:8s} group {g:2d}: formula {row['formula_bytes'] / 1e6:8.1f} MB  "
+                f"xla {row['xla_bytes'] / 1e6:8.1f} MB  "
+                f"measured {row['measured_bytes'] / 1e6:8.1f} MB  "
+                f"measured/formula {row['measured_over_formula']:.2f}",
+                flush=True,
+            )
     result = {
         "command": " ".join(["python", "benchmarks/memory.py"] + sys.argv[1:]),
         "devices": args.devices,
         "width": args.width,
         "rows_per_layer": args.rows,
         "tasks": args.tasks,
-        "input_dtype": args.input_dtype,
+        "accumulation_dtype": "float32",
         "machine": platform.platform(),
         "groups": rows,
     }

@@ -61,6 +61,7 @@ from ._distributed import sharded_update_stats as sharded_update_stats
 from ._distributed import sharded_update_stats_by_path as sharded_update_stats_by_path
 from ._distributed import solve_layers as solve_layers
 from ._memory import accumulation_bytes as accumulation_bytes
+from ._memory import merge_in_groups as merge_in_groups
 from ._memory import plan_layer_groups as plan_layer_groups
 from ._memory import stats_bytes as stats_bytes
 

@@ -16,20 +16,26 @@ before the ``psum`` and the updated statistics; the second is the device's rows 
 dtype plus two working copies in the accumulation dtype (the bias-augmented inputs and their
 masked or cast copies). The formula counts the accumulation only: the model's parameters and its
 forward activations come on top. It is an upper bound: XLA's buffer assignment reuses the working
-copies' memory when the statistics dominate, and ``benchmarks/memory.py`` measures 0.67–0.78 of
-it on CPU (width 512 to 2048, one to eight layers per group, two devices), the measured peak
-equal to XLA's own estimate. Statistics scale with the square of the width and do not shrink
-with more devices, so a wide model is accumulated in several passes over the calibration data,
-one group of layers per pass (:func:`plan_layer_groups`), solving each group before the next.
+copies' memory when the statistics dominate, and ``benchmarks/memory.py`` measures 0.67–0.79 of
+it on CPU (width 512 to 2048, one to eight layers per group, two devices, float32 or bfloat16
+inputs), the measured peak equal to XLA's own estimate. Statistics scale with the square of the
+width and do not shrink with more devices, so a wide model is accumulated in several passes over
+the calibration data, one group of layers per pass (:func:`plan_layer_groups`), solving each
+group before the next (:func:`merge_in_groups`).
 """
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups"]
+from ._flax.fold import flatten, from_pure, to_pure, unflatten
+from ._merge import _peek, _Plan, collect_stats, solve_stats
+from ._report import MergeReport
+
+__all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
 
 
 def _positive(name: str, value, caller: str) -> int:
@@ -162,21 +168,179 @@ def plan_layer_groups(
         [['l0', 'l1'], ['l2']]
     """
     caller = "plan_layer_groups"
-    budget = _positive("budget_bytes", budget_bytes, caller)
     options = dict(num_tasks=num_tasks, rows=rows, devices=devices)
     options.update(input_dtype=input_dtype, dtype=dtype)
+    costs = {path: accumulation_bytes({path: shape}, **options) for path, shape in shapes.items()}
+    return _greedy(costs, _positive("budget_bytes", budget_bytes, caller), shapes, caller)
+
+
+def _greedy(costs: Mapping[str, int], budget: int, shapes: Mapping[str, Any], caller: str):
+    """Consecutive groups of ``costs``' keys, each summing to at most ``budget``."""
     groups: list[list[str]] = []
     used = budget + 1
-    for path, shape in shapes.items():
-        need = accumulation_bytes({path: shape}, **options)
+    for key, need in costs.items():
         if need > budget:
             raise ValueError(
-                f"{caller}: layer {path!r} {tuple(shape)} alone needs {need:,} bytes, over the "
-                f"budget of {budget:,}; raise the budget, lower rows per batch or add devices."
+                f"{caller}: layer {key!r} {tuple(shapes[key])} alone needs {need:,} bytes, over "
+                f"the budget of {budget:,}; raise the budget, lower rows per batch or add devices."
             )
         if used + need > budget:
             groups.append([])
             used = 0
-        groups[-1].append(path)
+        groups[-1].append(key)
         used += need
     return groups
+
+
+def _unit_bytes(specs, num_tasks: int, rows: int, dtype) -> int:
+    """:func:`accumulation_bytes` of one shared-input group of a model (one GroupStats)."""
+    n_out = sum(s.n_out for s in specs)
+    spec = specs[0]
+    if spec.kind == "embed":  # diagonal Gram: V counts, V × m sums, per-task counts
+        v, b = spec.n_in, _itemsize(dtype, "dtype", "merge_in_groups")
+        held = b * (v + v * n_out + n_out + num_tasks * v + num_tasks)
+        return 3 * held + rows * (1 + n_out) * 3 * b
+    return accumulation_bytes({"": (spec.n_in, n_out)}, num_tasks=num_tasks, rows=rows, dtype=dtype)
+
+
+def merge_in_groups(
+    model: Any,
+    base: Any,
+    finetuned: Sequence[Any],
+    calibration: Sequence[Iterable[Any]],
+    *,
+    budget_bytes: int | None = None,
+    rows: int | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+    basis: Any = "full",
+    prior: Any = None,
+    ridge: Any = 0.0,
+    alpha: float = 1.0,
+    fallback: Any = "mean",
+    heldout: Sequence[Iterable[Any]] | None = None,
+    mask_key: str | None = "mask",
+    call_kwargs: Mapping[str, Any] | None = None,
+    rcond: float | None = None,
+    progress: bool = True,
+    throw: bool = True,
+) -> tuple[Any, MergeReport]:
+    """The parallel :func:`merge`, with statistics held for one group of layers at a time.
+
+    Each pass reads all the calibration data once, collects the statistics of one group of
+    layers (:func:`collect_stats` with ``paths``), solves them (:func:`solve_stats`), keeps only
+    their merged parameters and drops the statistics. In the parallel algorithm a layer's
+    statistics depend only on the fine-tuned models and the data, so the result is the merge of
+    :func:`merge` with ``algorithm="parallel"``, whatever the grouping; peak memory is that of the
+    largest group instead of the whole model, for one forward pass per task, batch and group.
+
+    Groups are given (``groups``, lists of layer paths; layers sharing an input are always
+    collected together) or planned in call order under ``budget_bytes`` per device with the
+    bound of :func:`accumulation_bytes` for ``rows`` rows per layer and batch (see
+    :func:`plan_layer_groups`; an embedding counts its diagonal statistics).
+
+    Args:
+        model, base, finetuned: as in :func:`merge`.
+        calibration: ``K`` re-iterable collections of batches (lists, or datasets whose
+            ``iter()`` starts over): every pass reads them again.
+        budget_bytes: bytes per device for the statistics of one pass (with ``rows``).
+        rows: rows (examples × tokens) a layer sees per batch, for the budget.
+        groups: explicit passes, each a list of layer paths, covering every supported layer.
+        basis, prior, ridge, alpha, fallback, heldout, mask_key, call_kwargs, rcond, progress,
+            throw: as in :func:`merge`.
+
+    Returns:
+        ``(merged, report)`` as from :func:`merge`; the report lists every solved layer in call
+        order.
+
+    Raises:
+        ValueError, TypeError: neither or both of ``groups`` and ``budget_bytes``, unknown or
+            missing layer paths, a one-shot iterator as calibration, or what :func:`merge` raises.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+        >>> x = jax.random.normal(jax.random.key(0), (8, 4))
+        >>> base = model.init(jax.random.key(1), x)["params"]
+        >>> fts = [jax.tree.map(lambda a, i=i: a + 0.1 * i, base) for i in (1, 2)]
+        >>> merged, report = merge_in_groups(model, base, fts, [[x], [x + 1]],
+        ...                                  groups=[["layers_0"], ["layers_2"]], progress=False)
+        >>> [layer.path for layer in report.layers]
+        ['layers_0', 'layers_2']
+    """
+    caller = "merge_in_groups"
+    started = time.perf_counter()
+    if (groups is None) == (budget_bytes is None):
+        raise ValueError(f"{caller}: give exactly one of groups= and budget_bytes= (with rows=).")
+    if not isinstance(finetuned, Sequence) or isinstance(finetuned, Mapping) or not finetuned:
+        raise ValueError(f"{caller}: finetuned must be a non-empty sequence of parameter trees.")
+    for name, data in (("calibration", calibration), ("heldout", heldout or ())):
+        for k, batches in enumerate(data):
+            if isinstance(batches, Iterator):
+                raise TypeError(
+                    f"{caller}: {name}[{k}] is a one-shot iterator; every pass reads the data "
+                    "again: give a list or a re-iterable dataset."
+                )
+    _, first = _peek(calibration, len(finetuned))
+    plan = _Plan(model, call_kwargs, to_pure(base), first, mask_key)
+    units = {plan.key(g): g for g in plan.groups}
+    owner = {p: key for key, g in units.items() for p in g}
+    if groups is not None:
+        passes: list[list[str]] = []
+        for i, group in enumerate(groups):
+            unknown = [p for p in group if p not in owner]
+            if isinstance(group, str) or unknown:
+                raise ValueError(
+                    f"{caller}: groups[{i}] must be a list of layer paths; unknown: "
+                    f"{unknown or group!r}. Layers: {list(owner)}."
+                )
+            keys = list(dict.fromkeys(owner[p] for p in group))
+            passes.append([k for k in keys if not any(k in done for done in passes)])
+        missing = [p for p in owner if not any(owner[p] in done for done in passes)]
+        if missing:
+            raise ValueError(f"{caller}: layers in no group: {missing}; every layer needs a pass.")
+    else:
+        if rows is None:
+            raise ValueError(f"{caller}: budget_bytes needs rows= (rows per layer and batch).")
+        k = len(finetuned)
+        costs = {
+            key: _unit_bytes(plan.group_specs(g), k, _positive("rows", rows, caller), jnp.float32)
+            for key, g in units.items()
+        }
+        shapes = {key: (plan.specs[g[0]].n_in, sum(plan.specs[p].n_out for p in g))
+                  for key, g in units.items()}  # fmt: skip
+        passes = _greedy(costs, _positive("budget_bytes", budget_bytes, caller), shapes, caller)
+
+    merged_flat, like, treedef, reports = None, None, None, []
+    for keys in passes:
+        if not keys:
+            continue
+        paths = [p for key in keys for p in units[key]]
+        options = dict(paths=paths, mask_key=mask_key, call_kwargs=call_kwargs, progress=progress)
+        stats = collect_stats(model, finetuned, calibration, **options)
+        held = None if heldout is None else collect_stats(model, finetuned, heldout, **options)
+        merged, report = solve_stats(
+            stats, base, finetuned, basis=basis, prior=prior, ridge=ridge, alpha=alpha,
+            fallback=fallback, rcond=rcond, heldout=held, progress=progress, throw=throw,
+        )  # fmt: skip
+        flat, tdef = flatten(to_pure(merged))
+        if merged_flat is None:
+            merged_flat, like, treedef = dict(flat), merged, tdef
+        for group in stats.values():
+            for spec in group.layers:
+                for name in [spec.kernel] + ([spec.bias] if spec.bias else []):
+                    leaf = f"{spec.path}/{name}" if spec.path else name
+                    merged_flat[leaf] = flat[leaf]
+        reports.append(report)
+        del stats, held
+    order = list(plan.specs)
+    layers = sorted((r for rep in reports for r in rep.layers), key=lambda r: order.index(r.path))
+    fallbacks = {
+        p: rule
+        for p, rule in reports[0].fallbacks.items()
+        if all(p in r.fallbacks for r in reports)
+    }
+    report = MergeReport(
+        "parallel", len(finetuned), tuple(layers), fallbacks, time.perf_counter() - started
+    )
+    merged = from_pure(like, unflatten(treedef, merged_flat, list(merged_flat)))
+    return merged, report

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import distributed_worker as worker
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,3 +319,68 @@ def test_plan_layer_groups_greedy_in_order():
         jm.plan_layer_groups({"x": (3,)}, budget, num_tasks=1, rows=4)
     with pytest.raises(TypeError, match="dtype must be floating point"):
         jm.accumulation_bytes(shapes, num_tasks=1, rows=4, dtype=jnp.int32)
+
+
+# ---- whole-model merges in layer-group passes ---------------------------------------------------
+
+
+class SharedInputNet(nn.Module):
+    """Four Dense layers; "left" and "right" read the same input (one shared statistics group)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8, name="inp")(x))
+        a, b = nn.Dense(4, name="left")(h), nn.Dense(4, name="right")(h)
+        return nn.Dense(3, name="out")(nn.relu(jnp.concatenate([a, b], axis=-1)))
+
+
+@pytest.fixture(scope="module")
+def model_problem():
+    rng = np.random.default_rng(5)
+    model = SharedInputNet()
+    base = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+    fts = [jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), base) for _ in range(2)]
+    calib = [[rng.normal(size=(6, 5)) + t for _ in range(2)] for t in range(2)]
+    heldout = [[rng.normal(size=(6, 5)) + t] for t in range(2)]
+    merged, report = jm.merge(model, base, fts, calib, heldout=heldout, progress=False)
+    return model, base, fts, calib, heldout, merged, report
+
+
+@pytest.mark.parametrize("how", ["groups", "budget"])
+def test_layer_group_passes_equal_one_pass(model_problem, how):
+    model, base, fts, calib, heldout, want, want_report = model_problem
+    if how == "groups":  # "right" joins "left": they share an input
+        options = {"groups": [["out"], ["left"], ["inp"]]}
+    else:  # the largest single layer's need: one group per pass
+        shapes = {"inp": (5, 8), "left+right": (8, 8), "out": (8, 3)}
+        need = {p: jm.accumulation_bytes({p: s}, num_tasks=2, rows=6) for p, s in shapes.items()}
+        budget = max(need.values())
+        assert len(jm.plan_layer_groups(shapes, budget, num_tasks=2, rows=6)) == 3
+        options = {"budget_bytes": budget, "rows": 6}
+    got, report = jm.merge_in_groups(
+        model, base, fts, calib, heldout=heldout, progress=False, **options
+    )
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert [r.path for r in report.layers] == [r.path for r in want_report.layers]
+    assert report.fallbacks == want_report.fallbacks
+    np.testing.assert_allclose(report.rho, want_report.rho, rtol=1e-6)
+    np.testing.assert_allclose(report.rho_heldout, want_report.rho_heldout, rtol=1e-6)
+
+
+def test_merge_in_groups_bad_input(model_problem):
+    model, base, fts, calib, *_ = model_problem
+    with pytest.raises(ValueError, match="exactly one of groups= and budget_bytes="):
+        jm.merge_in_groups(model, base, fts, calib, progress=False)
+    with pytest.raises(ValueError, match="unknown: \\['mid'\\]"):
+        jm.merge_in_groups(model, base, fts, calib, groups=[["inp", "mid"]], progress=False)
+    with pytest.raises(ValueError, match="layers in no group: \\['out'\\]"):
+        jm.merge_in_groups(model, base, fts, calib, groups=[["inp", "left"]], progress=False)
+    with pytest.raises(TypeError, match="calibration\\[1\\] is a one-shot iterator"):
+        jm.merge_in_groups(
+            model, base, fts, [calib[0], iter(calib[1])], groups=[["inp"]], progress=False
+        )
+    with pytest.raises(ValueError, match="layer 'left\\+right' \\(8, 8\\) alone needs"):
+        jm.merge_in_groups(model, base, fts, calib, budget_bytes=2500, rows=6, progress=False)
