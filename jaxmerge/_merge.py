@@ -708,6 +708,8 @@ class _Trees:
         for path, leaf in self.base_flat.items():
             rule = _resolve(fallback, path, "mean", "fallback")
             self.rules[path] = _fallback_rule(rule)
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                self.rules[path] = "base"  # integer parameters are never averaged
             self.centre[path] = _fallback_value(rule, leaf, [f[path] for f in self.ft_flats])
 
     def tree(self, flat):

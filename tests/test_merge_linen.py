@@ -49,9 +49,13 @@ def mlp():
     ]
     base = model.init(jax.random.key(0), xs[0])["params"]
     fts = finetunes(base, 2, 0.6)
+    held = [[jnp.asarray(rng.normal(size=(32, 4)) * 2, jnp.float32)] for _ in range(2)]
     out = {}
     for alg in ("parallel", "sequential"):
-        out[alg] = merge(model, base, fts, [[x] for x in xs], algorithm=alg, progress=False)
+        out[alg] = merge(
+            model, base, fts, [[x] for x in xs], algorithm=alg, heldout=held, progress=False
+        )
+    out["heldout"] = [h[0] for h in held]
     return model, xs, base, fts, out
 
 
@@ -108,6 +112,32 @@ def test_sequential_second_layer_uses_merged_inputs(mlp):
         for x, f in zip(xs, fts, strict=True)
     ]
     np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+
+
+def _loss(xs, ys, wbar):
+    return sum(
+        np.mean(np.sum((augment(x) @ wbar - y) ** 2, -1)) for x, y in zip(xs, ys, strict=True)
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_heldout_rho_scores_the_merge_on_new_rows(mlp, algorithm):
+    model, _, base, fts, out = mlp
+    merged, report = out[algorithm]
+    xs = out["heldout"]
+    # held-out inputs of the second layer: the fine-tune's own (parallel) or the merged model's
+    src = fts if algorithm == "parallel" else [merged, merged]
+    hs = [np.tanh(augment(x) @ np_layer(s["Dense_0"])) for x, s in zip(xs, src, strict=True)]
+    ys = [
+        augment(np.tanh(augment(x) @ np_layer(f["Dense_0"]))) @ np_layer(f["Dense_1"])
+        for x, f in zip(xs, fts, strict=True)
+    ]
+    e0 = _loss(hs, ys, np_layer(base["Dense_1"]))
+    rho = 1 - _loss(hs, ys, np_layer(merged["Dense_1"])) / e0
+    row = report.layers[1]
+    assert row.energy_base_heldout == pytest.approx(e0, rel=1e-4)
+    assert row.rho_heldout == pytest.approx(rho, abs=1e-4)
+    assert row.rho_heldout < row.rho  # in-sample ρ is optimistic
 
 
 def test_one_layer_model_parallel_equals_sequential(rng):

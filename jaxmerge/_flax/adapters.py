@@ -17,7 +17,8 @@ kind                rows                                                  parame
 
 A norm is a set of independent per-channel 2×2 systems (``[x̂_c, 1]`` against ``y_c``); written
 as a dense layer with kernel ``diag(scale)`` its scalar, diagonal and custom bases are exact, and
-the full basis is solved channel by channel (a dense ``(C, C)`` kernel is not a norm).
+the full basis is solved channel by channel (a dense ``(C, C)`` kernel is not a norm); so is
+:class:`~jaxmerge.LowRank`, since a diagonal kernel has no low-rank structure to exploit.
 """
 
 import dataclasses
