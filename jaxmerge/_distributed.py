@@ -8,8 +8,12 @@ Statistics are sums (see :mod:`jaxmerge._stats`), so spreading them is plain ari
   row count does not divide the axis size is padded with rows of mask 0, which add exactly nothing.
 * **Device-parallel solves.** Layer solves are independent. Layers with the same shapes and options
   are stacked, the stack is padded to a multiple of the axis size and split over the axis, and
-  every device solves its slice with :func:`solve_layer` vmapped (batched Cholesky) inside
-  ``jax.shard_map``: the ``pmap`` pattern written with current JAX.
+  every device solves its slice with :func:`solve_layer` inside ``jax.shard_map``: the ``pmap``
+  pattern written with current JAX. Small systems (scalar, diagonal and custom bases) are vmapped
+  (batched solves). Full and low-rank systems run one after the other on their device
+  (``lax.map``): under ``vmap`` the solver's fallbacks (``lax.cond``) turn into selects that
+  compute every branch, which would pay an eigendecomposition, several times the cost of the
+  Cholesky factorisation, for every layer.
 * **Several hosts.** After ``jax.distributed.initialize``, either accumulate on a mesh that spans
   every process (inputs are then global ``jax.Array``), or accumulate each process's rows on its
   local devices and add the processes' statistics with :func:`allreduce_stats`. Every process ends
@@ -345,7 +349,7 @@ def _basis_key(basis, path: str):
 
 
 def _layer_inputs(path, stats, base, finetuned, basis, prior):
-    """The per-layer pytree solved by one vmapped lane, and its static basis key."""
+    """The per-layer pytree solved by one lane of the stack, and its static basis key."""
     where = f"solve_layers: layer {path!r}"
     if not isinstance(stats, LayerStats):
         raise TypeError(f"{where}: stats is a {type(stats).__name__}, not LayerStats.")
@@ -394,11 +398,8 @@ def _solve_stack(args, *, spec, ridge, alpha, rcond, jitter, mesh, axis):
             finite &= jnp.all(jnp.isfinite(sol.bias))
         return sol, finite & (sol.status != SolveStatus.NONFINITE)
 
-    # Small systems (scalar, diagonal, custom: K × K or J × J) are vmapped. Under vmap the
-    # solver's fallbacks (lax.cond: jitter, eigendecomposition) become selects that compute every
-    # branch, which for the (n+1)² systems of the full and low-rank bases would pay an
-    # eigendecomposition (~10× a Cholesky factorisation) per layer; those lanes run one after the
-    # other on their device (lax.map), where the fallbacks run only when needed.
+    # Small systems are vmapped; full and low-rank lanes run one by one so that the solver's
+    # fallbacks stay lazy (see the module docs).
     big = spec == "full" or isinstance(spec, LowRank)
     per_device = functools.partial(jax.lax.map, one) if big else jax.vmap(one)
     args = _on_mesh(args, mesh, P(axis), axis)
@@ -452,8 +453,8 @@ def solve_layers(
     arguments. Layers whose statistics, parameters, basis and prior have the same shapes and
     dtypes form a group; a group's inputs are stacked along a new leading axis of length ``G``,
     padded to a multiple of the axis size ``D`` and split over the mesh axis, and every device
-    solves its ``⌈G/D⌉`` layers with one vmapped (batched) solve. One compiled program per group
-    shape.
+    solves its ``⌈G/D⌉`` layers (vmapped for the scalar, diagonal and custom bases, one after the
+    other for the full and low-rank ones; see the module docs). One compiled program per group.
 
     Args:
         stats: ``{path: LayerStats}``; the layers to solve.
