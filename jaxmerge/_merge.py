@@ -444,6 +444,9 @@ def collect_stats(
 
     Returns:
         ``{group key: GroupStats}`` in call order; a key is the member paths joined by ``+``.
+        Each task is normalised by its own row count here, so statistics of disjoint parts of
+        one task's data do not add up to those of the whole; dicts of different layer groups
+        (``paths``) simply merge.
 
     Raises:
         ValueError: an empty or missing calibration iterable, non-finite activations (naming the
