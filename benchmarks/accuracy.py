@@ -402,13 +402,50 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(paths) -> str:
+    """A Markdown table of mean normalised accuracy and held-out ρ per method, from result files.
+
+    One column pair per (suite, model): K = all tasks, and the mean over all pairs (K = 2).
+    """
+    columns, rows = [], {}
+    for path in paths:
+        result = json.loads(pathlib.Path(path).read_text())
+        for model, r in result["models"].items():
+            columns.append(f"{result['suite']} {model}")
+            for method, v in r["subsets"]["all"].items():
+                cell = "unavailable"
+                if "mean_normalized" in v:
+                    pair = r["pairs_mean_normalized"].get(method)
+                    rho = v.get("rho_heldout")
+                    cell = f"{v['mean_normalized']:.3f}"
+                    cell += f" / {pair:.3f}" if pair is not None else ""
+                    cell += f" (ρ {rho:.2f})" if rho is not None else ""
+                rows.setdefault(method, {})[columns[-1]] = cell
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, cells in rows.items():
+        lines.append(f"| {method} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=("images", "text"), required=True)
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print a Markdown table of "
+        "result files (normalised accuracy K=all / mean over pairs, held-out ρ)",
+    )
+    parser.add_argument("--suite", choices=("images", "text"))
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return {"table": True}
+    if args.suite is None:
+        parser.error("--suite is required (or --table)")
     start = time.perf_counter()
     if args.suite == "images":
         suites = list(image_suites(args.seed, args.quick))
