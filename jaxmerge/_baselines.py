@@ -587,10 +587,16 @@ def dare_task_vectors(
     rescaled = []
     for k, (delta, mask) in enumerate(zip(_deltas(base_leaves, models), masks, strict=True)):
         flat, mask_def = jax.tree.flatten(mask)
-        if mask_def != treedef or any(
-            jnp.shape(m) != d.shape for m, d in zip(flat, delta, strict=True)
-        ):
-            raise ValueError(f"{fn}: masks[{k}] does not have the base's structure and shapes.")
+        if mask_def != treedef:
+            raise ValueError(
+                f"{fn}: masks[{k}] does not have the base's structure ({mask_def} vs {treedef})."
+            )
+        for path, m, d in zip(paths, flat, delta, strict=True):
+            if jnp.shape(m) != d.shape:
+                raise ValueError(
+                    f"{fn}: masks[{k}] at '{path}' has shape {jnp.shape(m)}; the parameter's is "
+                    f"{d.shape}."
+                )
         rescaled.append(
             [
                 jnp.where(jnp.asarray(m).astype(bool), d / (1 - jnp.asarray(drop_rate, d.dtype)), 0)

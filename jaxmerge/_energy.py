@@ -12,6 +12,7 @@ the base). Scoring a merge on held-out statistics (calibration rows not used to 
 honest estimate; the in-sample value is optimistic by construction.
 """
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -52,7 +53,8 @@ def energy_fraction(stats: LayerStats, base, merged) -> Float[Array, ""]:
         energy (``E₀ = 0``), 1 if the merge also reproduces them and ``-inf`` otherwise.
 
     Raises:
-        ValueError: the layers' shapes do not match the statistics or each other.
+        ValueError: the layers' shapes do not match the statistics or each other, or (outside
+            ``jax.jit``) the statistics or either layer hold NaN or Inf.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -72,5 +74,16 @@ def energy_fraction(stats: LayerStats, base, merged) -> Float[Array, ""]:
     dtype = stats.gram.dtype
     w0 = augmented(k0, b0).astype(dtype)
     w1 = augmented(k1, b1).astype(dtype)
+    named = [(f"stats.{f}", a) for f, a in zip(LayerStats._fields, stats, strict=True)]
+    bad = [
+        name
+        for name, a in [*named, ("base", w0), ("merged", w1)]
+        if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a)))
+    ]
+    if bad:
+        raise ValueError(
+            f"energy_fraction: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or Inf; "
+            "the energy of a non-finite merge or of non-finite statistics is undefined."
+        )
     _, _, rho = energies(stats.gram[:p, :p], stats.cross[:p], jnp.sum(stats.out_sq), w0, w1 - w0)
     return rho

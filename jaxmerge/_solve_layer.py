@@ -135,7 +135,7 @@ def solve_layer(
     base: Any,
     finetuned: Sequence[Any],
     *,
-    basis: Basis = "full",
+    basis: Basis | str = "full",  # any str: an unknown name gets a clear ValueError
     ridge: float | Float[ArrayLike, ""] = 0.0,
     prior: Any = None,
     alpha: float | Float[ArrayLike, ""] = 1.0,

@@ -129,6 +129,14 @@ def _checkpoint_dir(path: PathLike, what: str) -> Path:
     return path
 
 
+def _unreadable(what: str, path: Path, error: BaseException | None = None) -> ValueError:
+    detail = "" if error is None else f" ({type(error).__name__}: {str(error)[:300]})"
+    return ValueError(
+        f"{what}: {path} is incomplete or corrupted: its metadata or arrays cannot be read"
+        f"{detail}. A write was probably interrupted; write the checkpoint again."
+    )
+
+
 def save_params(path: PathLike, params: Any, *, overwrite: bool = False) -> Path:
     """Write a parameter pytree as an Orbax checkpoint, atomically.
 
@@ -184,8 +192,9 @@ def load_params(path: PathLike, template: Any = None) -> Any:
 
     Raises:
         FileNotFoundError: no directory at ``path``.
-        ValueError: not an Orbax checkpoint, or the template's paths or shapes differ from the
-            stored ones (every difference is listed).
+        ValueError: not an Orbax checkpoint, an incomplete or corrupted one (unreadable metadata
+            or arrays), or the template's paths or shapes differ from the stored ones (every
+            difference is listed).
 
     Examples:
         >>> import tempfile, jax, jax.numpy as jnp
@@ -201,7 +210,10 @@ def load_params(path: PathLike, template: Any = None) -> Any:
     path = _checkpoint_dir(path, "load_params")
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(path).item_metadata.tree
+        stored = ckptr.metadata(path).item_metadata  # None when Orbax cannot read it
+        if stored is None or stored.tree is None:
+            raise _unreadable("load_params", path)
+        stored = stored.tree
         if template is None:
             target = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default), stored
@@ -209,7 +221,10 @@ def load_params(path: PathLike, template: Any = None) -> Any:
         else:
             target = jax.tree.map(lambda x: _abstract(x, default), template)
             _compare(_flat(stored), _flat(target), path)
-        return ckptr.restore(path, target)
+        try:
+            return ckptr.restore(path, target)
+        except (ValueError, OSError) as error:  # tensorstore: missing or torn array data
+            raise _unreadable("load_params", path, error) from error
 
 
 def _compare(stored: dict, target: dict, path: Path) -> None:
@@ -334,8 +349,8 @@ def load_stats(path: PathLike) -> SavedStats:
 
     Raises:
         FileNotFoundError: no directory at ``path``.
-        ValueError: the directory is not a jaxmerge statistics checkpoint, or of a newer format
-            version.
+        ValueError: the directory is not a jaxmerge statistics checkpoint, is incomplete or
+            corrupted (unreadable record or arrays), or is of a newer format version.
 
     Examples:
         See :func:`save_stats`.
@@ -345,9 +360,11 @@ def load_stats(path: PathLike) -> SavedStats:
         raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
-            "metadata"
-        ]
+        try:
+            meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except (ValueError, OSError) as error:  # a torn JSON record
+            raise _unreadable("load_stats", path, error) from error
+        meta = meta["metadata"]
         if meta.get("format") != STATS_FORMAT:
             raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
         if meta.get("version", 0) > STATS_VERSION:
@@ -363,9 +380,12 @@ def load_stats(path: PathLike) -> SavedStats:
             target.append(
                 {f: jax.ShapeDtypeStruct(shapes[f], dtype, sharding=default) for f in shapes}
             )
-        arrays = ckptr.restore(
-            path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
-        )["stats"]
+        try:
+            arrays = ckptr.restore(
+                path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
+            )["stats"]
+        except (ValueError, OSError) as error:
+            raise _unreadable("load_stats", path, error) from error
     stats = {}
     for layer, a in zip(meta["layers"], arrays, strict=True):
         key = layer["path"]

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .checkpoint import atomic_directory
@@ -100,7 +101,7 @@ def load_bert_safetensors(
     Raises:
         FileNotFoundError: no weights file, or no ``config.json`` and no ``config`` given.
         ValueError: a tensor is missing, unexpected or of the wrong shape for the configuration
-            (all differences are listed).
+            (all differences are listed), or the weights or ``config.json`` cannot be parsed.
 
     Examples:
         >>> import tempfile, jax, jax.numpy as jnp
@@ -119,8 +120,19 @@ def load_bert_safetensors(
             raise FileNotFoundError(
                 f"load_bert_safetensors: no {CONFIG_NAME} next to {weights}; pass config=."
             )
-        config = BertConfig.from_dict(json.loads(config_file.read_text()))
-    tensors = load_file(weights)
+        try:
+            config = BertConfig.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"load_bert_safetensors: {config_file} is not valid JSON: {error}."
+            ) from error
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"load_bert_safetensors: {weights} is not a readable safetensors file (truncated or "
+            f"corrupted?): {error}."
+        ) from error
     flat = {}
     for name, value in tensors.items():
         name = name.removeprefix("bert.")
