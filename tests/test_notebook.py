@@ -1,0 +1,73 @@
+"""The exploration notebook executes end to end in quick mode and draws its figures.
+
+The notebook is run by a Jupyter kernel on this interpreter (``nbclient`` + ``ipykernel``) with
+``JAXMERGE_QUICK=1``; the file itself is never modified. Its own cells assert what they show
+(nested bases, the hand-written energy formula against ``energy_fraction``, the sequential
+report's held-out ρ against an independent rescoring), so a silent wrong answer fails the run.
+"""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat")
+nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient")
+pytest.importorskip("ipykernel", reason="the notebook test needs ipykernel")
+pytest.importorskip("matplotlib", reason="the notebook draws with matplotlib")
+
+NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "explore.ipynb"
+FIGURES = {"rho_per_layer.png", "diagonal_vs_full.png", "rho_vs_accuracy.png"}
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The notebook run in quick mode: ``(notebook, folder of saved figures)``."""
+    before = NOTEBOOK.read_bytes()
+    figures = tmp_path_factory.mktemp("figures")
+    # A kernel spec of this very interpreter, so that the kernel imports the jaxmerge under test.
+    kernels = tmp_path_factory.mktemp("jupyter")
+    spec = kernels / "kernels" / "jaxmerge-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "jaxmerge test", "language": "python"})
+    )
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JUPYTER_PATH", str(kernels))
+        env.setenv("JAXMERGE_QUICK", "1")
+        env.setenv("JAXMERGE_FIGURES", str(figures))
+        client = nbclient.NotebookClient(nb, kernel_name="jaxmerge-test", timeout=600)
+        client.execute(cwd=str(figures))
+    assert NOTEBOOK.read_bytes() == before, "executing the notebook modified its file"
+    return nb, figures
+
+
+def _outputs(nb):
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+
+
+def test_runs_without_errors(executed):
+    nb, _ = executed
+    errors = [out for out in _outputs(nb) if out.output_type == "error"]
+    assert not errors, errors
+    assert all(c.execution_count is not None for c in nb.cells if c.cell_type == "code")
+
+
+def test_draws_and_saves_its_figures(executed):
+    nb, figures = executed
+    images = [out for out in _outputs(nb) if "image/png" in out.get("data", {})]
+    assert len(images) == len(FIGURES)
+    assert {p.name for p in figures.iterdir()} == FIGURES
+    for name in FIGURES:
+        assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_the_rank_correlation(executed):
+    nb, _ = executed
+    text = "".join(out.get("text", "") for out in _outputs(nb) if out.output_type == "stream")
+    assert "quick mode: True" in text
+    line = next(s for s in text.splitlines() if s.startswith("Spearman("))
+    assert -1.0 <= float(line.split("=")[1]) <= 1.0
