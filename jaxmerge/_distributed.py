@@ -197,6 +197,14 @@ def sharded_update_stats_by_path(
         pair = batches[path]
         if not isinstance(pair, tuple | list) or len(pair) != 2:
             raise ValueError(f"{caller}: batches[{path!r}] must be an (x, y) pair.")
+        if mesh.is_multi_process and not all(
+            isinstance(a, jax.Array) and not a.is_fully_addressable for a in pair
+        ):
+            raise ValueError(
+                f"{caller}: layer {path!r}: the mesh spans several processes, so x and y must be "
+                "global jax.Arrays (e.g. jax.make_array_from_process_local_data); to pass each "
+                "process's own rows, accumulate on its local devices and call allreduce_stats."
+            )
         x, y = jnp.asarray(pair[0]), jnp.asarray(pair[1])
         m = mask.get(path) if isinstance(mask, Mapping) else mask
         m = None if m is None else jnp.asarray(m)

@@ -183,6 +183,13 @@ def run_host(pid: int, port: str, out: str) -> None:
             for p, xy in layers.items()
         }
 
+    init = {p: jm.init_stats(x.shape[-1], y.shape[-1], K) for p, (x, y) in mine[0].items()}
+    try:  # process-local rows on a multi-process mesh would be summed as if global: refused
+        jm.sharded_update_stats_by_path(init, mine[0], 0, mesh=world)
+    except ValueError as e:
+        assert "must be global jax.Arrays" in str(e), e
+    else:
+        raise AssertionError("process-local inputs on a multi-process mesh were accepted")
     stats2, sols2 = _merge(
         [global_rows(layers) for layers in mine], base, fts, world, world, lambda s: s
     )
