@@ -420,7 +420,8 @@ def _solve_stack(args, *, spec, ridge, alpha, rcond, jitter, mesh, axis):
 
 
 def _place(stacked, mesh: Mesh, axis: str):
-    """Stacked inputs as global arrays split over ``axis`` when the mesh spans processes."""
+    """The stacked inputs split over ``axis`` (built from every process's identical copy when
+    the mesh spans processes)."""
     sharding = NamedSharding(mesh, P(axis))
     if not mesh.is_multi_process:
         return jax.device_put(stacked, sharding)
