@@ -76,4 +76,11 @@ from .checkpoint import save_stats as save_stats
 from .hf import load_bert_safetensors as load_bert_safetensors
 from .hf import save_bert_safetensors as save_bert_safetensors
 
+# Command line and statistics artifacts
+from ._model_stats import ModelStats as ModelStats
+from ._model_stats import accumulate_model_stats as accumulate_model_stats
+from ._model_stats import combine_model_stats as combine_model_stats
+from ._model_stats import load_model_stats as load_model_stats
+from ._model_stats import save_model_stats as save_model_stats
+
 __version__ = "0.1.0"

@@ -1,0 +1,386 @@
+r"""Whole-model calibration statistics as an artifact: accumulate (resumably), save, combine, load.
+
+:func:`~jaxmerge.collect_stats` returns the statistics of every layer group already weighted per
+task (``wₖ = 1/Nₖ``) and summed over tasks. Weighted sums of different runs do not add up to the
+statistics of the union of their rows, so the artifact keeps the **plain sums of each task
+separately**: :class:`ModelStats` holds, for every group, the :class:`~jaxmerge.LayerStats` (or
+:class:`~jaxmerge.EmbedStats`) arrays with a leading task axis,
+
+    ``sums[key].stats.gram[k] = Σ_{i ∈ task k} x̃ᵢ x̃ᵢᵀ``  (row ``k`` of ``count``/``task_diag``
+    only is non-zero in slot ``k``),
+
+an exact monoid: runs over disjoint calibration rows (batches, hosts, tasks) add
+(:func:`combine_model_stats`). :meth:`ModelStats.normalized` turns the sums into what
+:func:`~jaxmerge.solve_stats` takes, ``Σₖ (1/Nₖ) · sumsₖ`` in task order — the same operations
+:func:`~jaxmerge.collect_stats` performs, so a merge from saved statistics equals a merge from the
+data.
+
+:func:`accumulate_model_stats` computes the sums with one jitted update per batch and, given a
+``directory``, checkpoints every ``save_every`` batches through
+:func:`~jaxmerge.accumulate_resumable` (one sub-directory per task): a killed run restarted with
+the same arguments resumes after its last saved batch and gives the sums of an uninterrupted run
+bit for bit. :func:`save_model_stats` writes one Orbax checkpoint (the arrays and a JSON record of
+the format, task names, group keys and every member's :class:`~jaxmerge.LayerSpec`) atomically,
+with the conventions of :mod:`jaxmerge.checkpoint`: it refuses to overwrite unless asked, and a
+kill at any moment leaves every earlier checkpoint readable.
+"""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from ._flax.adapters import EmbedStats, LayerSpec, scale_stats
+from ._flax.fold import to_pure
+from ._merge import (
+    GroupStats,
+    _check_finite_task,
+    _default_dtype,
+    _peek,
+    _plan,
+    _progress,
+    _zero_sums,
+)
+from ._resumable import accumulate_resumable
+from ._stats import LayerStats
+from .checkpoint import _checkpoint_dir, atomic_directory
+
+__all__ = [
+    "ModelStats",
+    "accumulate_model_stats",
+    "combine_model_stats",
+    "save_model_stats",
+    "load_model_stats",
+]
+
+MODEL_STATS_FORMAT = "jaxmerge.model_stats"
+MODEL_STATS_VERSION = 1
+
+
+class ModelStats(NamedTuple):
+    """Per-task plain sums of every layer group of a model (see the module docs).
+
+    Attributes:
+        sums: ``{group key: GroupStats}`` whose arrays carry a leading task axis ``K``; slot ``k``
+            holds the plain (weight 1) sums of task ``k``'s unmasked rows.
+        tasks: one name per task.
+    """
+
+    sums: dict[str, GroupStats]
+    tasks: tuple[str, ...]
+
+    def normalized(self) -> dict[str, GroupStats]:
+        """``{key: GroupStats}`` weighted ``1/Nₖ`` per task and summed over tasks, for
+        :func:`~jaxmerge.solve_stats`.
+
+        Raises:
+            ValueError: a task has no rows at some group (naming the task and the group).
+        """
+        out = {}
+        for key, group in self.sums.items():
+            total = None
+            for k, name in enumerate(self.tasks):
+                part = jax.tree.map(lambda a, k=k: a[k], group.stats)
+                if float(part.count[k]) == 0:
+                    raise ValueError(
+                        f"ModelStats: task {name!r} has no calibration rows at layer group "
+                        f"{key!r}; combine the statistics of every task before merging."
+                    )
+                part = scale_stats(part, 1.0 / part.count[k])
+                total = part if total is None else jax.tree.map(jnp.add, total, part)
+            out[key] = GroupStats(total, group.layers)
+        return out
+
+
+def _task_names(tasks, num_tasks: int) -> tuple[str, ...]:
+    names = tuple(f"task{k}" for k in range(num_tasks)) if tasks is None else tuple(tasks)
+    if len(names) != num_tasks or len(set(names)) != num_tasks:
+        raise ValueError(
+            f"model statistics: tasks must be {num_tasks} distinct names (one per fine-tuned "
+            f"model), got {list(names)}."
+        )
+    if not all(isinstance(t, str) for t in names):
+        raise TypeError(f"model statistics: task names must be strings, got {list(names)}.")
+    return names
+
+
+def _as_state(sums: Mapping[str, Any]) -> list[dict]:
+    """Sums as a checkpointable list (sorted keys: group keys may hold '/')."""
+    return [sums[key]._asdict() for key in sorted(sums)]
+
+
+def _from_state(state: list[dict], like: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: type(like[key])(**a) for key, a in zip(sorted(like), state, strict=True)}
+
+
+def accumulate_model_stats(
+    model,
+    finetuned: Sequence[Any],
+    calibration: Sequence[Iterable[Any]],
+    *,
+    tasks: Sequence[str] | None = None,
+    directory: str | os.PathLike | None = None,
+    save_every: int = 10,
+    mask_key: str | None = "mask",
+    call_kwargs: Mapping[str, Any] | None = None,
+    dtype=None,
+    progress: bool = True,
+) -> ModelStats:
+    """Per-task plain sums of every supported layer group (parallel inputs), resumably.
+
+    For task ``k`` and every layer group the inputs are fine-tuned model ``k``'s own activations
+    and the targets its outputs (the statistics of :func:`~jaxmerge.collect_stats`, before the
+    per-task weighting).
+
+    Args:
+        model: a ``flax.linen.Module`` or ``flax.nnx.Module``.
+        finetuned: the ``K`` fine-tuned parameter trees.
+        calibration: ``K`` iterables of batches (the same sequence on every run when resuming).
+        tasks: one name per task (default ``task0``, ``task1``, ...).
+        directory: where to checkpoint the running sums (``directory/task-k``); ``None`` keeps
+            nothing. A rerun with the same directory and data resumes after the last saved
+            batch; the directory can be deleted once the result is saved.
+        save_every: checkpoint every this many batches of a task (and after its last batch).
+        mask_key: key of a 0/1 padding mask in dict batches.
+        call_kwargs: static keyword arguments of every forward call.
+        dtype: accumulation dtype (float32; float64 under ``jax_enable_x64``).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`ModelStats`.
+
+    Raises:
+        ValueError: empty or missing calibration, non-finite activations (naming the layer and
+            task), or resumed data shorter than the checkpoint (see
+            :func:`~jaxmerge.accumulate_resumable`).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(1)
+        >>> x = jnp.ones((3, 2))
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> ms = accumulate_model_stats(model, [params, params], [[x], [x, x]], progress=False)
+        >>> ms.sums[""].stats.count.tolist()  # [task, count of each task]
+        [[3.0, 0.0], [0.0, 6.0]]
+    """
+    finetuned = [to_pure(t) for t in finetuned]
+    names = _task_names(tasks, len(finetuned))
+    iters, first = _peek(calibration, len(finetuned))
+    plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
+    dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
+    k_tasks = len(finetuned)
+    fn = plan.stats_fn(plan.groups, k_tasks, dtype)
+    per_task = []
+    with _progress(progress) as bar:
+        job = bar.add_task("statistics", total=None)
+        for k, batches in enumerate(iters):
+            bar.update(job, description=f"statistics: task {k + 1}/{k_tasks} ({names[k]})")
+            zero = _zero_sums(plan, plan.groups, k_tasks, dtype)
+
+            def update(sums, batch, k=k):
+                bar.advance(job)
+                return fn(sums, finetuned[k], None, batch, k)
+
+            if directory is None:
+                sums = functools.reduce(update, batches, zero)
+            else:
+                state = accumulate_resumable(
+                    lambda s, b, update=update, zero=zero: _as_state(
+                        update(_from_state(s, zero), b)
+                    ),
+                    _as_state(zero),
+                    batches,
+                    Path(directory) / f"task-{k}",
+                    save_every=save_every,
+                    keep=1,
+                )
+                sums = _from_state(state, zero)
+            _check_finite_task(plan, plan.groups, sums, k)
+            per_task.append(sums)
+    out = {}
+    for group in plan.groups:
+        key = plan.key(group)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(s[key] for s in per_task))
+        out[key] = GroupStats(stacked, plan.group_specs(group))
+    return ModelStats(out, names)
+
+
+def combine_model_stats(*parts: ModelStats) -> ModelStats:
+    """Sum the statistics of runs over disjoint calibration rows (batches, hosts or tasks).
+
+    Raises:
+        ValueError: no parts, or the parts disagree on tasks, groups, layers, shapes or dtypes
+            (the first difference is named).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(1)
+        >>> x = jnp.ones((3, 2))
+        >>> p = model.init(jax.random.key(0), x)["params"]
+        >>> a = accumulate_model_stats(model, [p], [[x]], progress=False)
+        >>> combine_model_stats(a, a).sums[""].stats.count.tolist()
+        [[6.0]]
+    """
+    if not parts:
+        raise ValueError("combine_model_stats: no statistics given.")
+    total = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if part.tasks != total.tasks:
+            raise ValueError(
+                f"combine_model_stats: part {i} has tasks {list(part.tasks)}, part 0 has "
+                f"{list(total.tasks)}."
+            )
+        if list(part.sums) != list(total.sums):
+            raise ValueError(
+                f"combine_model_stats: part {i} has layer groups {list(part.sums)}, part 0 has "
+                f"{list(total.sums)}."
+            )
+        sums = {}
+        for key, a in total.sums.items():
+            b = part.sums[key]
+            la, lb = jax.tree.leaves(a.stats), jax.tree.leaves(b.stats)
+            if (
+                a.layers != b.layers
+                or type(a.stats) is not type(b.stats)
+                or any(
+                    (x.shape, x.dtype) != (y.shape, y.dtype) for x, y in zip(la, lb, strict=True)
+                )
+            ):
+                raise ValueError(
+                    f"combine_model_stats: layer group {key!r} differs between part 0 and part "
+                    f"{i} (layers, shapes or dtypes)."
+                )
+            sums[key] = GroupStats(jax.tree.map(jnp.add, a.stats, b.stats), a.layers)
+        total = ModelStats(sums, total.tasks)
+    return total
+
+
+def save_model_stats(
+    path: str | os.PathLike, stats: ModelStats, *, overwrite: bool = False
+) -> Path:
+    """Write :class:`ModelStats` as one Orbax checkpoint, atomically.
+
+    The checkpoint holds every group's arrays and a JSON record: format name and version, task
+    names, and per group its key, type (``"layer"`` or ``"embed"``), dtype and members'
+    :class:`~jaxmerge.LayerSpec` fields.
+
+    Args:
+        path: destination directory; must not exist unless ``overwrite``.
+        stats: the statistics.
+        overwrite: replace an existing checkpoint at ``path``.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        TypeError: ``stats`` is not a :class:`ModelStats`.
+        ValueError: no groups.
+
+    Examples:
+        >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = nn.Dense(1)
+        >>> x = jnp.ones((3, 2))
+        >>> p = model.init(jax.random.key(0), x)["params"]
+        >>> ms = accumulate_model_stats(model, [p], [[x]], tasks=["a"], progress=False)
+        >>> d = tempfile.mkdtemp()
+        >>> back = load_model_stats(save_model_stats(f"{d}/stats", ms))
+        >>> back.tasks, back.sums[""].layers[0].kind, back.sums[""].stats.count.tolist()
+        (('a',), 'dense', [[3.0]])
+    """
+    if not isinstance(stats, ModelStats):
+        raise TypeError(
+            f"save_model_stats: stats must be a ModelStats, got {type(stats).__name__}."
+        )
+    if not stats.sums:
+        raise ValueError("save_model_stats: no layer groups (stats.sums is empty).")
+    groups, arrays = [], []
+    for key, group in stats.sums.items():
+        groups.append(
+            {
+                "key": key,
+                "type": "embed" if isinstance(group.stats, EmbedStats) else "layer",
+                "dtype": str(jnp.dtype(group.stats.count.dtype)),
+                "layers": [dataclasses.asdict(spec) for spec in group.layers],
+            }
+        )
+        arrays.append(group.stats._asdict())
+    meta = {
+        "format": MODEL_STATS_FORMAT,
+        "version": MODEL_STATS_VERSION,
+        "tasks": list(stats.tasks),
+        "groups": groups,
+    }
+    with atomic_directory(path, overwrite=overwrite, what="save_model_stats") as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(
+                tmp,
+                args=ocp.args.Composite(
+                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
+                ),
+            )
+    return Path(path).absolute()
+
+
+def _shapes(kind: str, specs: Sequence[LayerSpec], k: int) -> dict[str, tuple[int, ...]]:
+    n, m = specs[0].n_in, sum(s.n_out for s in specs)
+    if kind == "embed":
+        return dict(diag=(k, n), cross=(k, n, m), out_sq=(k, m), task_diag=(k, k, n), count=(k, k))
+    n1 = n + 1
+    return dict(
+        gram=(k, n1, n1), cross=(k, n1, m), out_sq=(k, m), task_diag=(k, k, n1), count=(k, k)
+    )
+
+
+def load_model_stats(path: str | os.PathLike) -> ModelStats:
+    """Read statistics written by :func:`save_model_stats` (on the default device).
+
+    Raises:
+        FileNotFoundError: no directory at ``path``.
+        ValueError: not a jaxmerge model-statistics checkpoint, or a newer format version.
+
+    Examples:
+        See :func:`save_model_stats`.
+    """
+    path = _checkpoint_dir(path, "load_model_stats")
+    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
+        raise ValueError(f"load_model_stats: {path} is not a jaxmerge model-statistics checkpoint.")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+            "metadata"
+        ]
+        if meta.get("format") != MODEL_STATS_FORMAT:
+            raise ValueError(
+                f"load_model_stats: {path} is not a jaxmerge model-statistics checkpoint (format "
+                f"{meta.get('format')!r}; per-layer statistics load with load_stats)."
+            )
+        if meta.get("version", 0) > MODEL_STATS_VERSION:
+            raise ValueError(
+                f"load_model_stats: {path} has format version {meta['version']}; this jaxmerge "
+                f"reads up to version {MODEL_STATS_VERSION}. Upgrade jaxmerge."
+            )
+        k = len(meta["tasks"])
+        target, layers = [], []
+        for group in meta["groups"]:
+            specs = tuple(LayerSpec(**spec) for spec in group["layers"])
+            dtype = jnp.dtype(group["dtype"])
+            shapes = _shapes(group["type"], specs, k)
+            target.append(
+                {f: jax.ShapeDtypeStruct(s, dtype, sharding=default) for f, s in shapes.items()}
+            )
+            layers.append(specs)
+        arrays = ckptr.restore(
+            path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
+        )["stats"]
+    sums = {}
+    for group, specs, a in zip(meta["groups"], layers, arrays, strict=True):
+        cls = EmbedStats if group["type"] == "embed" else LayerStats
+        sums[group["key"]] = GroupStats(cls(**a), specs)
+    return ModelStats(sums, tuple(meta["tasks"]))

@@ -1,0 +1,68 @@
+"""A tiny model, its checkpoints and calibration data for the command-line tests.
+
+Configuration files name these as ``cli_fixtures:model`` etc. with ``pythonpath`` pointing at
+this directory. ``JAXMERGE_TEST_BATCH_DELAY`` (seconds) slows every calibration batch down, so a
+test can kill a run while it is accumulating.
+"""
+
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+N_IN, TASKS, BATCHES, ROWS = 5, 2, 6, 8
+
+
+class TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(6)(x))
+        return nn.Dense(3)(h)
+
+
+def model():
+    return TinyMLP()
+
+
+def _batches(seed: int, count: int):
+    delay = float(os.environ.get("JAXMERGE_TEST_BATCH_DELAY", "0"))
+    rng = np.random.default_rng(seed)
+    data = [rng.normal(size=(ROWS, N_IN)).astype(np.float32) for _ in range(count)]
+    for batch in data:
+        time.sleep(delay)
+        yield batch
+
+
+class _Task:
+    """Re-iterable batches of one task (a generator would be single-use)."""
+
+    def __init__(self, seed: int, count: int):
+        self.seed, self.count = seed, count
+
+    def __iter__(self):
+        return _batches(self.seed, self.count)
+
+
+def calibration():
+    return [_Task(100 + k, BATCHES) for k in range(TASKS)]
+
+
+def heldout():
+    return [_Task(200 + k, 2) for k in range(TASKS)]
+
+
+def make_params():
+    """Base and ``TASKS`` fine-tuned parameter trees (fine-tunes are random perturbations)."""
+    base = TinyMLP().init(jax.random.key(0), jnp.ones((1, N_IN)))["params"]
+    finetuned = []
+    for k in range(TASKS):
+        leaves, treedef = jax.tree.flatten(base)
+        keys = jax.random.split(jax.random.key(10 + k), len(leaves))
+        noisy = [
+            p + 0.3 * jax.random.normal(key, p.shape) for p, key in zip(leaves, keys, strict=True)
+        ]
+        finetuned.append(jax.tree.unflatten(treedef, noisy))
+    return base, finetuned
