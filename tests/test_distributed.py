@@ -75,9 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    """All worker processes, started together: 8 devices; 2 processes × 2; 1 process × 4."""
+@pytest.fixture(scope="module", autouse=True)
+def launched(request, tmp_path_factory):
+    """All worker processes, started with the module's first test so that they run while the
+    in-process tests do: 8 devices; 2 processes × 2 devices; 1 process × 4 devices."""
+    if not any("workers" in getattr(t, "fixturenames", ()) for t in request.session.items):
+        yield None  # no selected test needs them
+        return
     out = tmp_path_factory.mktemp("workers")
     port = str(free_port())
     two = {"JAX_NUM_CPU_DEVICES": "2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
@@ -86,88 +90,21 @@ def workers(tmp_path_factory):
         run(["single", str(out)], {"JAX_NUM_CPU_DEVICES": "4"}),
     ]
     procs += [run(["host", str(i), port, str(out)], two) for i in range(2)]
+    yield out, procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def workers(launched):
+    """The workers' results (waits for them)."""
+    out, procs = launched
     for proc in procs:
         finish(proc)
     names = ("devices", "single", "host0", "host1", "global0", "global1")
     return {name: dict(np.load(out / f"{name}.npz")) for name in names}
-
-
-# ---- 8 emulated devices -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kind", "rows"), [(kind, r) for kind, rows in worker.BATCHES.items() for r in rows]
-)
-def test_sharded_stats_equal_single_device(workers, kind, rows):
-    x, y, mask = worker.batch_data(rows, seed=rows)
-    x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
-    k = worker.K
-    inputs = {"p": (x, y, mask), "q": (y, x, None), "bf16": (x16, y16, None)}
-    for name, (n, m) in worker.UPDATES.items():
-        xx, yy, mm = inputs[name]
-        single = jm.update_stats(jm.init_stats(n, m, k), xx, yy, 1, mask=mm, weight=0.5)
-        ref = numpy_stats(np.asarray(xx, np.float64), np.asarray(yy, np.float64), 1, k, mm, 0.5)
-        for field in jm.LayerStats._fields:
-            got = workers["devices"][f"stats/{kind}/{rows}/{name}/{field}"]
-            assert got.dtype == np.float32
-            close(got, getattr(single, field))
-            close(got, ref[field])
-
-
-@pytest.fixture(scope="module")
-def one_by_one():
-    """``solve_layer`` on each layer of the worker's problem, on one device."""
-    base, fts, data = worker.layer_problem()
-    stats = {p: jm.layer_stats(*data[p]) for p in worker.SOLVE_SHAPES}
-    cache = {}
-
-    def get(basis, path):
-        if (basis, path) not in cache:
-            cache[basis, path] = jm.solve_layer(
-                stats[path], base[path], [f[path] for f in fts], basis=basis
-            )
-        return cache[basis, path]
-
-    return get
-
-
-@pytest.mark.parametrize(
-    ("kind", "basis"), [(kind, b) for kind, bases in worker.SOLVES.items() for b in bases]
-)
-def test_device_parallel_solves_equal_solve_layer(workers, one_by_one, kind, basis):
-    # 5 layers in two shape groups (4 + 1) on 8 (or 4) devices: both stacks are padded.
-    for path in worker.SOLVE_SHAPES:
-        want = one_by_one(basis, path)
-        for field in ("kernel", "bias", "energy_fraction"):
-            got = workers["devices"][f"solve/{kind}/{basis}/{path}/{field}"]
-            close(got, getattr(want, field), 1e-4)
-        assert workers["devices"][f"solve/{kind}/{basis}/{path}/status"] == int(want.status)
-
-
-# ---- two processes joined by jax.distributed ----------------------------------------------------
-
-
-def test_two_processes_equal_one_process(workers):
-    single = workers["single"]
-    for name in ("host0", "host1", "global0", "global1"):
-        assert workers[name].keys() == single.keys()
-        for key, want in single.items():
-            # Exact: the data are dyadic, so every sum is exact whatever the reduction order, and
-            # each device solves the same lanes as in the single process.
-            np.testing.assert_array_equal(workers[name][key], want, err_msg=f"{name}: {key}")
-
-
-def test_two_processes_statistics_are_the_data_sums(workers):
-    _, _, rows = worker.host_problem()
-    for path in rows[0]:
-        want = None
-        for k, layers in enumerate(rows):
-            x, y = layers[path]
-            part = numpy_stats(x, y, k, worker.K)
-            part = {f: v / len(x) if f != "count" else v for f, v in part.items()}
-            want = part if want is None else {f: want[f] + part[f] for f in part}
-        for field, value in want.items():
-            close(workers["host0"][f"stats/{path}/{field}"], value, 1e-6)
 
 
 # ---- one device, in process ---------------------------------------------------------------------
@@ -384,3 +321,81 @@ def test_merge_in_groups_bad_input(model_problem):
         )
     with pytest.raises(ValueError, match="layer 'left\\+right' \\(8, 8\\) alone needs"):
         jm.merge_in_groups(model, base, fts, calib, budget_bytes=2500, rows=6, progress=False)
+
+
+# ---- 8 emulated devices -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "rows"), [(kind, r) for kind, rows in worker.BATCHES.items() for r in rows]
+)
+def test_sharded_stats_equal_single_device(workers, kind, rows):
+    x, y, mask = worker.batch_data(rows, seed=rows)
+    x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+    k = worker.K
+    inputs = {"p": (x, y, mask), "q": (y, x, None), "bf16": (x16, y16, None)}
+    for name, (n, m) in worker.UPDATES.items():
+        xx, yy, mm = inputs[name]
+        single = jm.update_stats(jm.init_stats(n, m, k), xx, yy, 1, mask=mm, weight=0.5)
+        ref = numpy_stats(np.asarray(xx, np.float64), np.asarray(yy, np.float64), 1, k, mm, 0.5)
+        for field in jm.LayerStats._fields:
+            got = workers["devices"][f"stats/{kind}/{rows}/{name}/{field}"]
+            assert got.dtype == np.float32
+            close(got, getattr(single, field))
+            close(got, ref[field])
+
+
+@pytest.fixture(scope="module")
+def one_by_one():
+    """``solve_layer`` on each layer of the worker's problem, on one device."""
+    base, fts, data = worker.layer_problem()
+    stats = {p: jm.layer_stats(*data[p]) for p in worker.SOLVE_SHAPES}
+    cache = {}
+
+    def get(basis, path):
+        if (basis, path) not in cache:
+            cache[basis, path] = jm.solve_layer(
+                stats[path], base[path], [f[path] for f in fts], basis=basis
+            )
+        return cache[basis, path]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("kind", "basis"), [(kind, b) for kind, bases in worker.SOLVES.items() for b in bases]
+)
+def test_device_parallel_solves_equal_solve_layer(workers, one_by_one, kind, basis):
+    # 5 layers in two shape groups (4 + 1) on 8 (or 4) devices: both stacks are padded.
+    for path in worker.SOLVE_SHAPES:
+        want = one_by_one(basis, path)
+        for field in ("kernel", "bias", "energy_fraction"):
+            got = workers["devices"][f"solve/{kind}/{basis}/{path}/{field}"]
+            close(got, getattr(want, field), 1e-4)
+        assert workers["devices"][f"solve/{kind}/{basis}/{path}/status"] == int(want.status)
+
+
+# ---- two processes joined by jax.distributed ----------------------------------------------------
+
+
+def test_two_processes_equal_one_process(workers):
+    single = workers["single"]
+    for name in ("host0", "host1", "global0", "global1"):
+        assert workers[name].keys() == single.keys()
+        for key, want in single.items():
+            # Exact: the data are dyadic, so every sum is exact whatever the reduction order, and
+            # each device solves the same lanes as in the single process.
+            np.testing.assert_array_equal(workers[name][key], want, err_msg=f"{name}: {key}")
+
+
+def test_two_processes_statistics_are_the_data_sums(workers):
+    _, _, rows = worker.host_problem()
+    for path in rows[0]:
+        want = None
+        for k, layers in enumerate(rows):
+            x, y = layers[path]
+            part = numpy_stats(x, y, k, worker.K)
+            part = {f: v / len(x) if f != "count" else v for f, v in part.items()}
+            want = part if want is None else {f: want[f] + part[f] for f in part}
+        for field, value in want.items():
+            close(workers["host0"][f"stats/{path}/{field}"], value, 1e-6)
