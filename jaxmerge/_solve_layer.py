@@ -122,6 +122,19 @@ def _solve_kernel(
     return w0 + update, coefficients, e0, loss, rho, status, cond, spectrum
 
 
+def _is_scalar(value) -> bool:
+    """A real number or a 0-d array, possibly traced."""
+    if isinstance(value, jax.core.Tracer):
+        return value.ndim == 0
+    if isinstance(value, str) or jnp.ndim(value) != 0:
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _nonfinite_inputs(stats, w0, wk, dirs) -> list[str]:
     named = [(f"stats.{f}", getattr(stats, f)) for f in LayerStats._fields]
     named += [("base", w0)] + [(f"finetuned[{k}]", w) for k, w in enumerate(wk)]
@@ -226,6 +239,9 @@ def solve_layer(
     w0 = augmented(k0, b0).astype(dtype)
     wk = jnp.stack([augmented(k, b).astype(dtype) for k, b in layers])
     p, m = w0.shape
+    for name, value in (("ridge", ridge), ("alpha", alpha)):
+        if not _is_scalar(value):
+            raise TypeError(f"solve_layer: {name} must be a number, got {value!r:.60}.")
     ridge_v, alpha_v = jnp.asarray(ridge, dtype), jnp.asarray(alpha, dtype)
     if not isinstance(ridge, jax.core.Tracer) and not float(ridge) >= 0:
         raise ValueError(f"solve_layer: ridge must be ≥ 0 (or inf), got {ridge}.")
