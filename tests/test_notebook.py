@@ -65,9 +65,10 @@ def test_draws_and_saves_its_figures(executed):
         assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reports_the_rank_correlation(executed):
+def test_held_out_rho_ranks_merges_like_accuracy(executed):
     nb, _ = executed
     text = "".join(out.get("text", "") for out in _outputs(nb) if out.output_type == "stream")
     assert "quick mode: True" in text
     line = next(s for s in text.splitlines() if s.startswith("Spearman("))
-    assert -1.0 <= float(line.split("=")[1]) <= 1.0
+    # The notebook's point: merges that keep more held-out energy are the more accurate ones.
+    assert float(line.split("=")[1]) > 0.5
