@@ -112,9 +112,10 @@ def workers(launched):
 
 def test_solve_layers_mixed_bases_and_priors(rng):
     base, fts, data = worker.layer_problem(seed=3)
-    stats = {p: jm.layer_stats(*data[p]) for p in ("a", "b", "c", "d")}
+    stats = {p: jm.layer_stats(*data[p]) for p in worker.SOLVE_SHAPES}
     directions = [{"kernel": rng.normal(size=(5, 4)), "bias": rng.normal(size=4)}] * 2
-    basis = {"a": "scalar", "b": "scalar", "c": jm.Custom(directions, per_output=True), "d": "full"}
+    custom = jm.Custom(directions, per_output=True)
+    basis = {"a": "scalar", "b": "scalar", "c": custom, "d": "full", "e": jm.LowRank(2)}
     prior = {"a": 0.5, "b": 0.5, "d": fts[0]["d"]}
     got = jm.solve_layers(stats, base, fts, basis=basis, prior=prior, ridge=0.3)
     assert list(got) == list(stats)
@@ -130,6 +131,10 @@ def test_solve_layers_mixed_bases_and_priors(rng):
         for field in ("kernel", "bias", "coefficients", "energy_fraction", "condition"):
             close(getattr(got[path], field), getattr(want, field), 1e-5)
         assert int(got[path].status) == int(want.status)
+        if path == "e":
+            close(got[path].spectrum, want.spectrum, 1e-5)
+        else:
+            assert got[path].spectrum is None
 
 
 def test_sharded_update_under_jit_with_traced_task():
