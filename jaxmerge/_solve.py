@@ -47,6 +47,12 @@ class SolveStatus(enum.IntEnum):
         JITTERED: Cholesky after the requested relative jitter (the plain factorisation failed).
         PSEUDO_INVERSE: singular or ill-conditioned; minimum-norm eigendecomposition solution.
         NONFINITE: the system contains NaN or Inf; the solution is NaN.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> _, status, _ = psd_solve(jnp.eye(2), jnp.ones((2, 1)))
+        >>> SolveStatus(int(status)).name
+        'CHOLESKY'
     """
 
     CHOLESKY = 0

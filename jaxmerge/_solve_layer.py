@@ -18,7 +18,17 @@ __all__ = ["LayerSolution", "SolveError", "solve_layer"]
 
 
 class SolveError(RuntimeError):
-    """A solve could not produce a finite merge (raised by ``throw=True``)."""
+    """A solve could not produce a finite merge (raised by ``throw=True``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jaxmerge import layer_stats
+        >>> stats = layer_stats([jnp.array([[jnp.nan]])], [jnp.array([[1.0]])])
+        >>> solve_layer(stats, jnp.zeros((1, 1)), [jnp.ones((1, 1))])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jaxmerge._solve_layer.SolveError: solve_layer: the merge would not be finite; NaN ...
+    """
 
 
 class LayerSolution(NamedTuple):
@@ -38,6 +48,15 @@ class LayerSolution(NamedTuple):
         condition: condition-number estimate of the system (the largest over a batch).
         spectrum: for :class:`LowRank`, the energy ``σᵢ²`` of every direction of the full
             update in decreasing order (their sum is ``ρ_full · E₀`` without ridge); else ``None``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jaxmerge import LowRank, layer_stats
+        >>> x = jnp.eye(3)
+        >>> w0, w1 = jnp.zeros((3, 2)), jnp.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+        >>> sol = solve_layer(layer_stats([x], [x @ w1]), w0, [w1], basis=LowRank(1))
+        >>> [round(float(v), 4) for v in sol.spectrum], round(float(sol.energy_fraction), 4)
+        ([1.3333, 0.3333], 0.8)
     """
 
     kernel: Float[Array, "n_in n_out"]

@@ -47,6 +47,12 @@ class LayerStats(NamedTuple):
         task_diag: ``gₖ = wₖ diag(X̃ₖᵀX̃ₖ)`` per task, shape ``(num_tasks, n_in + 1)``; RegMean's
             ``alpha`` needs it.
         count: rows (tokens) seen per task, shape ``(num_tasks,)``; masked rows do not count.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> s = layer_stats([jnp.array([[2.0]])], [jnp.array([[3.0]])])  # x̄ = [2, 1], y = 3
+        >>> s.gram.tolist(), s.cross.tolist(), s.out_sq.tolist(), (s.n_in, s.n_out, s.num_tasks)
+        ([[4.0, 2.0], [2.0, 1.0]], [[6.0], [3.0]], [9.0], (1, 1, 1))
     """
 
     gram: Float[Array, "n1 n1"]
@@ -210,7 +216,9 @@ def update_stats(
 def combine_stats(a: LayerStats, b: LayerStats) -> LayerStats:
     """The monoid's sum: statistics of the union of two disjoint sets of rows.
 
-    Use it to add batches, devices, hosts, runs or tasks. Both must have the same shapes and dtype.
+    Every field adds: ``A = A_a + A_b``, ``P = P_a + P_b``, ``s = s_a + s_b``,
+    ``gₖ = gₖ,a + gₖ,b``, ``Nₖ = Nₖ,a + Nₖ,b``; :func:`init_stats` is the identity. Use it to
+    add batches, devices, hosts, runs or tasks. Both must have the same shapes and dtype.
 
     Examples:
         >>> import jax.numpy as jnp
