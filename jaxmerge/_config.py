@@ -9,7 +9,7 @@ Example (paths are relative to the configuration file)::
     tasks = ["sst2", "mnli"]                   # optional names, one per fine-tune
     calibration = "mypkg.data:calibration"     # callable() -> K iterables of batches
     heldout = "mypkg.data:heldout"             # optional, same form: scores the merge
-    # stats = "stats/run1"                     # or: merge from `jaxmerge stats` output
+    # stats = ["stats/host0", "stats/host1"]  # or: merge from `jaxmerge stats` outputs (summed)
     mask_key = "mask"                          # padding-mask key of dict batches
     call_kwargs = { train = false }            # static keyword arguments of every call
 
@@ -88,7 +88,7 @@ class MergeConfig:
         tasks: task names.
         calibration: ``"module:attribute"`` of the calibration factory, or ``None``.
         heldout: ``"module:attribute"`` of the held-out factory, or ``None``.
-        stats: saved statistics directory, or ``None``.
+        stats: saved statistics directories (summed), or ``None``.
         pythonpath: directories prepended to ``sys.path`` before importing.
         mask_key: padding-mask key.
         call_kwargs: static keyword arguments of every forward call.
@@ -102,21 +102,11 @@ class MergeConfig:
     tasks: tuple[str, ...]
     calibration: str | None
     heldout: str | None
-    stats: Path | None
+    stats: tuple[Path, ...] | None
     pythonpath: tuple[Path, ...]
     mask_key: str | None
     call_kwargs: dict[str, Any]
     merge: dict[str, Any]
-
-    @property
-    def needs_data(self) -> bool:
-        """Whether the method uses calibration statistics."""
-        return self.merge["method"] in ("qp", "regmean")
-
-    def inputs(self) -> list[Path]:
-        """Every file or directory the merge reads (the configuration included)."""
-        paths = [self.source, self.base, *self.finetuned]
-        return paths + ([self.stats] if self.stats is not None else [])
 
 
 def _fail(key: str, message: str):
@@ -302,7 +292,13 @@ def load_config(path) -> MergeConfig:
     merge = _merge_table(data.get("merge", {}))
     calibration = _target(data, "calibration")
     heldout = _target(data, "heldout")
-    stats = _str(data, "stats")
+    stats = data.get("stats")
+    if isinstance(stats, str):
+        stats = [stats]
+    if stats is not None and (
+        not isinstance(stats, list) or not stats or not all(isinstance(p, str) and p for p in stats)
+    ):
+        _fail("stats", f"expected a directory or a non-empty list of directories, got {stats!r}")
     if merge["method"] in ("qp", "regmean"):
         if calibration is None and stats is None:
             _fail("calibration", f"method {merge['method']!r} needs 'calibration' or 'stats'")
@@ -320,7 +316,7 @@ def load_config(path) -> MergeConfig:
         tasks=tuple(tasks),
         calibration=calibration,
         heldout=heldout,
-        stats=resolve(stats) if stats is not None else None,
+        stats=tuple(resolve(p) for p in stats) if stats is not None else None,
         pythonpath=tuple(resolve(p) for p in pythonpath),
         mask_key=mask_key,
         call_kwargs=call_kwargs,

@@ -35,7 +35,8 @@ CONFIG_HELP = """configuration file (TOML; paths relative to it):
   tasks = ["name", ...]          optional task names
   calibration = "pkg.mod:fn"     fn() -> K iterables of batches, one per fine-tune
   heldout = "pkg.mod:fn"         optional held-out batches, same form (scores the merge)
-  stats = "DIR"                  merge from `jaxmerge stats` output instead of calibration
+  stats = ["DIR", ...]           merge from `jaxmerge stats` outputs (summed: runs over
+                                 disjoint data) instead of calibration
   pythonpath = ["DIR", ...]      directories searched for the modules above
   mask_key = "mask"              padding-mask key of dict batches
   call_kwargs = {...}            static keyword arguments of every forward call
@@ -79,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         help="merge checkpoints as CONFIG says; write DIR/params and DIR/report.json",
         description="Load the base and fine-tuned checkpoints and the calibration data (or saved "
         "statistics) named in CONFIG, merge them, and write DIR/params (an Orbax checkpoint, "
-        "load with jaxmerge.load_params), DIR/report.json (jaxmerge report) and DIR/config.toml "
-        "(a copy of CONFIG). DIR appears complete or not at all.",
+        "load with jaxmerge.load_params), DIR/report.json (methods qp and regmean; read it with "
+        "`jaxmerge report`) and DIR/config.toml (a copy of CONFIG). DIR appears complete or not "
+        "at all.",
         epilog=CONFIG_HELP + "\n\n" + EXIT_CODES,
         formatter_class=formatter,
     )
@@ -170,8 +172,9 @@ def _load_inputs(config, *, need_finetuned=True):
     ]:
         if not path.is_dir():
             raise UsageError(f"config key {key!r}: no checkpoint directory at {path}.")
-    if config.stats is not None and not config.stats.is_dir():
-        raise UsageError(f"config key 'stats': no statistics directory at {config.stats}.")
+    for path in config.stats or ():
+        if not path.is_dir():
+            raise UsageError(f"config key 'stats': no statistics directory at {path}.")
     model = import_object(config, "model")()
     base = load_params(config.base)
     finetuned = [load_params(p, base) for p in config.finetuned]
@@ -197,7 +200,7 @@ def _run_merge(config, *, quiet: bool):
 
     from . import _baselines
     from ._merge import collect_stats, merge, solve_stats
-    from ._model_stats import load_model_stats
+    from ._model_stats import combine_model_stats, load_model_stats
     from ._reweighted import dare_basis, ties_basis
 
     opts = config.merge
@@ -246,10 +249,10 @@ def _run_merge(config, *, quiet: bool):
             **common,
         )
     else:
-        saved = load_model_stats(config.stats)
+        saved = combine_model_stats(*(load_model_stats(p) for p in config.stats))
         if saved.tasks != config.tasks:
             raise UsageError(
-                f"config key 'stats': {config.stats} holds tasks {list(saved.tasks)}, the "
+                f"config key 'stats': the statistics hold tasks {list(saved.tasks)}, the "
                 f"configuration names {list(config.tasks)} (key 'tasks')."
             )
         held = None

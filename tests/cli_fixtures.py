@@ -50,6 +50,15 @@ def calibration():
     return [_Task(100 + k, BATCHES) for k in range(TASKS)]
 
 
+def calibration_head():
+    """The first two batches of every task (with :func:`calibration_tail`: the whole)."""
+    return [list(task)[:2] for task in calibration()]
+
+
+def calibration_tail():
+    return [list(task)[2:] for task in calibration()]
+
+
 def heldout():
     return [_Task(200 + k, 2) for k in range(TASKS)]
 

@@ -79,6 +79,34 @@ def test_merge_equals_python_api_bit_for_bit(inputs, tmp_path, capsys):
     assert (tmp_path / "out" / "config.toml").read_text() == config.read_text()
 
 
+@pytest.mark.parametrize(
+    ("merge", "options"),
+    [
+        ('method = "regmean"\n', lambda b, f: dict(basis="full", alpha=0.9)),
+        (
+            'basis = { "Dense_0" = "scalar", "*" = "full" }\n'
+            "ridge = { Dense_1 = 0.5 }\nfallback = 0.3\n",
+            lambda b, f: dict(basis={"Dense_0": "scalar", "*": "full"}, ridge={"Dense_1": 0.5},
+                              fallback=0.3),
+        ),
+        (
+            'basis = "ties"\ndensity = 0.5\nridge = 1.0\n',
+            lambda b, f: dict(zip(("basis", "prior"), jm.ties_basis(b, f, density=0.5),
+                                  strict=True), ridge=1.0),
+        ),
+    ],
+)  # fmt: skip
+def test_merge_options_reach_the_python_api(inputs, tmp_path, merge, options):
+    config = _config(tmp_path, inputs, merge)
+    assert main(["merge", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    base, finetuned = fx.make_params()
+    expected, report = jm.merge(fx.model(), base, finetuned, fx.calibration(), progress=False,
+                                **options(base, finetuned))  # fmt: skip
+    _assert_trees_equal(jm.load_params(tmp_path / "out" / "params"), expected)
+    saved = jm.MergeReport.from_json((tmp_path / "out" / "report.json").read_text())
+    assert [r.basis for r in saved.layers] == [r.basis for r in report.layers]
+
+
 def test_stats_then_merge_equals_merge_from_data(inputs, tmp_path):
     data = _config(tmp_path, inputs, 'basis = "lowrank:2"\nridge = 0.1\n')
     assert main(["merge", str(data), "--out", str(tmp_path / "from_data"), "--quiet"]) == 0
@@ -94,6 +122,24 @@ def test_stats_then_merge_equals_merge_from_data(inputs, tmp_path):
     )
     stats = jm.load_model_stats(tmp_path / "stats")
     assert stats.tasks == ("task0", "task1")
+
+
+def test_merge_from_statistics_of_several_runs(inputs, tmp_path):
+    """Two `stats` runs over disjoint batches, summed by the merge, equal one run over all."""
+    for part in ("head", "tail"):
+        (tmp_path / part).mkdir()
+        config = _config(tmp_path / part, inputs, calibration=f"cli_fixtures:calibration_{part}")
+        assert (
+            main(["stats", str(config), "--out", str(tmp_path / f"{part}.stats"), "--quiet"]) == 0
+        )
+    parts = [str(tmp_path / "head.stats"), str(tmp_path / "tail.stats")]
+    config = _config(tmp_path, inputs, 'basis = "full"\n', calibration=None, stats=parts)
+    assert main(["merge", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    base, finetuned = fx.make_params()
+    expected, _ = jm.merge(fx.model(), base, finetuned, fx.calibration(), progress=False)
+    got = jm.load_params(tmp_path / "out" / "params")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # sums regrouped: float rounding
 
 
 @pytest.mark.parametrize(
@@ -266,20 +312,27 @@ def test_killed_merge_leaves_inputs_and_previous_output_intact(inputs, tmp_path)
     assert not list(tmp_path.glob(".out.*")), "leftovers of killed runs are cleaned up"
 
 
-def test_killed_stats_run_resumes(inputs, tmp_path):
-    config = _config(tmp_path, inputs)
+def test_killed_stats_run_resumes_to_the_same_statistics(inputs, tmp_path):
+    """SIGKILL `jaxmerge stats --overwrite` after the second saved batch of task 0 and after the
+    first of task 1 (batches slowed to 0.2 s); the previous output stays intact; the rerun
+    resumes and equals an uninterrupted accumulation bit for bit."""
+    config = _config(tmp_path, inputs, calibration="cli_fixtures:calibration_head")
     out = tmp_path / "stats"
+    assert main(["stats", str(config), "--out", str(out), "--quiet"]) == 0
+    previous = jm.load_model_stats(out)
+    config = _config(tmp_path, inputs)
+    before = _hashes(inputs, config)
     env = dict(os.environ, JAXMERGE_TEST_BATCH_DELAY="0.2")
-    args = ["stats", str(config), "--out", str(out), "--save-every", "1", "--quiet"]
+    args = ["stats", str(config), "--out", str(out), "--save-every", "1", "--overwrite", "--quiet"]
     resume = tmp_path / ".stats.resume"
-    assert _kill_when(_start(args, env), lambda: (resume / "task-1" / "1").is_dir())
-    assert not out.exists() and (resume / "task-0").is_dir()
+    for step in ("task-0/2", "task-1/1"):
+        assert _kill_when(_start(args, env), lambda step=step: (resume / step).is_dir())
+        assert _hashes(inputs, config) == before
+        _assert_trees_equal(jm.load_model_stats(out).sums, previous.sums)
     proc = subprocess.run([sys.executable, "-m", "jaxmerge", *args], capture_output=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
-    assert not resume.exists()
+    assert not resume.exists() and _hashes(inputs, config) == before
     base, finetuned = fx.make_params()
     expected = jm.accumulate_model_stats(fx.model(), finetuned, fx.calibration(), progress=False)
-    got = jm.load_model_stats(out)
-    for key in expected.sums:
-        _assert_trees_equal(got.sums[key].stats, expected.sums[key].stats)
+    _assert_trees_equal(jm.load_model_stats(out).sums, expected.sums)
