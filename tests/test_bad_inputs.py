@@ -1,11 +1,14 @@
-"""A catalogue of bad inputs: each raises a clear error that names the problem and the place.
+"""A catalogue of bad inputs: each gives a clear error that names the problem and the place.
 
-One table, ``CASES``: every row has an id, the call (a function of a shared context of tiny,
-valid inputs and a temporary directory), the expected exception type and a regular expression the
-message must match. The regex names both *what* is wrong (a shape, a dtype, NaN, an unknown name)
-and *where* (the parameter path, argument, layer, task, option, file or config key), so a message
-that only says "invalid input" fails. Each row also checks that the input files it was given are
-unchanged and that the error did not come from deep inside XLA.
+Two tables. ``CASES`` (the Python API): every row has an id, the call (a function of a shared
+context of tiny, valid inputs and a temporary directory), the expected exception type and a
+regular expression the message must match. ``CLI_CASES`` (the ``jaxmerge`` command): the
+arguments, the configuration file, the expected exit code and a regular expression over stderr.
+Each regex names both *what* is wrong (a shape, a dtype, NaN, an unknown name) and *where* (the
+parameter path, argument, layer, task, option, file or configuration key), so a message that only
+says "invalid input" fails. Every row also checks that the input files it was given are unchanged.
+Known poor errors are rows marked ``xfail`` (strict): fixing one makes its row fail until the mark
+is removed.
 """
 
 import dataclasses
@@ -486,14 +489,11 @@ def test_bad_input(ctx, tmp_path, case):
     assert re.search(case.match, message, re.S), (
         f"message does not match {case.match!r}:\n{message}"
     )
-    # raised by jaxmerge's own checks, not from inside XLA or a dependency
-    assert "jaxlib" not in type(info.value).__module__
+    # raised by jaxmerge's own checks (or the test suite's type checker), not deep inside a
+    # dependency such as XLA, Orbax, Flax or safetensors
+    raised_in = str(info.traceback[-1].path)
+    assert "/jaxmerge/" in raised_in or "/jaxtyping/" in raised_in, raised_in
     assert _snapshot(ctx.bert.parent) == originals, "an input file was modified"
-
-
-def test_catalogue_ids_are_unique():
-    ids = [c.id for c in CASES]
-    assert len(set(ids)) == len(ids)
 
 
 # ---- the command line -----------------------------------------------------------------------
@@ -598,3 +598,9 @@ def test_bad_command_line(cli_inputs, tmp_path, capsys, case):
     assert "Traceback" not in err.split("jaxmerge:")[-1]
     assert not (tmp_path / "out").exists()
     assert _snapshot(cli_inputs) == originals, "an input file was modified"
+
+
+def test_catalogue_ids_are_unique():
+    for table in (CASES, CLI_CASES):
+        ids = [c.id for c in table]
+        assert len(set(ids)) == len(ids)
