@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 __all__ = ["main"]
@@ -58,6 +59,10 @@ class UsageError(Exception):
     """Bad usage: exit code 2."""
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=88)
+
+
 def _add_output(parser, what: str) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help=f"directory to write {what}")
     parser.add_argument(
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="jaxmerge",
-        description="Merge fine-tuned JAX/Flax models by output-space projection.",
+        description=_wrap("Merge fine-tuned JAX/Flax models by output-space projection."),
         epilog=EXIT_CODES,
         formatter_class=formatter,
     )
@@ -78,11 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge",
         help="merge checkpoints as CONFIG says; write DIR/params and DIR/report.json",
-        description="Load the base and fine-tuned checkpoints and the calibration data (or saved "
-        "statistics) named in CONFIG, merge them, and write DIR/params (an Orbax checkpoint, "
-        "load with jaxmerge.load_params), DIR/report.json (methods qp and regmean; read it with "
-        "`jaxmerge report`) and DIR/config.toml (a copy of CONFIG). DIR appears complete or not "
-        "at all.",
+        description=_wrap(
+            "Load the base and fine-tuned checkpoints and the calibration data (or saved "
+            "statistics) named in CONFIG, merge them, and write DIR/params (an Orbax "
+            "checkpoint, load with jaxmerge.load_params), DIR/report.json (methods qp and "
+            "regmean; read it with `jaxmerge report`) and DIR/config.toml (a copy of CONFIG). "
+            "DIR appears complete or not at all."
+        ),
         epilog=CONFIG_HELP + "\n\n" + EXIT_CODES,
         formatter_class=formatter,
     )
@@ -91,12 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser(
         "stats",
         help="compute and save the calibration statistics of CONFIG",
-        description="Run every fine-tuned model of CONFIG on its calibration data and save the "
-        "per-task sums of every layer's statistics to DIR (jaxmerge.load_model_stats). Set "
-        "`stats = DIR` in a configuration to merge without the data. Partial sums are saved "
-        "every --save-every batches in a hidden .DIR.resume directory next to DIR: an "
-        "interrupted run, started again with the same arguments and data, resumes there and "
-        "gives the same statistics as an uninterrupted run.",
+        description=_wrap(
+            "Run every fine-tuned model of CONFIG on its calibration data and save the "
+            "per-task sums of every layer's statistics to DIR (jaxmerge.load_model_stats). Set "
+            "`stats = DIR` in a configuration to merge without the data. Partial sums are saved "
+            "every --save-every batches in a hidden .DIR.resume directory next to DIR: an "
+            "interrupted run, started again with the same arguments and data, resumes there and "
+            "gives the same statistics as an uninterrupted run."
+        ),
         epilog=CONFIG_HELP + "\n\n" + EXIT_CODES,
         formatter_class=formatter,
     )
@@ -112,8 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report",
         help="print a merge report's per-layer table; optionally write a PNG of ρ per layer",
-        description="Print the per-layer table (basis, E0, L*, ρ, held-out ρ, condition, solver "
-        "status, time) of REPORT, a report.json or a `jaxmerge merge` output directory.",
+        description=_wrap(
+            "Print the per-layer table (basis, E0, L*, ρ, held-out ρ, condition, solver "
+            "status, time) of REPORT, a report.json or a `jaxmerge merge` output directory."
+        ),
         epilog=EXIT_CODES,
         formatter_class=formatter,
     )
@@ -127,9 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the embedded example (scikit-learn digits) and print a table of methods",
-        description="Pretrain a small MLP digit classifier, fine-tune it on several digit tasks, "
-        "merge the fine-tunes with every method and print per-task accuracies and captured "
-        "energy ρ (on the calibration data and on held-out data).",
+        description=_wrap(
+            "Pretrain a small MLP digit classifier, fine-tune it on several digit tasks, "
+            "merge the fine-tunes with every method and print per-task accuracies and captured "
+            "energy ρ (on the calibration data and on held-out data)."
+        ),
         epilog=EXIT_CODES,
         formatter_class=formatter,
     )
