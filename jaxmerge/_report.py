@@ -171,16 +171,14 @@ class MergeReport:
             The matplotlib ``Figure``.
         """
         try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
         except ImportError as error:  # pragma: no cover - optional dependency
             raise ImportError(
                 "MergeReport.plot needs matplotlib (pip install matplotlib)."
             ) from error
         names = [r.path for r in self.layers]
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * len(names) + 2), 3.5))
+        fig = Figure(figsize=(max(4.0, 0.4 * len(names) + 2), 3.5))
+        ax = fig.subplots()
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], [r.rho for r in self.layers], 0.4, label="calibration")
         held = [r.rho_heldout for r in self.layers]
