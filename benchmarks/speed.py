@@ -301,6 +301,11 @@ def run_fusionbench(export: dict) -> dict:
             return {k: np.array(f[k]) for k in f.files}
 
 
+def per_layer_diff(merged, fb_state, paths) -> dict:
+    """``max|W_jaxmerge − W_fusionbench| / max|W_fusionbench|`` of every layer."""
+    return {p: compare_kernels(merged, fb_state, [p])[0] for p in paths}
+
+
 def compare_kernels(merged, fb_state, paths, rows=None) -> tuple[float, str]:
     """Largest ``max|W_jaxmerge − W_fusionbench| / max|W_fusionbench|`` over the given layers,
     over all kernel rows or only ``rows[path]``."""
@@ -366,6 +371,9 @@ def versus_fusionbench(
             # pseudo-inverse zeroes them. Compared on the rows the data determines:
             "max_rel_diff_determined_rows": compare_kernels(merged64, fb64, paths, live)[0],
             "undetermined_rows": {p: int((~v).sum()) for p, v in live.items() if (~v).any()},
+            # A layer fed fewer calibration rows than inputs (BERT's pooler sees one token per
+            # sequence) has a singular Gram matrix that an explicit inverse does not detect.
+            "rel_diff_per_layer": per_layer_diff(merged64, fb64, paths),
         }
     return {
         "model": name,
