@@ -142,6 +142,18 @@ def _resolve(option, path: str, default, what: str):
     return option
 
 
+def _check_patterns(option, paths, what: str) -> None:
+    """Every glob of a ``{glob: value}`` option must match one of ``paths`` (typos are errors)."""
+    if not isinstance(option, Mapping):
+        return
+    for pattern in option:
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            raise ValueError(
+                f"merge: the {what} pattern {pattern!r} matches no layer or parameter path of the "
+                f"model; known paths include {sorted(paths)[:8]}."
+            )
+
+
 def _basis_name(basis) -> str:
     return basis if isinstance(basis, str) else repr(basis)
 
@@ -707,6 +719,9 @@ class _Trees:
         flats = [flatten(t, f"finetuned[{k}]") for k, t in enumerate(self.finetuned)]
         check_trees(self.base_flat, self.treedef, flats)
         self.ft_flats = [f for f, _ in flats]
+        self.known = {"/".join(p.split("/")[:i]) for p in self.base_flat
+                      for i in range(1, p.count("/") + 2)}  # fmt: skip
+        _check_patterns(fallback, self.known, "fallback")
         self.rules, self.centre = {}, {}
         for path, leaf in self.base_flat.items():
             rule = _resolve(fallback, path, "mean", "fallback")
@@ -714,6 +729,11 @@ class _Trees:
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
                 self.rules[path] = "base"  # integer parameters are never averaged
             self.centre[path] = _fallback_value(rule, leaf, [f[path] for f in self.ft_flats])
+
+    def check_patterns(self, **options) -> None:
+        """Every ``{glob: value}`` option must match a path of the base."""
+        for what, option in options.items():
+            _check_patterns(option, self.known, what)
 
     def tree(self, flat):
         """A pure tree of the base's structure from ``{path: leaf}`` (values not cast)."""
@@ -847,6 +867,22 @@ def solve_stats(
     started = time.perf_counter()
     trees = _Trees(base, finetuned, fallback)
     specs = [s for g in stats.values() for s in g.layers]
+    for key, group in stats.items():
+        tasks = group.stats.count.shape[-1]
+        if tasks != len(finetuned):
+            raise ValueError(
+                f"solve_stats: the statistics of {key!r} hold {tasks} tasks but "
+                f"{len(finetuned)} fine-tuned trees were given; give one per task, in order."
+            )
+        for spec in group.layers:
+            for name in _param_names(spec):
+                if _leaf(spec.path, name) not in trees.base_flat:
+                    raise ValueError(
+                        f"solve_stats: the statistics hold layer {spec.path!r}, which is not in "
+                        f"the base parameters (no {_leaf(spec.path, name)!r}): statistics of "
+                        "another model?"
+                    )
+    trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options([s.path for s in specs], basis, prior, ridge, alpha, rcond)
     merged_flat = dict(trees.centre)
     reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
@@ -1016,6 +1052,7 @@ def merge(
     k_tasks = len(trees.ft_flats)
     iters, first = _peek(calibration, k_tasks)
     plan = _plan(model, call_kwargs, trees.base, first, mask_key)
+    trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
     dtype = _default_dtype()
     collect = functools.partial(_collect, plan, trees.finetuned, dtype=dtype, progress=progress)
