@@ -156,14 +156,17 @@ def _update(stats: LayerStats, x, y, task, mask, weight) -> LayerStats:
     m = jnp.ones(x.shape[0], dtype) if mask is None else mask.reshape(-1).astype(dtype)
     xm = xa if mask is None else xa * m[:, None].astype(xa.dtype)  # exact: mask is 0/1
 
-    def dot(a, b):
-        return jnp.matmul(a.T, b, preferred_element_type=dtype).astype(dtype)
-
+    # One matmul X̃ᵀ diag(m) [X̃, Y] gives the Gram and cross blocks; diag(X̃ᵀ diag(m) X̃) is the
+    # task's diagonal (m is 0/1).
+    n1 = xa.shape[1]
+    both = jnp.matmul(xm.T, jnp.concatenate([xa, y.astype(xa.dtype)], axis=1),
+                      preferred_element_type=dtype).astype(dtype)  # fmt: skip
+    gram = both[:, :n1]
     return LayerStats(
-        gram=stats.gram + weight * dot(xm, xa),
-        cross=stats.cross + weight * dot(xm, y),
+        gram=stats.gram + weight * gram,
+        cross=stats.cross + weight * both[:, n1:],
         out_sq=stats.out_sq + weight * (m @ jnp.square(y.astype(dtype))),
-        task_diag=stats.task_diag.at[task].add(weight * (m @ jnp.square(xa.astype(dtype)))),
+        task_diag=stats.task_diag.at[task].add(weight * jnp.diagonal(gram)),
         count=stats.count.at[task].add(jnp.sum(m)),
     )
 
