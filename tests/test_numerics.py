@@ -193,3 +193,32 @@ def test_jitter_is_an_explicit_ridge(x64):
     # A well-conditioned system never uses the jitter.
     _, status1, _ = jm.psd_solve(h + np.eye(5), f, jitter=1e-3)
     assert int(status1) == jm.SolveStatus.CHOLESKY
+
+
+MERGE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np, jaxmerge as jm
+from models import LinenMLP, finetunes
+model = LinenMLP()
+base = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+fts = finetunes(base, 3)
+cal = [[jax.random.normal(jax.random.key(1 + k), (32, 5))] for k in range(3)]
+out = []
+for algorithm in ("parallel", "sequential"):
+    merged, _ = jm.merge(model, base, fts, cal, algorithm=algorithm, progress=False)
+    out += [np.asarray(leaf).tobytes().hex() for leaf in jax.tree.leaves(merged)]
+print("|".join(out))
+"""
+
+
+def test_whole_model_merge_bit_identical_across_runs():
+    """An MLP merged (parallel and sequential) in two fresh processes: identical bits."""
+    script = MERGE_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent))
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(runs[0]) > 1000
