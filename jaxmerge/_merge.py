@@ -104,6 +104,16 @@ class GroupStats:
         stats: a :class:`~jaxmerge.LayerStats` whose output columns are the members' outputs
             concatenated in order, or an :class:`EmbedStats` for an embedding.
         layers: the members' :class:`LayerSpec` objects, in call order.
+
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from jaxmerge import collect_stats
+        >>> fts = [{"layers_0": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}]
+        >>> stats = collect_stats(nn.Sequential([nn.Dense(1)]), fts, [[jnp.eye(2)]],
+        ...                       progress=False)
+        >>> group = stats["layers_0"]  # rows [1, 0, 1] and [0, 1, 1], each weighted 1/2
+        >>> group.key, group.stats.gram.tolist()
+        ('layers_0', [[0.5, 0.0, 0.5], [0.0, 0.5, 0.5], [0.5, 0.5, 1.0]])
     """
 
     stats: LayerStats | EmbedStats

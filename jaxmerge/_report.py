@@ -34,6 +34,18 @@ class LayerReport:
         shared_input: the other layers that share this layer's input (and Gram matrix).
         energy_base_heldout: ``E₀`` on the held-out calibration data, if given.
         rho_heldout: ``ρ`` on the held-out calibration data, if given.
+
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from jaxmerge import collect_stats, solve_stats
+        >>> base = {"layers_0": {"kernel": jnp.zeros((2, 1)), "bias": jnp.zeros(1)}}
+        >>> fts = [{"layers_0": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}]
+        >>> stats = collect_stats(nn.Sequential([nn.Dense(1)]), fts, [[jnp.eye(2)]],
+        ...                       progress=False)
+        >>> _, report = solve_stats(stats, base, fts, progress=False)
+        >>> layer = report.layers[0]
+        >>> layer.path, layer.kind, layer.basis, layer.rho, layer.status
+        ('layers_0', 'dense', 'full', 1.0, 'CHOLESKY')
     """
 
     path: str

@@ -47,6 +47,16 @@ class LayerSpec:
         kernel: name of the weight parameter (``"kernel"``, ``"embedding"`` or ``"scale"``).
         bias: name of the bias parameter, or ``None`` when the layer has none.
         calls: how many times the layer was called in one forward pass.
+
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from jaxmerge import collect_stats
+        >>> fts = [{"layers_0": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}]
+        >>> stats = collect_stats(nn.Sequential([nn.Dense(1)]), fts, [[jnp.eye(2)]],
+        ...                       progress=False)
+        >>> spec = stats["layers_0"].layers[0]
+        >>> spec.path, spec.kind, spec.n_in, spec.n_out, spec.kernel, spec.bias
+        ('layers_0', 'dense', 2, 1, 'kernel', 'bias')
     """
 
     path: str
@@ -71,6 +81,16 @@ class EmbedStats(NamedTuple):
         out_sq: ``Σₖ wₖ ‖Yₖ[:, j]‖²`` per output column, ``(m,)``.
         task_diag: per-task weighted token counts, ``(K, V)``.
         count: tokens seen per task, ``(K,)``.
+
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from jaxmerge import collect_stats
+        >>> fts = [{"layers_0": {"embedding": jnp.ones((4, 2))}}]
+        >>> stats = collect_stats(nn.Sequential([nn.Embed(4, 2)]), fts,
+        ...                       [[jnp.array([0, 0, 2])]], progress=False)
+        >>> e = stats["layers_0"].stats  # tokens 0, 0, 2: weighted counts 2/3, 0, 1/3, 0
+        >>> [round(float(v), 4) for v in e.diag], e.count.tolist()
+        ([0.6667, 0.0, 0.3333, 0.0], [3.0])
     """
 
     diag: Float[Array, " V"]
