@@ -70,6 +70,9 @@ class ModelStats(NamedTuple):
         sums: ``{group key: GroupStats}`` whose arrays carry a leading task axis ``K``; slot ``k``
             holds the plain (weight 1) sums of task ``k``'s unmasked rows.
         tasks: one name per task.
+
+    Examples:
+        See :func:`save_model_stats` (a save and load round trip).
     """
 
     sums: dict[str, GroupStats]

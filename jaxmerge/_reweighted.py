@@ -50,6 +50,9 @@ class BasisFactory(NamedTuple):
         basis: ``layer_path -> Custom``: the processed task vectors ``Bₖ`` at that layer (its
             parameter subtree, e.g. a ``{"kernel", "bias"}`` dict, shaped like the parameters).
         prior: ``layer_path -> λ``, shape ``(K,)``: the heuristic's own coefficients.
+
+    Examples:
+        See :func:`ties_basis`, which returns one.
     """
 
     basis: Callable[[str], Custom]

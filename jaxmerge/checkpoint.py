@@ -246,6 +246,9 @@ class SavedStats(NamedTuple):
     Attributes:
         stats: ``{layer path: LayerStats}`` in the saved order.
         tasks: the task names, one per row of ``count``/``task_diag``.
+
+    Examples:
+        See :func:`save_stats` (a save and load round trip).
     """
 
     stats: dict[Any, LayerStats]
