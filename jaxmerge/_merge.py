@@ -61,6 +61,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -407,6 +408,11 @@ def _peek(calibration, num_tasks):
     return iters, first
 
 
+def _describe(batch) -> str:
+    shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
+    return f"shapes {shapes}"
+
+
 def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label):
     """Normalised (``wₖ = 1/Nₖ``) statistics of ``groups`` over all tasks and batches."""
     k_tasks = len(trees_tgt)
@@ -417,10 +423,16 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
         for k, batches in enumerate(iters):
             bar.update(job, description=f"{label}: task {k + 1}/{k_tasks}")
             sums = _zero_sums(plan, groups, k_tasks, dtype)
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 src = trees_tgt[k] if tree_in is None else tree_in
                 tgt = None if tree_in is None else trees_tgt[k]
-                sums = fn(sums, src, tgt, batch, k)
+                try:
+                    sums = fn(sums, src, tgt, batch, k)
+                except flax.errors.FlaxError as error:
+                    raise ValueError(
+                        f"merge: the model cannot run on calibration[{k}] batch {i} "
+                        f"({_describe(batch)}): {error}"
+                    ) from None
                 bar.advance(job)
             _check_finite_task(plan, groups, sums, k)
             part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
