@@ -49,7 +49,7 @@ from ._merge import (
 )
 from ._resumable import accumulate_resumable
 from ._stats import LayerStats
-from .checkpoint import _checkpoint_dir, atomic_directory
+from .checkpoint import _checkpoint_dir, save_arrays_and_record
 
 __all__ = [
     "ModelStats",
@@ -320,15 +320,7 @@ def save_model_stats(
         "tasks": list(stats.tasks),
         "groups": groups,
     }
-    with atomic_directory(path, overwrite=overwrite, what="save_model_stats") as tmp:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(
-                tmp,
-                args=ocp.args.Composite(
-                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
-                ),
-            )
-    return Path(path).absolute()
+    return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_model_stats")
 
 
 def _shapes(kind: str, specs: Sequence[LayerSpec], k: int) -> dict[str, tuple[int, ...]]:

@@ -265,6 +265,19 @@ def _encode_key(key) -> str | list:
     )
 
 
+def save_arrays_and_record(path: PathLike, arrays, meta, *, overwrite: bool, what: str) -> Path:
+    """Write a pytree of arrays (item ``stats``) and a JSON record (``metadata``) atomically."""
+    with atomic_directory(path, overwrite=overwrite, what=what) as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(
+                tmp,
+                args=ocp.args.Composite(
+                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
+                ),
+            )
+    return Path(path).absolute()
+
+
 def save_stats(
     path: PathLike,
     stats: Mapping[Any, Any],
@@ -333,15 +346,7 @@ def save_stats(
         "tasks": list(tasks),
         "layers": layers,
     }
-    with atomic_directory(path, overwrite=overwrite, what="save_stats") as tmp:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(
-                tmp,
-                args=ocp.args.Composite(
-                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
-                ),
-            )
-    return Path(path).absolute()
+    return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_stats")
 
 
 def load_stats(path: PathLike) -> SavedStats:
