@@ -153,15 +153,24 @@ def _resolve(option, path: str, default, what: str):
     return option
 
 
+class OptionPatternError(ValueError):
+    """A ``{glob: value}`` option whose glob matches no path of the model (``option`` names it)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 def _check_patterns(option, paths, what: str) -> None:
     """Every glob of a ``{glob: value}`` option must match one of ``paths`` (typos are errors)."""
     if not isinstance(option, Mapping):
         return
     for pattern in option:
         if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-            raise ValueError(
+            raise OptionPatternError(
                 f"merge: the {what} pattern {pattern!r} matches no layer or parameter path of the "
-                f"model; known paths include {sorted(paths)[:8]}."
+                f"model; known paths include {sorted(paths)[:8]}.",
+                what,
             )
 
 

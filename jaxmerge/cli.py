@@ -277,12 +277,16 @@ def _run_merge(config, *, quiet: bool):
 
 
 def _merge_command(args) -> None:
-    from ._config import load_config
+    from ._config import ConfigError, load_config
+    from ._merge import OptionPatternError
     from .checkpoint import atomic_directory, save_params
 
     config = load_config(args.config)
     out = _check_output(args.out, args.overwrite)
-    merged, report = _run_merge(config, quiet=args.quiet)
+    try:
+        merged, report = _run_merge(config, quiet=args.quiet)
+    except OptionPatternError as error:  # a [merge] table naming no layer: a config mistake
+        raise ConfigError(f"config key 'merge.{error.option}': {error}") from None
     with atomic_directory(out, overwrite=args.overwrite, what="jaxmerge merge") as tmp:
         tmp.mkdir()
         save_params(tmp / "params", merged)
