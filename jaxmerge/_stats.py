@@ -152,22 +152,26 @@ def _update(stats: LayerStats, x, y, task, mask, weight) -> LayerStats:
     # anything else is computed in the statistics' dtype.
     if not (x.dtype.itemsize == 2 and y.dtype.itemsize == 2 and dtype == jnp.float32):
         x, y = x.astype(dtype), y.astype(dtype)
-    xa = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
     m = jnp.ones(x.shape[0], dtype) if mask is None else mask.reshape(-1).astype(dtype)
-    xm = xa if mask is None else xa * m[:, None].astype(xa.dtype)  # exact: mask is 0/1
+    xm = x if mask is None else x * m[:, None].astype(x.dtype)  # exact: mask is 0/1
 
-    # One matmul X̃ᵀ diag(m) [X̃, Y] gives the Gram and cross blocks; diag(X̃ᵀ diag(m) X̃) is the
-    # task's diagonal (m is 0/1).
-    n1 = xa.shape[1]
-    both = jnp.matmul(xm.T, jnp.concatenate([xa, y.astype(xa.dtype)], axis=1),
-                      preferred_element_type=dtype).astype(dtype)  # fmt: skip
-    gram = both[:, :n1]
+    def dot(a, b):
+        return jnp.matmul(a.T, b, preferred_element_type=dtype).astype(dtype)
+
+    # The constant input enters through column sums, not a concatenated column of ones (which
+    # would copy the batch): X̃ᵀX̃ = [[XᵀX, Xᵀ1], [1ᵀX, N]] and X̃ᵀY = [XᵀY; 1ᵀY], masked rows out.
+    xx, xy = dot(xm, x), dot(xm, y)
+    sx = jnp.sum(xm.astype(dtype), axis=0)
+    sy = m @ y.astype(dtype)
+    rows = jnp.sum(m)
+    gram = jnp.block([[xx, sx[:, None]], [sx[None, :], rows[None, None]]])
+    cross = jnp.concatenate([xy, sy[None, :]], axis=0)
     return LayerStats(
         gram=stats.gram + weight * gram,
-        cross=stats.cross + weight * both[:, n1:],
+        cross=stats.cross + weight * cross,
         out_sq=stats.out_sq + weight * (m @ jnp.square(y.astype(dtype))),
         task_diag=stats.task_diag.at[task].add(weight * jnp.diagonal(gram)),
-        count=stats.count.at[task].add(jnp.sum(m)),
+        count=stats.count.at[task].add(rows),
     )
 
 
