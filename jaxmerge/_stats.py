@@ -161,7 +161,7 @@ def _update(stats: LayerStats, x, y, task, mask, weight) -> LayerStats:
     # The constant input enters through column sums, not a concatenated column of ones (which
     # would copy the batch): X̃ᵀX̃ = [[XᵀX, Xᵀ1], [1ᵀX, N]] and X̃ᵀY = [XᵀY; 1ᵀY], masked rows out.
     xx, xy = dot(xm, x), dot(xm, y)
-    sx = jnp.sum(xm.astype(dtype), axis=0)
+    sx = jnp.sum(xm, axis=0, dtype=dtype)
     sy = m @ y.astype(dtype)
     rows = jnp.sum(m)
     gram = jnp.block([[xx, sx[:, None]], [sx[None, :], rows[None, None]]])
