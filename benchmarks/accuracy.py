@@ -187,7 +187,10 @@ def merges(suite: Suite, idx, stats, *, quick: bool):
     yield "regmean", merged, {"alpha": alpha}
 
     def lowrank(path):  # rank LOWRANK, or less where the layer's update cannot have it
-        kernel = subtree(base, path)["kernel"]
+        params = subtree(base, path)
+        if "kernel" not in params:  # a norm: solved channel by channel whatever the rank
+            return jm.LowRank(LOWRANK)
+        kernel = params["kernel"]
         return jm.LowRank(min(LOWRANK, int(np.prod(kernel.shape[:-1])), kernel.shape[-1]))
 
     bases = {"scalar": "scalar", "diagonal": "diagonal", "full": "full", "lowrank": lowrank}

@@ -77,6 +77,7 @@ from ._flax.adapters import (
     from_layer,
     init_group_stats,
     member_stats,
+    own_targets,
     row_mask,
     scale_stats,
     to_layer,
@@ -268,12 +269,12 @@ class _Plan:
         self.group_of = {p: g for g in self.groups for p in g}
         self.fns = {}
 
-    def stats_fn(self, groups, num_tasks, dtype):
+    def stats_fn(self, groups, num_tasks, dtype, own=False):
         """The jitted :func:`_batch_stats` of ``groups``, built once per plan."""
-        key = (tuple(groups), num_tasks, jnp.dtype(dtype))
+        key = (tuple(groups), num_tasks, jnp.dtype(dtype), own)
         if key not in self.fns:
             self.fns[key] = jax.jit(
-                functools.partial(_batch_stats, self, tuple(groups), num_tasks, dtype)
+                functools.partial(_batch_stats, self, tuple(groups), num_tasks, dtype, own)
             )
         return self.fns[key]
 
@@ -339,8 +340,10 @@ def _plan(model, call_kwargs, tree, batch, mask_key) -> _Plan:
     return plan
 
 
-def _batch_stats(plan, groups, num_tasks, dtype, sums, tree_in, tree_tgt, batch, task):
-    """Add one batch of one task to the plain sums of ``groups`` (traced)."""
+def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, batch, task):
+    """Add one batch of one task to the plain sums of ``groups`` (traced). ``own``: the targets
+    are the layers' own outputs (``tree_tgt`` is ``None``), so non-embedding groups add their
+    input statistics only and :func:`~jaxmerge._flax.adapters.own_targets` completes them."""
     keep = {p for g in groups for p in g}
     mask = plan.mask(batch)
     rec_in = plan.record(tree_in, batch, keep)
@@ -349,7 +352,11 @@ def _batch_stats(plan, groups, num_tasks, dtype, sums, tree_in, tree_tgt, batch,
     for group in groups:
         key = plan.key(group)
         stats = sums[key]
+        inputs_only = own and isinstance(stats, LayerStats)
         for i, (x, lead, _) in enumerate(rec_in[group[0]]):
+            if inputs_only:
+                stats = update_group_stats(stats, x, None, task, row_mask(mask, lead))
+                continue
             targets = [rec_tgt[p][i] for p in group]
             for p, (_, lead_t, _) in zip(group, targets, strict=True):
                 if lead_t != lead:
@@ -425,7 +432,8 @@ def _describe(batch) -> str:
 def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label):
     """Normalised (``wₖ = 1/Nₖ``) statistics of ``groups`` over all tasks and batches."""
     k_tasks = len(trees_tgt)
-    fn = plan.stats_fn(groups, k_tasks, dtype)
+    own = tree_in is None  # each task's own activations: targets follow from the Gram matrices
+    fn = plan.stats_fn(groups, k_tasks, dtype, own)
     total = None
     with _progress(progress) as bar:
         job = bar.add_task(label, total=None)
@@ -443,6 +451,13 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
                         f"({_describe(batch)}): {error}"
                     ) from None
                 bar.advance(job)
+            if own:
+                flat, _ = flatten(trees_tgt[k])
+                for group in groups:
+                    key, specs = plan.key(group), plan.group_specs(group)
+                    if isinstance(sums[key], LayerStats):
+                        layers = [_layer_params(flat, spec) for spec in specs]
+                        sums[key] = own_targets(sums[key], specs, layers)
             _check_finite_task(plan, groups, sums, k)
             part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
             total = part if total is None else jax.tree.map(jnp.add, total, part)
@@ -940,13 +955,37 @@ def _concatenable(batches) -> bool:
 
 
 def _sequential_pass(plan, options, trees, batches, embed_params, dtype):
-    """The one-batch sequential merge as one traced function (see the module docs)."""
+    """The one-batch sequential merge, run as one jitted function (see the module docs).
+
+    The compiled function is kept on the plan for the next merge with the same options, tree
+    structure, number of tasks and dtype (options holding arrays, such as priors, are not
+    hashable and compile afresh).
+    """
     k_tasks = len(trees.ft_flats)
+    key = ("sequential", k_tasks, jnp.dtype(dtype), trees.treedef, tuple(trees.base_flat),
+           tuple(options.items()))  # fmt: skip
+    try:
+        fn = plan.fns.get(key)
+    except TypeError:
+        key, fn = None, None
+    if fn is None:
+        fn = jax.jit(_sequential_fn(plan, options, trees.treedef, tuple(trees.base_flat), dtype))
+        if key is not None:
+            plan.fns[key] = fn
+    return fn(trees.base_flat, trees.ft_flats, trees.centre, embed_params, batches)
+
+
+def _sequential_fn(plan, options, treedef, paths, dtype):
+    """The traceable sequential pass; it closes over no parameter values."""
     solvable = set(plan.specs)
 
+    def tree(flat):
+        return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths])
+
     def run(base_flat, ft_flats, centre_flat, embed_params, batches):
+        k_tasks = len(ft_flats)
         targets = [
-            plan.record(trees.tree(f), b, solvable) for f, b in zip(ft_flats, batches, strict=True)
+            plan.record(tree(f), b, solvable) for f, b in zip(ft_flats, batches, strict=True)
         ]
         sizes = [_lead(b) for b in batches]
         masks = [plan.mask(b) for b in batches]
@@ -988,10 +1027,10 @@ def _sequential_pass(plan, options, trees, batches, embed_params, dtype):
                     metrics[p] = (m, finite)
             return call.run(solved[path])
 
-        plan.apply(trees.tree(centre_flat), xcat, hook)
+        plan.apply(tree(centre_flat), xcat, hook)
         return {p: solved[p] for p in metrics}, metrics
 
-    return jax.jit(run)(trees.base_flat, trees.ft_flats, trees.centre, embed_params, batches)
+    return run
 
 
 def merge(

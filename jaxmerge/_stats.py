@@ -145,13 +145,16 @@ def _check_batch(stats: LayerStats, x, y, mask) -> None:
 
 @jax.jit
 def _update(stats: LayerStats, x, y, task, mask, weight) -> LayerStats:
+    """The update kernel; ``y=None`` adds the input statistics only (``cross``, ``out_sq`` kept)."""
     dtype = stats.gram.dtype
     x = x.reshape(-1, x.shape[-1])
-    y = y.reshape(-1, y.shape[-1])
+    y = None if y is None else y.reshape(-1, y.shape[-1])
     # 16-bit inputs stay 16-bit in the matmuls, accumulated in float32 (fast on accelerators);
     # anything else is computed in the statistics' dtype.
-    if not (x.dtype.itemsize == 2 and y.dtype.itemsize == 2 and dtype == jnp.float32):
-        x, y = x.astype(dtype), y.astype(dtype)
+    narrow = x.dtype.itemsize == 2 and (y is None or y.dtype.itemsize == 2)
+    if not (narrow and dtype == jnp.float32):
+        x = x.astype(dtype)
+        y = None if y is None else y.astype(dtype)
     m = jnp.ones(x.shape[0], dtype) if mask is None else mask.reshape(-1).astype(dtype)
     xm = x if mask is None else x * m[:, None].astype(x.dtype)  # exact: mask is 0/1
 
@@ -160,19 +163,44 @@ def _update(stats: LayerStats, x, y, task, mask, weight) -> LayerStats:
 
     # The constant input enters through column sums, not a concatenated column of ones (which
     # would copy the batch): X̃ᵀX̃ = [[XᵀX, Xᵀ1], [1ᵀX, N]] and X̃ᵀY = [XᵀY; 1ᵀY], masked rows out.
-    xx, xy = dot(xm, x), dot(xm, y)
     sx = jnp.sum(xm, axis=0, dtype=dtype)
-    sy = m @ y.astype(dtype)
     rows = jnp.sum(m)
-    gram = jnp.block([[xx, sx[:, None]], [sx[None, :], rows[None, None]]])
-    cross = jnp.concatenate([xy, sy[None, :]], axis=0)
+    gram = jnp.block([[dot(xm, x), sx[:, None]], [sx[None, :], rows[None, None]]])
+    cross, out_sq = stats.cross, stats.out_sq
+    if y is not None:
+        cross = cross + weight * jnp.concatenate([dot(xm, y), (m @ y.astype(dtype))[None]], 0)
+        out_sq = out_sq + weight * (m @ jnp.square(y.astype(dtype)))
     return LayerStats(
         gram=stats.gram + weight * gram,
-        cross=stats.cross + weight * cross,
-        out_sq=stats.out_sq + weight * (m @ jnp.square(y.astype(dtype))),
+        cross=cross,
+        out_sq=out_sq,
         task_diag=stats.task_diag.at[task].add(weight * jnp.diagonal(gram)),
         count=stats.count.at[task].add(rows),
     )
+
+
+def update_input_stats(stats: LayerStats, x, task, mask=None) -> LayerStats:
+    """:func:`update_stats` without targets: ``gram``, ``task_diag`` and ``count`` only.
+
+    For targets that are an affine map of the inputs, ``Y = X̃W̄``, the target statistics follow
+    from the Gram matrix afterwards (:func:`affine_targets`) at a cost independent of the rows.
+    """
+    x = jnp.asarray(x)
+    mask = None if mask is None else jnp.asarray(mask)
+    weight = jnp.asarray(1.0, stats.gram.dtype)
+    return _update(stats, x, None, jnp.asarray(task, jnp.int32), mask, weight)
+
+
+def affine_targets(stats: LayerStats, wbar) -> LayerStats:
+    """Statistics whose targets are ``Y = X̃W̄`` on the rows of ``stats``'s Gram matrix.
+
+    ``P = AW̄`` and ``s = diag(W̄ᵀAW̄)`` replace ``cross`` and ``out_sq``: exactly what
+    :func:`update_stats` would add for those targets, without their ``N·(n+1)·m`` products.
+    ``wbar`` is ``(n_in + 1, n_out)`` (kernel rows, then the bias row).
+    """
+    wbar = jnp.asarray(wbar, stats.gram.dtype)
+    cross = stats.gram @ wbar
+    return stats._replace(cross=cross, out_sq=jnp.sum(wbar * cross, axis=0))
 
 
 def update_stats(

@@ -114,6 +114,32 @@ def test_sequential_second_layer_uses_merged_inputs(mlp):
     np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
 
 
+def test_sequential_pass_is_compiled_once_and_sees_new_values(mlp):
+    """A second merge of the same model and structure reuses the compiled one-pass sequential
+    merge, and that pass reads the new parameters and data, not the first merge's."""
+    model, xs, base, fts, _ = mlp
+    rng = np.random.default_rng(5)
+    fts2 = finetunes(base, 2, 0.3, seed=7)
+    xs2 = [x + jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in xs]
+    merged, _ = merge(model, base, fts2, [[x] for x in xs2], algorithm="sequential", progress=False)
+    passes = [
+        fn
+        for _, plan in jaxmerge._merge._PLANS.values()
+        if plan.model.module is model
+        for key, fn in plan.fns.items()
+        if key[0] == "sequential"
+    ]
+    assert len(passes) == 1 and passes[0]._cache_size() == 1  # the fixture's merge compiled it
+    ys = [augment(x) @ np_layer(f["Dense_0"]) for x, f in zip(xs2, fts2, strict=True)]
+    np.testing.assert_allclose(np_layer(merged["Dense_0"]), regmean(xs2, ys), rtol=1e-4, atol=1e-4)
+    hs = [np.tanh(augment(x) @ np_layer(merged["Dense_0"])) for x in xs2]
+    ys = [
+        augment(np.tanh(augment(x) @ np_layer(f["Dense_0"]))) @ np_layer(f["Dense_1"])
+        for x, f in zip(xs2, fts2, strict=True)
+    ]
+    np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+
+
 def _loss(xs, ys, wbar):
     return sum(
         np.mean(np.sum((augment(x) @ wbar - y) ** 2, -1)) for x, y in zip(xs, ys, strict=True)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._stats import LayerStats, update_stats
+from .._stats import LayerStats, affine_targets, update_input_stats, update_stats
 
 KINDS = ("dense", "dense_general", "conv", "embed", "norm")
 
@@ -118,8 +118,11 @@ def init_group_stats(specs, num_tasks: int, dtype):
 
 
 def update_group_stats(stats, x, y, task, mask, weight=1.0):
-    """Add rows ``x`` (ids for embeddings), targets ``y`` and a 0/1 row mask to the statistics."""
+    """Add rows ``x`` (ids for embeddings), targets ``y`` and a 0/1 row mask to the statistics;
+    ``y=None`` (not for embeddings): the input statistics only, see :func:`own_targets`."""
     if isinstance(stats, LayerStats):
+        if y is None:
+            return update_input_stats(stats, x, task, mask)
         return update_stats(stats, x, y, task, mask=mask, weight=weight)
     dtype = stats.diag.dtype
     v = stats.diag.shape[0]
@@ -134,6 +137,23 @@ def update_group_stats(stats, x, y, task, mask, weight=1.0):
         task_diag=stats.task_diag.at[task].add(counts),
         count=stats.count.at[task].add(jnp.sum(m)),
     )
+
+
+def own_targets(stats: LayerStats, specs, layers) -> LayerStats:
+    """One task's group statistics with its targets the layers' own outputs on those rows.
+
+    Every supported layer but the embedding computes ``y = x̃W̄`` from its rows, so when the rows
+    are its own inputs (the parallel merge) the targets' statistics are ``P = AW̄`` and
+    ``s = diag(W̄ᵀAW̄)`` (:func:`~jaxmerge._stats.affine_targets`): equal to accumulating the
+    outputs up to the rounding of the layer's own computation, without the ``N·(n+1)·m`` products.
+    ``layers`` are the members' parameter dicts of that task, in the order of ``specs``.
+    """
+    columns = []
+    for spec, params in zip(specs, layers, strict=True):
+        kernel, bias = to_layer(spec, params)
+        bias = jnp.zeros(spec.n_out, kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+        columns.append(jnp.concatenate([kernel, bias[None]], axis=0))
+    return affine_targets(stats, jnp.concatenate(columns, axis=1))
 
 
 def scale_stats(stats, scale):
