@@ -11,8 +11,10 @@ with one Cholesky factor and all their columns as right-hand sides.
 Algorithms:
 
 * ``"parallel"`` (RegMean style): ``X̃ₖ`` are the fine-tuned model ``k``'s own activations; one
-  forward pass per task and batch accumulates every layer's statistics, then every layer is
-  solved independently.
+  forward pass per task and batch accumulates every layer's input statistics, then every layer is
+  solved independently. The targets are then the layer's own outputs ``Yₖ = X̃ₖW̄ₖ``, so their
+  statistics follow from each task's Gram matrix, ``X̃ₖᵀYₖ = (X̃ₖᵀX̃ₖ)W̄ₖ``, without the products
+  over the rows (embeddings excepted).
 * ``"sequential"``: ``X̃ₖ`` are the activations of the partially merged model on task ``k``'s
   data, ``Yₖ`` still the fine-tuned model's outputs of the layer, so each layer corrects the error
   left upstream. When every task's calibration is one batch (of matching shapes) the whole merge

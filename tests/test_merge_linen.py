@@ -428,3 +428,27 @@ def test_bases_per_path_and_factories(transformer):
     jax.tree.map(
         lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), scalar["head"], base["head"]
     )
+
+
+@pytest.mark.parametrize("kind", ["transformer", "cnn"])
+def test_parallel_statistics_equal_those_of_the_recorded_outputs(kind):
+    """collect_stats takes an affine layer's target statistics from its Gram matrix (P = AW̄,
+    s = diag(W̄ᵀAW̄)); they equal the sums of the recorded outputs (accumulate_model_stats)."""
+    if kind == "transformer":
+        model = LinenTransformer()
+        base = model.init(jax.random.key(0), **token_batch(0))["params"]
+        cal = [[token_batch(1), token_batch(3)], [token_batch(2, low=3)]]
+    else:
+        model = LinenCNN()
+        rng = np.random.default_rng(0)
+        x = [jnp.asarray(rng.normal(size=(3, 6, 6, 2)) + t, jnp.float32) for t in range(3)]
+        base = model.init(jax.random.key(0), x[0])["params"]
+        cal = [[x[0], x[1]], [x[2]]]
+    fts = finetunes(base, 2, 0.3)
+    ours = jaxmerge.collect_stats(model, fts, cal, progress=False)
+    recorded = jaxmerge.accumulate_model_stats(model, fts, cal, progress=False).normalized()
+    assert list(ours) == list(recorded)
+    for key, group in ours.items():
+        for name, a, b in zip(group.stats._fields, group.stats, recorded[key].stats, strict=True):
+            scale = float(jnp.max(jnp.abs(b)))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{key} {name}")
