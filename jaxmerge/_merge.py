@@ -372,6 +372,18 @@ def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, b
     return out
 
 
+def _own_targets(plan, groups, sums, tree):
+    """One task's sums from ``stats_fn(..., own=True)`` completed with the target statistics of
+    its layers' own outputs (``tree``: that task's parameters)."""
+    flat, _ = flatten(tree)
+    out = dict(sums)
+    for group in groups:
+        key, specs = plan.key(group), plan.group_specs(group)
+        if isinstance(sums[key], LayerStats):
+            out[key] = own_targets(sums[key], specs, [_layer_params(flat, s) for s in specs])
+    return out
+
+
 def _zero_sums(plan, groups, num_tasks, dtype):
     return {plan.key(g): init_group_stats(plan.group_specs(g), num_tasks, dtype) for g in groups}
 
@@ -454,12 +466,7 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
                     ) from None
                 bar.advance(job)
             if own:
-                flat, _ = flatten(trees_tgt[k])
-                for group in groups:
-                    key, specs = plan.key(group), plan.group_specs(group)
-                    if isinstance(sums[key], LayerStats):
-                        layers = [_layer_params(flat, spec) for spec in specs]
-                        sums[key] = own_targets(sums[key], specs, layers)
+                sums = _own_targets(plan, groups, sums, trees_tgt[k])
             _check_finite_task(plan, groups, sums, k)
             part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
             total = part if total is None else jax.tree.map(jnp.add, total, part)

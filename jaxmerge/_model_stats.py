@@ -42,6 +42,7 @@ from ._merge import (
     GroupStats,
     _check_finite_task,
     _default_dtype,
+    _own_targets,
     _peek,
     _plan,
     _progress,
@@ -178,7 +179,7 @@ def accumulate_model_stats(
     plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     k_tasks = len(finetuned)
-    fn = plan.stats_fn(plan.groups, k_tasks, dtype)
+    fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)
     per_task = []
     with _progress(progress) as bar:
         job = bar.add_task("statistics", total=None)
@@ -204,6 +205,7 @@ def accumulate_model_stats(
                     keep=1,
                 )
                 sums = _from_state(state, zero)
+            sums = _own_targets(plan, plan.groups, sums, finetuned[k])
             _check_finite_task(plan, plan.groups, sums, k)
             per_task.append(sums)
     out = {}
