@@ -9,13 +9,14 @@ Measures, in one run on this machine:
 * ``scaling``: one layer's merge (statistics of ``K`` tasks + full solve) against calibration
   tokens, layer width and number of models, with the exponent of a least-squares line fitted on
   log-log axes.
-* ``fusionbench``: an end-to-end RegMean merge (statistics + solve + fold back) in jaxmerge against
-  FusionBench's ``RegMeanAlgorithm`` (PyTorch, CPU, in ``benchmarks/.fusionbench-venv``; run
-  ``bash benchmarks/fusionbench/setup.sh`` once) on the same models and calibration inputs: the
-  image-suite MLP and MiniLM-L6. FusionBench's RegMean solves the kernels without a bias column
-  (token-averaged Gram matrices per model, ``W = (Σₖ Gₖ)⁻¹ Σₖ Gₖ Wₖ``) and averages every other
-  parameter; the jaxmerge side here solves that same problem (the full basis on bias-free
-  statistics, biases averaged) so the merged weights are comparable, with ``α = 1``.
+* ``fusionbench``: an end-to-end merge in jaxmerge against FusionBench's ``RegMeanAlgorithm``
+  (PyTorch, CPU, in ``benchmarks/.fusionbench-venv``; run ``bash benchmarks/fusionbench/setup.sh``
+  once) on the same models and calibration inputs: the image-suite MLP and MiniLM-L6 fine-tuned
+  on the text tasks. ``jaxmerge_s`` times ``jaxmerge.merge`` (full basis, ``α = 1``, every
+  supported layer solved, biases included); ``jaxmerge_regmean_s`` solves FusionBench's own
+  problem (kernels from bias-free token-averaged Gram matrices, ``W = (Σₖ Gₖ)⁻¹ Σₖ GₖWₖ``, every
+  other parameter averaged) from ``jaxmerge.collect_stats`` and ``jaxmerge.solve_layer``, and its
+  merged kernels are compared with FusionBench's.
 * ``sequential_over_parallel``: wall time of the sequential merge over the parallel one
   (``jaxmerge.merge``; reported as unavailable when that is not installed).
 
@@ -24,7 +25,6 @@ Results go to ``benchmarks/results/speed.json`` and ``speed.png``.
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import platform
@@ -35,7 +35,6 @@ import time
 
 import data
 import finetune
-import flax.linen as nn
 import flax.traverse_util as traverse
 import jax
 import jax.numpy as jnp
@@ -184,88 +183,95 @@ def scaling(quick: bool, repeats: int) -> dict:
 # ---- end to end against FusionBench -----------------------------------------------------------
 
 
-def dense_inputs(module: nn.Module, *args, **kwargs) -> dict:
-    """Inputs of every ``nn.Dense`` call in ``module.apply(*args, **kwargs)``.
-
-    Returns ``{"path_a,path_b": x}``: Dense layers fed the same array (query/key/value) share one
-    entry, so they share one Gram matrix.
-    """
-    groups = {}
-
-    def interceptor(next_fun, a, kw, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            x = a[0]
-            groups.setdefault(id(x), (x, []))[1].append("/".join(context.module.path))
-        return next_fun(*a, **kw)
-
-    with nn.intercept_methods(interceptor):
-        module.apply(*args, **kwargs)
-    return {",".join(paths): x for x, paths in groups.values()}
-
-
 def get_path(tree, path: str):
     for key in path.split("/"):
         tree = tree[key]
     return tree
 
 
-def set_path(tree, path: str, value):
-    *parents, leaf = path.split("/")
-    for key in parents:
-        tree = tree[key]
-    tree[leaf] = value
+def dense_paths(params) -> list[str]:
+    """Paths of every layer with a ``kernel`` (the Dense layers FusionBench's RegMean merges)."""
+    flat = traverse.flatten_dict(params, sep="/")
+    return [p.rsplit("/", 1)[0] for p in flat if p.endswith("/kernel")]
 
 
-def regmean_merge(module, base_params, tuned_params, calib_inputs, *, batch: int):
-    """RegMean (α = 1) with jaxmerge: statistics + full-basis solve + fold back.
+def batches_of(inputs, batch: int) -> list:
+    """A task's calibration (an array, or a dict of arrays for keyword inputs) in batches."""
+    n = len(jax.tree.leaves(inputs)[0])
+    return [jax.tree.map(lambda a, i=i: a[i : i + batch], inputs) for i in range(0, n, batch)]
 
-    For every group of Dense layers sharing an input, the per-task statistics of the inputs and
-    the kernels' outputs (bias-free, as in RegMean) are accumulated in batches, weighted ``1/Nₖ``,
-    combined, and one full-basis solve gives the kernels; every other parameter is the mean of the
-    fine-tunes. ``calib_inputs[k]`` is a tuple of positional arrays for ``module.apply``.
 
-    Returns the merged parameters and, per Dense path, which input features carry calibration
-    energy (a positive Gram diagonal); rows of the others are not determined by the data.
+def merge_end_to_end(module, base, tuned, calib, *, batch: int):
+    """jaxmerge's own merge: ``jaxmerge.merge``, parallel, full basis, ``α = 1``, every supported
+    layer solved (biases, norms and embeddings included: a superset of RegMean's work)."""
+    merged, _ = jm.merge(
+        module,
+        base,
+        tuned,
+        [batches_of(c, batch) for c in calib],
+        basis="full",
+        alpha=1.0,
+        mask_key=None,
+        progress=False,
+    )
+    return jax.block_until_ready(merged)
+
+
+def regmean_merge(module, base, tuned, calib, *, batch: int):
+    """FusionBench's RegMean problem (``α = 1``) solved from jaxmerge's statistics.
+
+    RegMean solves the Dense kernels only, ``W = (Σₖ Gₖ)⁻¹ Σₖ GₖWₖ`` with ``Gₖ`` task ``k``'s
+    token-averaged input Gram matrix, and averages every other parameter. The statistics are
+    :func:`jaxmerge.collect_stats` of each task on its own (giving each ``Gₖ``, the input block
+    of its bias-augmented Gram matrix); :func:`jaxmerge.solve_layer` with the full basis on
+    kernel-only layers solves each group of Dense layers sharing an input (query/key/value).
+
+    Returns the merged parameters and, per Dense path, the summed Gram matrix ``Σₖ G̃ₖ``.
     """
-    capture = _capture(module)
-    k = len(tuned_params)
-    merged = jax.tree.map(lambda *a: sum(a) / k, *tuned_params)
-    total = None
-    for t, (params, inputs) in enumerate(zip(tuned_params, calib_inputs, strict=True)):
-        part = None
-        for i in range(0, len(inputs[0]), batch):
-            captured = capture(params, *(a[i : i + batch] for a in inputs))
-            if part is None:
-                part = {
-                    g: jm.init_stats(x.shape[-1], _width(params, g), k) for g, x in captured.items()
-                }
-            for g, x in captured.items():
-                kernel = jnp.concatenate([get_path(params, p)["kernel"] for p in g.split(",")], 1)
-                part[g] = jm.update_stats(part[g], x, x @ kernel, t)
-        part = {g: jm.normalize_stats(s) for g, s in part.items()}
-        total = part if total is None else {g: jm.combine_stats(total[g], part[g]) for g in part}
-    live = {}
-    for g, stats in total.items():
-        paths = g.split(",")
-        live.update({q: np.asarray(jnp.diagonal(stats.gram)[:-1] > 0) for q in paths})
-        kernels = [
-            jnp.concatenate([get_path(p, q)["kernel"] for q in paths], 1) for p in tuned_params
-        ]
-        base = jnp.concatenate([get_path(base_params, q)["kernel"] for q in paths], 1)
-        sol = jm.solve_layer(stats, base, kernels, basis="full")
-        splits = np.cumsum([get_path(base_params, q)["kernel"].shape[1] for q in paths])[:-1]
-        for q, kernel in zip(paths, jnp.split(sol.kernel, splits, axis=1), strict=True):
-            set_path(merged, f"{q}/kernel", kernel)
-    return jax.block_until_ready(merged), live
+    paths = dense_paths(base)
+    per_task = [
+        jm.collect_stats(
+            module, [p], [batches_of(c, batch)], paths=paths, mask_key=None, progress=False
+        )
+        for p, c in zip(tuned, calib, strict=True)
+    ]
+    merged = jax.tree.map(lambda *a: sum(a) / len(tuned), *tuned)
+    gram = {}
+    for key, group in per_task[0].items():
+        members = [spec.path for spec in group.layers]
+
+        def kernel(params, members=members):
+            return jnp.concatenate([get_path(params, q)["kernel"] for q in members], axis=1)
+
+        grams = [t[key].stats.gram for t in per_task]
+        kernels = [kernel(p) for p in tuned]
+        # targets X Wₖ (no bias): P = Σₖ X̃ₖᵀ X Wₖ / Nₖ, the kernel columns of each Gram matrix
+        cross = [g[:, :-1] @ w for g, w in zip(grams, kernels, strict=True)]
+        stats = jm.LayerStats(
+            gram=sum(grams),
+            cross=sum(cross),
+            out_sq=sum(jnp.sum(w * c[:-1], axis=0) for w, c in zip(kernels, cross, strict=True)),
+            task_diag=jnp.stack([jnp.diagonal(g) for g in grams]),
+            count=jnp.stack([t[key].stats.count[0] for t in per_task]),
+        )
+        sol = jm.solve_layer(stats, kernel(base), kernels, basis="full")
+        gram.update({q: stats.gram for q in members})
+        start = 0
+        for q in members:
+            width = get_path(base, q)["kernel"].shape[1]
+            get_path(merged, q)["kernel"] = sol.kernel[:, start : start + width]
+            start += width
+    return jax.block_until_ready(merged), gram
 
 
-@functools.cache
-def _capture(module: nn.Module):
-    return jax.jit(lambda p, *a: dense_inputs(module, {"params": p}, *a))
-
-
-def _width(params, group: str) -> int:
-    return sum(get_path(params, p)["kernel"].shape[1] for p in group.split(","))
+def determined(gram) -> tuple[np.ndarray, int]:
+    """Which inputs of a Gram matrix ``Σₖ G̃ₖ`` carry calibration energy (a positive diagonal;
+    kernel rows of the others are not determined by the data), and its numerical rank over them.
+    """
+    gram = np.asarray(gram)[:-1, :-1]
+    alive = np.diagonal(gram) > 0
+    eig = np.linalg.eigvalsh(gram[alive][:, alive])
+    return alive, int(np.sum(eig > len(eig) * np.finfo(eig.dtype).eps * eig.max()))
 
 
 def torch_state(params) -> dict:
@@ -321,14 +327,15 @@ def compare_kernels(merged, fb_state, paths, rows=None) -> tuple[float, str]:
     return worst, where
 
 
-def versus_fusionbench(
-    name, module, base, tuned, calib, export_extra, *, batch, rows, compare_float64
-) -> dict:
-    """Time jaxmerge's and FusionBench's RegMean on the same models and calibration inputs.
+def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch, quick: bool):
+    """Time jaxmerge and FusionBench's RegMean on the same models and calibration inputs.
 
-    The merged kernels are compared in float32 and, with ``compare_float64``, in float64 (both
-    tools rerun in float64): there the difference measures the algorithms rather than float32
-    rounding in ill-conditioned Gram matrices.
+    ``jaxmerge_s`` is :func:`merge_end_to_end` (the library's merge; ``ratio`` divides it by
+    FusionBench's time), ``jaxmerge_regmean_s`` :func:`regmean_merge` (FusionBench's own problem,
+    ``ratio_regmean``), each the second of two runs (the first compiles). The merged kernels of
+    the same problem are compared in float32 and in float64 (both tools rerun in float64): there
+    the difference measures the algorithms rather than float32 rounding in ill-conditioned Gram
+    matrices. ``quick``: one run each (compilation included) and no float64 comparison.
     """
     if not FB_PYTHON.exists():
         return {
@@ -336,12 +343,14 @@ def versus_fusionbench(
             "reason": f"no FusionBench environment at {FB_PYTHON.parent.parent}; run "
             "bash benchmarks/fusionbench/setup.sh",
         }
-    start = time.perf_counter()
-    regmean_merge(module, base, tuned, calib, batch=batch)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    merged, _ = regmean_merge(module, base, tuned, calib, batch=batch)
-    warm = time.perf_counter() - start
+    times = {}
+    for label, fn in (("merge", merge_end_to_end), ("regmean", regmean_merge)):
+        for run in ("cold",) if quick else ("cold", "warm"):
+            start = time.perf_counter()
+            out = fn(module, base, tuned, calib, batch=batch)
+            times[label, run] = time.perf_counter() - start
+        times.setdefault((label, "warm"), times[label, "cold"])
+    merged, _ = out
     export = {
         "num_models": len(tuned),
         "batch": batch,
@@ -353,37 +362,54 @@ def versus_fusionbench(
     for k, params in enumerate(tuned):
         export.update({f"model{k}/{n}": v for n, v in torch_state(params).items()})
     fb = run_fusionbench(export)
-    paths = [p for g in _capture_paths(module, base, calib[0], batch) for p in g.split(",")]
+    paths = dense_paths(base)
     rel, where = compare_kernels(merged, fb, paths)
     float64 = {}
-    if compare_float64:
+    if not quick:
         fb64 = run_fusionbench({**export, "dtype": "float64"})
         with jax.enable_x64(True):
-            merged64, live = regmean_merge(
+            merged64, grams = regmean_merge(
                 module, _f64(base), [_f64(p) for p in tuned], [_f64(c) for c in calib], batch=batch
             )
-        rel64, where64 = compare_kernels(merged64, fb64, paths)
+        info = {p: determined(g) for p, g in grams.items()}
+        live = {p: alive for p, (alive, _) in info.items()}
+        deficient = {
+            p: {"rank": rank, "live_inputs": int(alive.sum())}
+            for p, (alive, rank) in info.items()
+            if rank < alive.sum()
+        }
+        posed = [p for p in paths if p not in deficient]
+        rel64, where64 = compare_kernels(merged64, fb64, posed, live)
         float64 = {
+            # Inputs with no calibration energy (dead ReLU units, blank pixels) leave their kernel
+            # rows undetermined: jaxmerge keeps the fallback's rows (minimum-norm update),
+            # FusionBench's pseudo-inverse zeroes them. And a layer fed fewer independent rows
+            # than inputs (BERT's pooler sees one token per sequence) has a singular Gram matrix
+            # and no unique RegMean solution; an explicit inverse does not detect it. The
+            # headline compares the rows the data determines, on the layers where they are.
             "max_rel_diff": rel64,
             "max_rel_diff_layer": where64,
-            # Inputs with no calibration energy (dead ReLU units, blank pixels) leave their kernel
-            # rows undetermined: jaxmerge keeps the base's rows (minimum-norm update), FusionBench's
-            # pseudo-inverse zeroes them. Compared on the rows the data determines:
-            "max_rel_diff_determined_rows": compare_kernels(merged64, fb64, paths, live)[0],
+            "max_rel_diff_all_rows_all_layers": compare_kernels(merged64, fb64, paths)[0],
             "undetermined_rows": {p: int((~v).sum()) for p, v in live.items() if (~v).any()},
-            # A layer fed fewer calibration rows than inputs (BERT's pooler sees one token per
-            # sequence) has a singular Gram matrix that an explicit inverse does not detect.
+            "rank_deficient_layers": deficient,
             "rel_diff_per_layer": per_layer_diff(merged64, fb64, paths),
         }
+    fb_s = float(fb["seconds"])
     return {
         "model": name,
         "num_models": len(tuned),
-        "calibration_rows_per_model": rows,
+        "calibration_rows_per_model": [len(jax.tree.leaves(c)[0]) for c in calib],
+        "calibration_tokens_per_model": [int(np.prod(jax.tree.leaves(c)[0].shape)) for c in calib]
+        if isinstance(calib[0], dict)
+        else None,
         "dense_layers": len(paths),
-        "jaxmerge_s": warm,
-        "jaxmerge_cold_s": cold,
-        "fusionbench_s": float(fb["seconds"]),
-        "ratio": warm / float(fb["seconds"]),
+        "jaxmerge_s": times["merge", "warm"],
+        "jaxmerge_cold_s": times["merge", "cold"],
+        "jaxmerge_regmean_s": times["regmean", "warm"],
+        "jaxmerge_regmean_cold_s": times["regmean", "cold"],
+        "fusionbench_s": fb_s,
+        "ratio": times["merge", "warm"] / fb_s,
+        "ratio_regmean": times["regmean", "warm"] / fb_s,
         "max_rel_diff_float32": rel,
         "max_rel_diff_float32_layer": where,
         **float64,
@@ -400,43 +426,32 @@ def _f64(tree):
     )
 
 
-def _capture_paths(module, params, inputs, batch) -> list[str]:
-    shapes = jax.eval_shape(_capture(module), params, *(a[:batch] for a in inputs))
-    return list(shapes)
-
-
 def fusionbench_mlp(quick: bool, seed: int) -> dict:
     """RegMean on the image suite's four fine-tuned MLP trunks, jaxmerge vs FusionBench."""
     base, tuned, tasks, _ = finetune.image_models("mlp", seed=seed, quick=quick)
     rows = 256 if quick else 2048
-    calib = []
-    for t in tasks:
-        x = np.concatenate([t.calib[0], t.heldout[0], t.train[0]])[:rows].reshape(-1, 784)
-        calib.append((jnp.asarray(x),))
-    config = {"n_in": 784, "width": 256}
-    export = {"kind": "mlp", "config": json.dumps(config)}
-    export.update({f"calib{k}/x": np.asarray(c[0]) for k, c in enumerate(calib)})
+    calib = [
+        jnp.asarray(np.concatenate([t.calib[0], t.heldout[0], t.train[0]])[:rows].reshape(-1, 784))
+        for t in tasks
+    ]
+    export = {"kind": "mlp", "config": json.dumps({"n_in": 784, "width": 256})}
+    export.update({f"calib{k}/x": np.asarray(x) for k, x in enumerate(calib)})
+    trunks = [p["trunk"] for p in tuned]
     return versus_fusionbench(
-        "mlp",
-        models.MLP(),
-        base["trunk"],
-        [p["trunk"] for p in tuned],
-        calib,
-        export,
-        batch=256,
-        rows=[len(c[0]) for c in calib],
-        compare_float64=True,
+        "mlp", models.MLP(), base["trunk"], trunks, calib, export, batch=256, quick=quick
     )
 
 
 def fusionbench_minilm(quick: bool, seed: int) -> dict:
-    """RegMean on MiniLM-L6 with K seeded task vectors, jaxmerge vs FusionBench.
+    """RegMean on MiniLM-L6 fine-tuned on the four text tasks, jaxmerge vs FusionBench.
 
-    The K models are the real MiniLM-L6 plus seeded Gaussian task vectors (1% of each tensor's
-    standard deviation): merge cost does not depend on the values, and the comparison of merged
-    weights needs only that both tools see the same models and tokens. The calibration tokens are
-    each text task's calibration texts, packed into unpadded sequences. ``quick`` keeps the first
-    transformer block only.
+    The models are the whole MiniLM-L6 (embeddings, six blocks, pooler) with its top two blocks
+    replaced by those the accuracy benchmark's text suite fine-tuned (``finetune.text_models``:
+    cached, or trained on first use); the bottom blocks and the pooler are the base's in every
+    model. The calibration tokens are each text task's calibration texts, packed into unpadded
+    sequences. ``quick`` keeps the first block only and gives the models seeded Gaussian task
+    vectors (1% of each tensor's standard deviation) instead of fine-tuning: the pipeline, not the
+    figures.
     """
     try:
         module, base = models.load_minilm()
@@ -446,42 +461,35 @@ def fusionbench_minilm(quick: bool, seed: int) -> dict:
         return {"status": "unavailable", "reason": str(e)}
     length, num_seqs = (32, 8) if quick else (128, 32)
     config = json.loads((models.minilm_dir() / "config.json").read_text())
-    if quick:  # the first block only: the pipeline, not the figures
+    if quick:
         config["num_hidden_layers"] = 1
         module = type(module)(dataclasses.replace(module.config, num_hidden_layers=1))
         base = {**base, "encoder": {"layer": {"0": base["encoder"]["layer"]["0"]}}}
-    calib = [
-        tuple(
-            jnp.asarray(a) for a in models.packed_tokens(t, tok, length=length, num_seqs=num_seqs)
-        )
-        for t in texts
-    ]
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(calib))
-
-    def perturbed(key):
-        leaves, treedef = jax.tree.flatten(base)
-        noise = [
-            leaf + 0.01 * jnp.std(leaf) * jax.random.normal(k, leaf.shape, leaf.dtype)
-            for leaf, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True)
-        ]
-        return jax.tree.unflatten(treedef, noise)
-
-    tuned = [perturbed(k) for k in keys]
+        tuned = [_perturbed(base, k) for k in jax.random.split(jax.random.PRNGKey(seed), 4)]
+        origin = "seeded Gaussian task vectors (quick)"
+    else:
+        _, _, finetuned, _ = finetune.text_models(seed=seed, quick=False)
+        layers = base["encoder"]["layer"]
+        tuned = [{**base, "encoder": {"layer": {**layers, **f["trunk"]}}} for f in finetuned]
+        origin = f"text-suite fine-tunes of blocks {sorted(finetuned[0]['trunk'])}"
+    calib = []
+    for t in texts:
+        ids, mask = models.packed_tokens(t, tok, length=length, num_seqs=num_seqs)
+        calib.append({"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)})
     export = {"kind": "bert", "config": json.dumps(config)}
-    for k, (ids, mask) in enumerate(calib):
-        export[f"calib{k}/input_ids"] = np.asarray(ids)
-        export[f"calib{k}/attention_mask"] = np.asarray(mask)
-    return versus_fusionbench(
-        "minilm",
-        module,
-        base,
-        tuned,
-        calib,
-        export,
-        batch=8,
-        rows=[int(np.prod(c[0].shape)) for c in calib],
-        compare_float64=not quick,
-    )
+    for k, c in enumerate(calib):
+        export.update({f"calib{k}/{name}": np.asarray(a) for name, a in c.items()})
+    result = versus_fusionbench("minilm", module, base, tuned, calib, export, batch=8, quick=quick)
+    return {**result, "models": origin}
+
+
+def _perturbed(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    noisy = [
+        leaf + 0.01 * jnp.std(leaf) * jax.random.normal(k, leaf.shape, leaf.dtype)
+        for leaf, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
 
 
 # ---- sequential against parallel ---------------------------------------------------------------

