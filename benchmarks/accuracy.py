@@ -6,6 +6,7 @@ evaluated on each task's test split with that task's own head:
 
 * ``per_task``: accuracy of the merged model on each task of the subset;
 * ``mean_accuracy``; ``mean_normalized``: the mean of merged / individual fine-tune accuracy;
+  ``se_normalized``: its binomial standard error from the test sets' sizes;
 * ``rho_calib`` and ``rho_heldout``: the fraction of the fine-tunes' residual output energy the
   merge captures, ``ρ = 1 − Σ L / Σ E₀`` over the trunk's layers, on the calibration split and on
   a held-out calibration split disjoint from it. Every merge (baselines included) is scored the
@@ -234,6 +235,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     stats_heldout = jm.collect_stats(suite.trunk, tuned, heldout, **kw)
     out = {}
     ref = [individual[k] for k in idx]
+    tests = [len(suite.tasks[k].test[1]) for k in idx]
     for method, merged, info in merges(suite, idx, stats, quick=quick):
         acc = evaluate(suite, idx, merged)
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
@@ -241,6 +243,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
             "per_task": dict(zip([suite.tasks[k].name for k in idx], acc, strict=True)),
             "mean_accuracy": float(np.mean(acc)),
             "mean_normalized": float(np.mean(np.divide(acc, ref))),
+            "se_normalized": normalized_standard_error(acc, ref, tests),
             "rho_calib": rho,
             "rho_heldout": rho_heldout,
             **info,
@@ -257,14 +260,26 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     return out
 
 
+def normalized_standard_error(acc, ref, tests) -> float:
+    """Binomial standard error of the mean normalised accuracy from the test sets' sizes,
+    ``sqrt(Σₖ aₖ(1 − aₖ) / (nₖ rₖ²)) / K`` (the individual accuracies ``rₖ`` taken as fixed): how
+    far apart two methods must be before the test sets can tell them apart."""
+    acc, ref, tests = (np.asarray(v, np.float64) for v in (acc, ref, tests))
+    return float(np.sqrt(np.sum(acc * (1 - acc) / (tests * ref**2))) / len(acc))
+
+
 def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
     """``1 − cos(G_i, G_j)`` of the two tasks' uncentred input second moments (calibration).
 
-    ``None`` when the trunk's inputs are not feature arrays (token ids).
+    The inputs are the trunk's: image arrays (flattened), or for the text suite the unmasked
+    token rows of the hidden states entering the merged blocks. ``None`` for other inputs.
     """
     grams = []
     for k in (i, j):
         x = suite.calib_batch(suite.tasks[k])
+        if isinstance(x, dict) and suite.mask_key in x:
+            keep = np.asarray(x[suite.mask_key]).astype(bool)
+            x = np.asarray(next(v for key, v in x.items() if key != suite.mask_key))[keep]
         if not isinstance(x, np.ndarray | jax.Array) or not jnp.issubdtype(x.dtype, jnp.floating):
             return None
         x = np.asarray(x, np.float64).reshape(len(x), -1)
@@ -421,6 +436,7 @@ def markdown_table(paths) -> str:
                     pair = r["pairs_mean_normalized"].get(method)
                     rho = v.get("rho_heldout")
                     cell = f"{v['mean_normalized']:.3f}"
+                    cell += f" ± {v['se_normalized']:.3f}" if "se_normalized" in v else ""
                     cell += f" / {pair:.3f}" if pair is not None else ""
                     cell += f" (ρ {rho:.2f})" if rho is not None else ""
                 rows.setdefault(method, {})[columns[-1]] = cell

@@ -23,10 +23,15 @@ __all__ = ["energy_fraction"]
 
 
 def energies(gram, cross, out_sq_total, w0, update):
-    """``(E₀, L, ρ)`` of the merge ``w0 + update`` (augmented ``(p, m)`` matrices)."""
-    residual = cross - gram @ w0
+    """``(E₀, L, ρ)`` of the merge ``w0 + update`` (augmented ``(p, m)`` matrices); ``gram`` may
+    be a vector, the diagonal of a diagonal Gram matrix (an embedding's token counts)."""
+
+    def times(x):
+        return gram[:, None] * x if gram.ndim == 1 else gram @ x
+
+    residual = cross - times(w0)
     e0 = out_sq_total - jnp.vdot(w0, cross + residual)
-    gain = 2 * jnp.vdot(update, residual) - jnp.vdot(update, gram @ update)
+    gain = 2 * jnp.vdot(update, residual) - jnp.vdot(update, times(update))
     tol = 100 * jnp.finfo(gram.dtype).eps * jnp.maximum(out_sq_total, jnp.abs(jnp.vdot(w0, cross)))
     e0 = jnp.maximum(e0, 0.0)
     loss = jnp.maximum(e0 - gain, 0.0)

@@ -622,19 +622,21 @@ def _solve_embed(spec, stats: EmbedStats, base, finetuned, centre, opt: _Options
     if len(seen) == 0:
         zero = jnp.zeros((), dtype)
         return centre, (zero, zero, jnp.array(1.0, dtype), jnp.int32(0), nan)
-    rs = embed_restricted(stats, seen)
     basis, prior = opt.basis, opt.prior
+    if isinstance(prior, Mapping):
+        prior = jnp.asarray(prior[spec.kernel])[seen]
     if len(eks) == 1 and opt.ridge == 0:
         merged, status, cond = eks[0], jnp.int32(SolveStatus.CHOLESKY), nan
-    elif basis == "full" or isinstance(basis, LowRank):
-        start = (centre if basis == "full" else e0)[seen]
-        if isinstance(prior, Mapping):
-            prior = jnp.asarray(prior[spec.kernel])[seen]
-        sol = solve_layer(rs, start, [e[seen] for e in eks], basis=basis, ridge=opt.ridge,
+    elif basis == "full":
+        merged, status, cond = _solve_embed_full(stats, seen, centre, prior, opt)
+    elif isinstance(basis, LowRank):
+        rs = embed_restricted(stats, seen)
+        sol = solve_layer(rs, e0[seen], [e[seen] for e in eks], basis=basis, ridge=opt.ridge,
                           prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
         merged = centre.at[seen].set(sol.kernel.astype(centre.dtype))
         status, cond = sol.status, sol.condition
     else:
+        rs = embed_restricted(stats, seen)
         if isinstance(basis, Custom):
             dirs = [as_direction(spec, d) for d in basis.directions]
             dirs = jnp.stack([jnp.asarray(d[0] if isinstance(d, tuple) else d) for d in dirs])
@@ -648,12 +650,28 @@ def _solve_embed(spec, stats: EmbedStats, base, finetuned, centre, opt: _Options
                           prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
         merged = e0 + combine_directions(sol.coefficients, dirs.astype(dtype), per_output)
         status, cond = sol.status, sol.condition
-    n = len(seen)
     e_0, loss, rho = energies(
-        rs.gram[:n, :n], rs.cross[:n], jnp.sum(rs.out_sq), e0[seen].astype(dtype),
+        stats.diag[seen], stats.cross[seen], jnp.sum(stats.out_sq), e0[seen].astype(dtype),
         (merged[seen] - e0[seen]).astype(dtype),
     )  # fmt: skip
     return merged, (e_0, loss, rho, status, cond)
+
+
+def _solve_embed_full(stats: EmbedStats, seen, centre, prior, opt: _Options):
+    """The full basis on an embedding's seen rows in closed form: its Gram matrix is diagonal
+    (token counts ``d``), so :func:`~jaxmerge.solve_layer`'s ``(H + λD)c = f + λDc₀`` is
+    ``c = (f/d + λc₀) / (1 + λ)`` row by row, the update ``c`` taken from the fallback rows.
+    RegMean's ``α`` changes nothing here: a diagonal metric is its own diagonal, and an
+    embedding's targets are its rows, so ``P_α = P``. No dense ``(s, s)`` system is formed."""
+    dtype = stats.diag.dtype
+    d = stats.diag[seen]
+    start = centre[seen].astype(dtype)
+    f = stats.cross[seen] / d[:, None] - start
+    c0 = jnp.zeros_like(f) if prior is None else prior.astype(dtype) - start
+    update = c0 if opt.ridge == math.inf else (f + opt.ridge * c0) / (1.0 + opt.ridge)
+    merged = centre.at[seen].set((start + update).astype(centre.dtype))
+    cond = jnp.max(d) / jnp.min(d)
+    return merged, jnp.int32(SolveStatus.CHOLESKY), cond
 
 
 def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options):
@@ -720,12 +738,11 @@ def _heldout_metrics(group: GroupStats, base_flat, merged_flat):
     for i, spec in enumerate(group.layers):
         b0, b1 = _layer_params(base_flat, spec), _layer_params(merged_flat, spec)
         if spec.kind == "embed":
-            seen = np.flatnonzero(np.asarray(group.stats.diag) > 0)
-            rs, n = embed_restricted(group.stats, seen), len(seen)
-            dtype = rs.gram.dtype
-            e0_, k1 = jnp.asarray(b0[spec.kernel])[seen], jnp.asarray(b1[spec.kernel])[seen]
-            e0, _, rho = energies(rs.gram[:n, :n], rs.cross[:n], jnp.sum(rs.out_sq),
-                                  e0_.astype(dtype), (k1 - e0_).astype(dtype))  # fmt: skip
+            st = group.stats
+            seen = np.flatnonzero(np.asarray(st.diag) > 0)
+            k0 = jnp.asarray(b0[spec.kernel])[seen].astype(st.diag.dtype)
+            k1 = jnp.asarray(b1[spec.kernel])[seen].astype(st.diag.dtype)
+            e0, _, rho = energies(st.diag[seen], st.cross[seen], jnp.sum(st.out_sq), k0, k1 - k0)
         else:
             st = member_stats(group.stats, group.layers, i)
             e0, _, rho = _energy_metrics(st, to_layer(spec, b0), to_layer(spec, b1))

@@ -274,6 +274,38 @@ def test_transformer_embedding_is_token_count_weighted_mean(transformer):
     np.testing.assert_allclose(merged["embed"]["embedding"], expect, rtol=1e-5, atol=1e-5)
 
 
+def test_transformer_embedding_ridge_prior_and_energy_in_closed_form(transformer):
+    """The embedding's full-basis solve is row by row: with ridge λ toward a prior each seen row
+    is (count-weighted mean + λ·prior) / (1 + λ), and its ρ is that of a diagonal Gram matrix."""
+    model, base, fts, cal, _, _ = transformer
+    counts, targets = [], []
+    for f, (batch,) in zip(fts, cal, strict=True):
+        tokens, mask = np.asarray(batch["tokens"]).ravel(), np.asarray(batch["mask"]).ravel()
+        counts.append(np.bincount(tokens, weights=mask, minlength=VOCAB) / mask.sum())
+        targets.append(np.asarray(f["embed"]["embedding"], np.float64))
+    counts, tables = np.stack(counts), np.stack(targets)
+    d = counts.sum(0)
+    seen = d > 0
+    mean = np.einsum("kv,kvd->vd", counts, tables)[seen] / d[seen, None]
+    prior = np.asarray(jax.random.normal(jax.random.key(3), tables.shape[1:]), np.float64)
+    e0 = np.asarray(base["embed"]["embedding"], np.float64)
+
+    def loss(w):  # Σₖ (1/Nₖ) Σ_rows ‖w[token] − Eₖ[token]‖² over the seen rows
+        return np.einsum("kv,kvd->", counts[:, seen], (w[seen] - tables[:, seen]) ** 2)
+
+    for ridge in (0.5, np.inf):
+        merged, report = merge(model, base, fts, cal, ridge={"embed": ridge},
+                               prior={"embed": {"embedding": jnp.asarray(prior, jnp.float32)}},
+                               progress=False)  # fmt: skip
+        got = np.asarray(merged["embed"]["embedding"], np.float64)
+        expect = prior[seen] if ridge == np.inf else (mean + ridge * prior[seen]) / (1 + ridge)
+        np.testing.assert_allclose(got[seen], expect, rtol=1e-5, atol=1e-5)
+        layer = next(r for r in report.layers if r.path == "embed")
+        np.testing.assert_allclose(layer.rho, 1 - loss(got) / loss(e0), rtol=1e-4, atol=1e-5)
+        assert layer.status == "CHOLESKY"
+        np.testing.assert_allclose(layer.condition, d[seen].max() / d[seen].min(), rtol=1e-5)
+
+
 def test_transformer_layernorm_is_per_channel_2x2(transformer):
     model, base, fts, cal, merged, _ = transformer
     xhat = [_layer_norm(_embedded(f, b[0])) for f, b in zip(fts, cal, strict=True)]
