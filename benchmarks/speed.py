@@ -217,6 +217,43 @@ def merge_end_to_end(module, base, tuned, calib, *, batch: int):
     return jax.block_until_ready(merged)
 
 
+def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
+    """Where :func:`merge_end_to_end`'s time goes (warm): the forward passes alone, the
+    statistics (``collect_stats``: forward passes and Gram matrices), and the solves
+    (``solve_stats``), those split by layer kind and solver status."""
+    batches = [batches_of(c, batch) for c in calib]
+
+    def apply(params, batch):
+        if isinstance(batch, dict):
+            return module.apply({"params": params}, **batch)
+        return module.apply({"params": params}, batch)
+
+    forward = jax.jit(apply)
+
+    def forward_all():
+        pairs = zip(tuned, batches, strict=True)
+        return jax.block_until_ready([forward(p, b) for p, bs in pairs for b in bs])
+
+    def collect():
+        return jax.block_until_ready(
+            jm.collect_stats(module, tuned, batches, mask_key=None, progress=False)
+        )
+
+    out = {"forward_s": median_seconds(forward_all, repeats=3)}
+    out["collect_stats_s"] = median_seconds(collect, repeats=3)
+    stats = collect()
+    jm.solve_stats(stats, base, tuned, progress=False)  # compile
+    start = time.perf_counter()
+    _, report = jm.solve_stats(stats, base, tuned, progress=False)
+    out["solve_stats_s"] = time.perf_counter() - start
+    by = {}
+    for layer in report.layers:
+        key = f"{layer.kind} {layer.status}"
+        by[key] = by.get(key, 0.0) + (layer.seconds or 0.0)
+    out["solve_s_by_kind_and_status"] = by
+    return out
+
+
 def regmean_merge(module, base, tuned, calib, *, batch: int):
     """FusionBench's RegMean problem (``α = 1``) solved from jaxmerge's statistics.
 
@@ -395,6 +432,7 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
             "rel_diff_per_layer": per_layer_diff(merged64, fb64, paths),
         }
     fb_s = float(fb["seconds"])
+    breakdown = {} if quick else merge_breakdown(module, base, tuned, calib, batch=batch)
     return {
         "model": name,
         "num_models": len(tuned),
@@ -410,6 +448,7 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
         "fusionbench_s": fb_s,
         "ratio": times["merge", "warm"] / fb_s,
         "ratio_regmean": times["regmean", "warm"] / fb_s,
+        "jaxmerge_breakdown": breakdown,
         "max_rel_diff_float32": rel,
         "max_rel_diff_float32_layer": where,
         **float64,
