@@ -12,7 +12,10 @@ evaluated on each task's test split with that task's own head:
   a held-out calibration split disjoint from it. Every merge (baselines included) is scored the
   same way: the layer inputs are each fine-tuned model's own activations (the parallel
   statistics), and the merge is passed to ``jaxmerge.solve_stats`` as a one-direction custom
-  basis with an infinite ridge, which returns it unchanged and reports its energies.
+  basis with an infinite ridge, which returns it unchanged and reports its energies;
+* ``rho_output_heldout``: the same fraction for the trunk's final output, the features the heads
+  read, on the held-out split: ``1 − Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖² / Σₖ mean‖f(θ₀; xₖ) −
+  f(θₖ; xₖ)‖²``.
 
 Methods (hyper-parameters chosen on the validation split where marked):
 
@@ -119,6 +122,23 @@ def score_rho(stats, heldout, base, tuned, merged) -> tuple[float | None, float 
         progress=False,
     )
     return report.rho, report.rho_heldout
+
+
+def trunk_output(suite: Suite, params, batch):
+    """The trunk's output (the features every head reads) on one batch."""
+    if isinstance(batch, dict):
+        return suite.trunk.apply({"params": params}, **batch)
+    return suite.trunk.apply({"params": params}, batch)
+
+
+def output_error(suite: Suite, idx, params, targets) -> float:
+    """``Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖²`` over each task's held-out calibration inputs ``xₖ``
+    (``targets``: the fine-tunes' outputs ``f(θₖ; xₖ)``)."""
+    error = 0.0
+    for k, target in zip(idx, targets, strict=True):
+        out = trunk_output(suite, params, suite.heldout_batch(suite.tasks[k]))
+        error += float(jnp.mean(jnp.sum(jnp.square(out - target), axis=-1)))
+    return error
 
 
 def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
@@ -236,6 +256,9 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     out = {}
     ref = [individual[k] for k in idx]
     tests = [len(suite.tasks[k].test[1]) for k in idx]
+    held = [suite.heldout_batch(suite.tasks[k]) for k in idx]
+    targets = [trunk_output(suite, p, x) for p, x in zip(tuned, held, strict=True)]
+    base_error = output_error(suite, idx, suite.base["trunk"], targets)
     for method, merged, info in merges(suite, idx, stats, quick=quick):
         acc = evaluate(suite, idx, merged)
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
@@ -246,6 +269,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
             "se_normalized": normalized_standard_error(acc, ref, tests),
             "rho_calib": rho,
             "rho_heldout": rho_heldout,
+            "rho_output_heldout": 1.0 - output_error(suite, idx, merged, targets) / base_error,
             **info,
         }
     out["individual"] = {
@@ -485,6 +509,14 @@ def main(argv=None) -> dict:
         if name != "individual" and r.get("rho_heldout") is not None
     ]
     result["spearman_heldout_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
+    points = [
+        (r["rho_output_heldout"], r["mean_normalized"])
+        for m in result["models"].values()
+        for sub in m["subsets"].values()
+        for name, r in sub.items()
+        if name != "individual" and "rho_output_heldout" in r
+    ]
+    result["spearman_output_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
     first = next(iter(result["models"].values()))
     result["methods"] = first["subsets"]["all"]  # the first model with every task, for tables
     result["seconds"] = time.perf_counter() - start
