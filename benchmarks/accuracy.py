@@ -15,7 +15,7 @@ evaluated on each task's test split with that task's own head:
   basis with an infinite ridge, which returns it unchanged and reports its energies;
 * ``rho_output_heldout``: the same fraction for the trunk's final output, the features the heads
   read, on the held-out split: ``1 − Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖² / Σₖ mean‖f(θ₀; xₖ) −
-  f(θₖ; xₖ)‖²``.
+  f(θₖ; xₖ)‖²``; ``rho_logits_heldout``: the same with each task's head applied (its logits).
 
 Methods (hyper-parameters chosen on the validation split where marked):
 
@@ -131,14 +131,18 @@ def trunk_output(suite: Suite, params, batch):
     return suite.trunk.apply({"params": params}, batch)
 
 
-def output_error(suite: Suite, idx, params, targets) -> float:
+def output_errors(suite: Suite, idx, params, targets) -> np.ndarray:
     """``Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖²`` over each task's held-out calibration inputs ``xₖ``
-    (``targets``: the fine-tunes' outputs ``f(θₖ; xₖ)``)."""
-    error = 0.0
+    for the trunk's output ``f`` and for task ``k``'s head's logits on it (``targets``: the
+    fine-tunes' outputs ``f(θₖ; xₖ)``)."""
+    errors = np.zeros(2)
     for k, target in zip(idx, targets, strict=True):
         out = trunk_output(suite, params, suite.heldout_batch(suite.tasks[k]))
-        error += float(jnp.mean(jnp.sum(jnp.square(out - target), axis=-1)))
-    return error
+        head = suite.tuned[k]["head"]
+        logits = models.head_module(head["bias"].shape[0]).apply
+        diffs = (out - target, logits({"params": head}, out) - logits({"params": head}, target))
+        errors += [float(jnp.mean(jnp.sum(jnp.square(d), axis=-1))) for d in diffs]
+    return errors
 
 
 def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
@@ -258,7 +262,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     tests = [len(suite.tasks[k].test[1]) for k in idx]
     held = [suite.heldout_batch(suite.tasks[k]) for k in idx]
     targets = [trunk_output(suite, p, x) for p, x in zip(tuned, held, strict=True)]
-    base_error = output_error(suite, idx, suite.base["trunk"], targets)
+    base_errors = output_errors(suite, idx, suite.base["trunk"], targets)
     for method, merged, info in merges(suite, idx, stats, quick=quick):
         acc = evaluate(suite, idx, merged)
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
@@ -269,7 +273,13 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
             "se_normalized": normalized_standard_error(acc, ref, tests),
             "rho_calib": rho,
             "rho_heldout": rho_heldout,
-            "rho_output_heldout": 1.0 - output_error(suite, idx, merged, targets) / base_error,
+            **dict(
+                zip(
+                    ("rho_output_heldout", "rho_logits_heldout"),
+                    (1.0 - output_errors(suite, idx, merged, targets) / base_errors).tolist(),
+                    strict=True,
+                )
+            ),
             **info,
         }
     out["individual"] = {
@@ -501,22 +511,16 @@ def main(argv=None) -> dict:
         "tasks": [t.name for t in suites[0].tasks],
         "models": {s.name: run_model(s, quick=args.quick) for s in suites},
     }
-    points = [
-        (r["rho_heldout"], r["mean_normalized"])
-        for m in result["models"].values()
-        for sub in m["subsets"].values()
-        for name, r in sub.items()
-        if name != "individual" and r.get("rho_heldout") is not None
-    ]
-    result["spearman_heldout_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
-    points = [
-        (r["rho_output_heldout"], r["mean_normalized"])
-        for m in result["models"].values()
-        for sub in m["subsets"].values()
-        for name, r in sub.items()
-        if name != "individual" and "rho_output_heldout" in r
-    ]
-    result["spearman_output_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
+    for field, name in (("rho_heldout", "heldout"), ("rho_output_heldout", "output"),
+                        ("rho_logits_heldout", "logits")):  # fmt: skip
+        points = [
+            (r[field], r["mean_normalized"])
+            for m in result["models"].values()
+            for sub in m["subsets"].values()
+            for method, r in sub.items()
+            if method != "individual" and r.get(field) is not None
+        ]
+        result[f"spearman_{name}_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
     first = next(iter(result["models"].values()))
     result["methods"] = first["subsets"]["all"]  # the first model with every task, for tables
     result["seconds"] = time.perf_counter() - start
