@@ -77,11 +77,13 @@ def test_accuracy_images_quick(tmp_path):
         if r.get("rho_calib") is not None:
             assert r["rho_calib"] <= full + 1e-4, name
     assert methods["individual"]["mean_normalized"] == 1.0
-    # The trunk-output share is 0 for the base by definition and at most 1 for any merge.
-    assert methods["base"]["rho_output_heldout"] == 0.0
-    shares = [r["rho_output_heldout"] for r in methods.values() if "rho_output_heldout" in r]
-    assert len(shares) == len(methods) - 1 and max(shares) <= 1.0  # every method but individual
-    assert -1.0 <= result["spearman_output_rho_vs_normalized"] <= 1.0
+    # The trunk-output and logit shares are 0 for the base by definition, at most 1 for any merge.
+    for field in ("rho_output_heldout", "rho_logits_heldout"):
+        assert methods["base"][field] == 0.0
+        shares = [r[field] for r in methods.values() if field in r]
+        assert len(shares) == len(methods) - 1 and max(shares) <= 1.0  # all but individual
+    for name in ("output", "logits"):
+        assert -1.0 <= result[f"spearman_{name}_rho_vs_normalized"] <= 1.0
     for r in methods.values():
         assert "status" in r or "mean_normalized" in r
 
