@@ -266,6 +266,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     for method, merged, info in merges(suite, idx, stats, quick=quick):
         acc = evaluate(suite, idx, merged)
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
+        shares = 1.0 - output_errors(suite, idx, merged, targets) / base_errors
         out[method] = {
             "per_task": dict(zip([suite.tasks[k].name for k in idx], acc, strict=True)),
             "mean_accuracy": float(np.mean(acc)),
@@ -273,13 +274,8 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
             "se_normalized": normalized_standard_error(acc, ref, tests),
             "rho_calib": rho,
             "rho_heldout": rho_heldout,
-            **dict(
-                zip(
-                    ("rho_output_heldout", "rho_logits_heldout"),
-                    (1.0 - output_errors(suite, idx, merged, targets) / base_errors).tolist(),
-                    strict=True,
-                )
-            ),
+            "rho_output_heldout": float(shares[0]),
+            "rho_logits_heldout": float(shares[1]),
             **info,
         }
     out["individual"] = {
