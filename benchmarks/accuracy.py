@@ -124,25 +124,29 @@ def score_rho(stats, heldout, base, tuned, merged) -> tuple[float | None, float 
     return report.rho, report.rho_heldout
 
 
-def trunk_output(suite: Suite, params, batch):
-    """The trunk's output (the features every head reads) on one batch."""
-    if isinstance(batch, dict):
-        return suite.trunk.apply({"params": params}, **batch)
-    return suite.trunk.apply({"params": params}, batch)
+def heldout_outputs(suite: Suite, idx, trunk_params) -> list:
+    """``(features, logits)`` of ``trunk_params`` with task ``k``'s head on its held-out
+    calibration inputs, for every ``k`` in ``idx``."""
+    return [
+        models.features_and_logits(
+            suite.trunk,
+            {"trunk": trunk_params, "head": suite.tuned[k]["head"]},
+            suite.heldout_batch(suite.tasks[k]),
+        )
+        for k in idx
+    ]
 
 
-def output_errors(suite: Suite, idx, params, targets) -> np.ndarray:
-    """``Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖²`` over each task's held-out calibration inputs ``xₖ``
-    for the trunk's output ``f`` and for task ``k``'s head's logits on it (``targets``: the
-    fine-tunes' outputs ``f(θₖ; xₖ)``)."""
-    errors = np.zeros(2)
-    for k, target in zip(idx, targets, strict=True):
-        out = trunk_output(suite, params, suite.heldout_batch(suite.tasks[k]))
-        head = suite.tuned[k]["head"]
-        logits = models.head_module(head["bias"].shape[0]).apply
-        diffs = (out - target, logits({"params": head}, out) - logits({"params": head}, target))
-        errors += [float(jnp.mean(jnp.sum(jnp.square(d), axis=-1))) for d in diffs]
-    return errors
+def output_errors(outputs, targets) -> np.ndarray:
+    """``Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖²`` for the trunk's features and for the logits, from
+    :func:`heldout_outputs` of a merge and of the fine-tunes themselves (``targets``)."""
+    return np.array(
+        [
+            sum(float(jnp.mean(jnp.sum(jnp.square(o[i] - t[i]), axis=-1)))
+                for o, t in zip(outputs, targets, strict=True))
+            for i in (0, 1)
+        ]
+    )  # fmt: skip
 
 
 def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
@@ -260,13 +264,12 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     out = {}
     ref = [individual[k] for k in idx]
     tests = [len(suite.tasks[k].test[1]) for k in idx]
-    held = [suite.heldout_batch(suite.tasks[k]) for k in idx]
-    targets = [trunk_output(suite, p, x) for p, x in zip(tuned, held, strict=True)]
-    base_errors = output_errors(suite, idx, suite.base["trunk"], targets)
+    targets = [heldout_outputs(suite, [k], suite.tuned[k]["trunk"])[0] for k in idx]
+    base_errors = output_errors(heldout_outputs(suite, idx, suite.base["trunk"]), targets)
     for method, merged, info in merges(suite, idx, stats, quick=quick):
         acc = evaluate(suite, idx, merged)
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
-        shares = 1.0 - output_errors(suite, idx, merged, targets) / base_errors
+        shares = 1.0 - output_errors(heldout_outputs(suite, idx, merged), targets) / base_errors
         out[method] = {
             "per_task": dict(zip([suite.tasks[k].name for k in idx], acc, strict=True)),
             "mean_accuracy": float(np.mean(acc)),

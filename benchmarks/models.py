@@ -99,6 +99,14 @@ def take(x, index):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def features_and_logits(trunk: nn.Module, params: dict, x):
+    """``(features, logits)`` of the classifier on ``x`` (jitted)."""
+    features_ = features(trunk, params["trunk"], x)
+    num_classes = params["head"]["bias"].shape[0]
+    return features_, head_module(num_classes).apply({"params": params["head"]}, features_)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _predict(trunk, params, x):
     return jnp.argmax(logits(trunk, params, x), -1)
 

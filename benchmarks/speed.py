@@ -223,16 +223,11 @@ def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
     (``solve_stats``), those split by layer kind and solver status."""
     batches = [batches_of(c, batch) for c in calib]
 
-    def apply(params, batch):
-        if isinstance(batch, dict):
-            return module.apply({"params": params}, **batch)
-        return module.apply({"params": params}, batch)
-
-    forward = jax.jit(apply)
+    forward = jax.jit(models.features, static_argnums=0)
 
     def forward_all():
         pairs = zip(tuned, batches, strict=True)
-        return jax.block_until_ready([forward(p, b) for p, bs in pairs for b in bs])
+        return jax.block_until_ready([forward(module, p, b) for p, bs in pairs for b in bs])
 
     def collect():
         return jax.block_until_ready(
