@@ -14,7 +14,12 @@ Algorithms:
   forward pass per task and batch accumulates every layer's input statistics, then every layer is
   solved independently. The targets are then the layer's own outputs ``Yₖ = X̃ₖW̄ₖ``, so their
   statistics follow from each task's Gram matrix, ``X̃ₖᵀYₖ = (X̃ₖᵀX̃ₖ)W̄ₖ``, without the products
-  over the rows (embeddings excepted).
+  over the rows (embeddings excepted). Layers that every fine-tune leaves bit-identical to the
+  base (frozen during fine-tuning) have zero residual targets, so every basis returns the base
+  there: they keep the base's values without statistics or a solve (unless a ridge pulls them
+  toward a prior), and their reports say ``UNCHANGED`` with ``E₀ = 0``. Fine-tuning the top
+  blocks of a transformer therefore costs the forward passes plus the statistics of those
+  blocks only.
 * ``"sequential"``: ``X̃ₖ`` are the activations of the partially merged model on task ``k``'s
   data, ``Yₖ`` still the fine-tuned model's outputs of the layer, so each layer corrects the error
   left upstream. When every task's calibration is one batch (of matching shapes) the whole merge
@@ -445,6 +450,8 @@ def _describe(batch) -> str:
 
 def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label):
     """Normalised (``wₖ = 1/Nₖ``) statistics of ``groups`` over all tasks and batches."""
+    if not groups:
+        return {}
     k_tasks = len(trees_tgt)
     own = tree_in is None  # each task's own activations: targets follow from the Gram matrices
     fn = plan.stats_fn(groups, k_tasks, dtype, own)
@@ -794,13 +801,19 @@ class _Trees:
         self.known = {"/".join(p.split("/")[:i]) for p in self.base_flat
                       for i in range(1, p.count("/") + 2)}  # fmt: skip
         _check_patterns(fallback, self.known, "fallback")
+        same = jax.device_get(
+            {p: [f[p] is leaf or jnp.array_equal(f[p], leaf) for f in self.ft_flats]
+             for p, leaf in self.base_flat.items()}
+        )  # fmt: skip
+        self.unchanged = {p for p, s in same.items() if all(s)}  # bit-identical in every fine-tune
         self.rules, self.centre = {}, {}
         for path, leaf in self.base_flat.items():
             rule = _resolve(fallback, path, "mean", "fallback")
             self.rules[path] = _fallback_rule(rule)
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
                 self.rules[path] = "base"  # integer parameters are never averaged
-            self.centre[path] = _fallback_value(rule, leaf, [f[path] for f in self.ft_flats])
+            tuned = [leaf] if path in self.unchanged else [f[path] for f in self.ft_flats]
+            self.centre[path] = _fallback_value(rule, leaf, tuned)
 
     def check_patterns(self, **options) -> None:
         """Every ``{glob: value}`` option must match a path of the base."""
@@ -840,6 +853,39 @@ def _options(plan_specs, basis, prior, ridge, alpha, rcond):
             rcond=rcond,
         )
     return out
+
+
+def _unchanged(trees: _Trees, groups, specs, options) -> set[tuple[str, ...]]:
+    """Groups (tuples of layer paths) that every fine-tune leaves bit-identical to the base, with
+    no prior to pull toward: every basis returns the base there (the residual targets are zero),
+    so the parallel merge neither collects their statistics nor solves them."""
+    return {
+        g
+        for g in groups
+        if all(
+            (options[p].prior is None or options[p].ridge == 0)
+            and all(_leaf(p, n) in trees.unchanged for n in _param_names(specs[p]))
+            for p in g
+        )
+    }
+
+
+def _keep_base(groups, specs, trees: _Trees, options, heldout: bool, merged_flat):
+    """Leave ``groups`` at the base's values (written to ``merged_flat``); their reports say
+    ``E₀ = L* = 0``, ``ρ = 1``, status ``UNCHANGED``."""
+    for p in (p for g in groups for p in g):
+        for n in _param_names(specs[p]):
+            merged_flat[_leaf(p, n)] = trees.base_flat[_leaf(p, n)]
+    return [
+        dataclasses.replace(
+            _layer_report(specs[p], options[p], (0.0, 0.0, 1.0, 0, math.nan), 0.0, g),
+            status="UNCHANGED",
+            energy_base_heldout=0.0 if heldout else None,
+            rho_heldout=1.0 if heldout else None,
+        )
+        for g in groups
+        for p in g
+    ]
 
 
 def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
@@ -904,8 +950,9 @@ def solve_stats(
     """Merge a model from collected statistics: solve every group, fall back elsewhere, fold.
 
     Each group is solved with :func:`~jaxmerge.solve_layer` (see the module docs for the full
-    basis' starting point, shared inputs and the fallback rules); the merged tree has exactly the
-    base's structure, dtypes and shardings.
+    basis' starting point, shared inputs, the fallback rules and the layers no fine-tune changed,
+    which are not solved); the merged tree has exactly the base's structure, dtypes and
+    shardings.
 
     Args:
         stats: ``{group key: GroupStats}`` from :func:`collect_stats` (possibly combined over
@@ -956,9 +1003,15 @@ def solve_stats(
                     )
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options([s.path for s in specs], basis, prior, ridge, alpha, rcond)
+    by_path = {s.path: s for s in specs}
+    paths = {key: tuple(s.path for s in g.layers) for key, g in stats.items()}
+    skip = _unchanged(trees, paths.values(), by_path, options)
     merged_flat = dict(trees.centre)
-    reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
-                         merged_flat=merged_flat)  # fmt: skip
+    reports = _solve_all({k: g for k, g in stats.items() if paths[k] not in skip}, trees, options,
+                         throw=throw, progress=progress, merged_flat=merged_flat)  # fmt: skip
+    reports += _keep_base(skip, by_path, trees, options, heldout is not None, merged_flat)
+    order = {s.path: i for i, s in enumerate(specs)}
+    reports.sort(key=lambda r: order[r.path])
     return _finish(trees, merged_flat, reports, specs, "parallel", started, heldout)
 
 
@@ -1155,10 +1208,14 @@ def merge(
     merged_flat = dict(trees.centre)
     specs = list(plan.specs.values())
 
+    groups = plan.groups
     if algorithm == "parallel":
-        stats = collect(iters, groups=plan.groups, tree_in=None, label="collecting statistics")
+        skip = _unchanged(trees, plan.groups, plan.specs, options)
+        groups = [g for g in plan.groups if g not in skip]
+        stats = collect(iters, groups=groups, tree_in=None, label="collecting statistics")
         reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
                              merged_flat=merged_flat)  # fmt: skip
+        reports += _keep_base(skip, plan.specs, trees, options, heldout is not None, merged_flat)
     else:
         batches = [list(it) for it in iters]
         reports = []
@@ -1200,12 +1257,12 @@ def merge(
                         reports.append(
                             _layer_report(plan.specs[path], options[path], m, None, group)
                         )
-        order = {p: i for i, p in enumerate(plan.specs)}
-        reports.sort(key=lambda r: order[r.path])
+    order = {p: i for i, p in enumerate(plan.specs)}
+    reports.sort(key=lambda r: order[r.path])
 
     held = None
     if heldout is not None:
         held_iters, _ = _peek(heldout, k_tasks)
         tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
-        held = collect(held_iters, groups=plan.groups, tree_in=tree_in, label="held-out")
+        held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
     return _finish(trees, merged_flat, reports, specs, algorithm, started, held)

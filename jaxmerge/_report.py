@@ -28,7 +28,8 @@ class LayerReport:
         energy_merged: ``L*`` on the calibration data.
         rho: ``ρ = 1 − L*/E₀`` on the calibration data (optimistic: the solve saw these rows).
         condition: condition-number estimate of the solve (``nan`` when none was needed).
-        status: :class:`~jaxmerge.SolveStatus` name.
+        status: :class:`~jaxmerge.SolveStatus` name, or ``"UNCHANGED"`` for a layer that no
+            fine-tune changed, kept at the base's values without a solve (parallel merge).
         seconds: wall time of the solve (``None`` when solved inside one jitted pass), shared
             by layers solved together.
         shared_input: the other layers that share this layer's input (and Gram matrix).

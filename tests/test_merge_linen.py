@@ -87,6 +87,41 @@ def _output_error(model, params, xs, fts):
     )
 
 
+def test_layers_no_finetune_changed_stay_at_the_base(mlp):
+    """Fine-tunes of the second layer only: the first layer keeps the base's values to the bit
+    (reported UNCHANGED, E₀ = 0), the second is numpy RegMean on the base's hidden activations;
+    ``solve_stats`` on statistics of both layers agrees. A ridge toward a prior still moves an
+    unchanged layer."""
+    model, xs, base, fts, _ = mlp
+    tops = [{**base, "Dense_1": f["Dense_1"]} for f in fts]
+    held = [[x[:16]] for x in xs]
+    merged, report = merge(model, base, tops, [[x] for x in xs], heldout=held, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, merged["Dense_0"], base["Dense_0"])
+    first, second = report.layers
+    assert (first.path, first.status, first.energy_base, first.rho) == (
+        "Dense_0",
+        "UNCHANGED",
+        0,
+        1,
+    )
+    assert (first.energy_base_heldout, first.rho_heldout) == (0, 1)
+    assert second.status != "UNCHANGED" and second.rho_heldout is not None
+    hs = [np.tanh(augment(x) @ np_layer(base["Dense_0"])) for x in xs]
+    ys = [augment(h) @ np_layer(f["Dense_1"]) for h, f in zip(hs, tops, strict=True)]
+    np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
+
+    stats = jaxmerge.collect_stats(model, tops, [[x] for x in xs], progress=False)
+    again, again_report = jaxmerge.solve_stats(stats, base, tops, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, again, merged)
+    assert [r.status for r in again_report.layers][0] == "UNCHANGED"
+
+    prior = {"kernel": base["Dense_0"]["kernel"] + 1.0, "bias": base["Dense_0"]["bias"]}
+    pulled, pulled_report = merge(model, base, tops, [[x] for x in xs], prior={"Dense_0": prior},
+                                  ridge={"Dense_0": 1.0}, progress=False)  # fmt: skip
+    assert pulled_report.layers[0].status != "UNCHANGED"
+    assert float(jnp.min(pulled["Dense_0"]["kernel"] - base["Dense_0"]["kernel"])) > 0.1
+
+
 def test_sequential_beats_parallel_when_the_first_layer_is_inexact(mlp):
     model, xs, base, fts, out = mlp
     par = _output_error(model, out["parallel"][0], xs, fts)

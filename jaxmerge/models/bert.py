@@ -171,14 +171,15 @@ class _SelfAttention(nn.Module):
         c = self.config
         b, t, _ = x.shape
 
-        def heads(name):
+        def heads(name):  # (b, h, t, d): batch axes leading, the layout XLA's CPU dot is fast on
             y = nn.Dense(c.hidden_size, name=name)(x)
-            return y.reshape(b, t, c.num_attention_heads, c.head_dim)
+            return y.reshape(b, t, c.num_attention_heads, c.head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = heads("query"), heads("key"), heads("value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c.head_dim) + bias
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(c.head_dim) + bias
         weights = jax.nn.softmax(logits, axis=-1)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, c.hidden_size)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        return out.transpose(0, 2, 1, 3).reshape(b, t, c.hidden_size)
 
 
 class _Output(nn.Module):
