@@ -30,6 +30,9 @@ Methods (hyper-parameters chosen on the validation split where marked):
 ``regmean``              RegMean, α on validation (``jaxmerge.merge``, full basis, metric A_α)
 ``qp_<basis>_<alg>``     output-space projection, basis scalar / diagonal / full / lowrank(r),
                          algorithm parallel / sequential
+``qp_full_ridge_ta``     full basis, parallel, with a ridge toward the task-arithmetic merge
+                         above, ``(H + λD)c = f + λDc₀``: λ on validation (λ → ∞ would be
+                         task arithmetic itself)
 ``qp_ties``              QP-reweighted TIES: TIES' directions, coefficients per output unit
                          solved by the QP
 =======================  =====================================================================
@@ -68,19 +71,20 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 TIES_LAMBDAS = (0.5, 1.0, 1.5, 2.0)
 ALPHAS = (0.1, 0.5, 0.9, 1.0)
+RIDGES = (0.3, 1.0, 3.0, 10.0)
 LOWRANK = 16
 
 
 class Suite:
     """One model of a suite: its trunk, base and fine-tuned parameters, tasks and evaluation."""
 
-    def __init__(self, name, trunk, base, tuned, tasks, *, accuracy, loss, mask_key=None):
+    def __init__(self, name, trunk, base, tuned, tasks, *, correct, loss, mask_key=None):
         self.name = name
         self.trunk = trunk
         self.base = base
         self.tuned = tuned
         self.tasks = tasks
-        self.accuracy = accuracy  # (trunk_params, head_params, (x, y)) -> float
+        self.correct = correct  # (trunk_params, head_params, (x, y)) -> bool per example
         self.loss = loss  # (trunk_params, head_params, batch) -> scalar
         self.mask_key = mask_key  # key of the padding mask in dict inputs
         self.calib_batch = lambda t: t.calib[0]
@@ -149,12 +153,18 @@ def output_errors(outputs, targets) -> np.ndarray:
     )  # fmt: skip
 
 
-def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
-    """Accuracy of ``trunk_params`` on the tasks ``idx``, each with its own head."""
+def hits(suite: Suite, idx, trunk_params, split: str = "test") -> list[np.ndarray]:
+    """Per example, whether ``trunk_params`` classifies it right, on each task of ``idx`` with
+    that task's own head."""
     return [
-        suite.accuracy(trunk_params, suite.tuned[k]["head"], getattr(suite.tasks[k], split))
+        suite.correct(trunk_params, suite.tuned[k]["head"], getattr(suite.tasks[k], split))
         for k in idx
     ]
+
+
+def evaluate(suite: Suite, idx, trunk_params, split: str = "test") -> list[float]:
+    """Accuracy of ``trunk_params`` on the tasks ``idx``, each with its own head."""
+    return [float(np.mean(h)) for h in hits(suite, idx, trunk_params, split)]
 
 
 def choose(suite: Suite, idx, candidates: dict):
@@ -173,6 +183,7 @@ def merges(suite: Suite, idx, stats, *, quick: bool):
     calib = [[suite.calib_batch(suite.tasks[k])] for k in idx]
     lambdas = (0.3, 1.0) if quick else LAMBDAS
     ties_lambdas = (1.0,) if quick else TIES_LAMBDAS
+    ta = None
 
     yield "base", base, {}
     if hasattr(jm, "soup"):
@@ -181,6 +192,7 @@ def merges(suite: Suite, idx, stats, *, quick: bool):
         lam, merged = choose(
             suite, idx, {lam: jm.task_arithmetic(base, tuned, scale=lam) for lam in lambdas}
         )
+        ta = lam, merged
         yield "task_arithmetic", merged, {"lambda": lam}
     if hasattr(jm, "ties"):
         lam, merged = choose(
@@ -214,6 +226,13 @@ def merges(suite: Suite, idx, stats, *, quick: bool):
     alphas = (0.5, 0.9) if quick else ALPHAS
     alpha, merged = choose(suite, idx, {a: solve(basis="full", alpha=a) for a in alphas})
     yield "regmean", merged, {"alpha": alpha}
+    if ta is not None:  # ridge toward the task-arithmetic merge: λ = ∞ would return it exactly
+        prior = lambda path: subtree(ta[1], path)  # noqa: E731
+        ridges = (1.0,) if quick else RIDGES
+        ridge, merged = choose(
+            suite, idx, {r: solve(basis="full", prior=prior, ridge=r) for r in ridges}
+        )
+        yield "qp_full_ridge_ta", merged, {"ridge": ridge, "lambda": ta[0]}
 
     def lowrank(path):  # rank LOWRANK, or less where the layer's update cannot have it
         params = subtree(base, path)
@@ -249,7 +268,7 @@ ALL_METHODS = (
         for b in ("scalar", "diagonal", "full", "lowrank")
         for a in ("parallel", "sequential")
     ]
-    + ["qp_ties"]
+    + ["qp_full_ridge_ta", "qp_ties"]
 )
 
 
@@ -266,8 +285,10 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     tests = [len(suite.tasks[k].test[1]) for k in idx]
     targets = [heldout_outputs(suite, [k], suite.tuned[k]["trunk"])[0] for k in idx]
     base_errors = output_errors(heldout_outputs(suite, idx, suite.base["trunk"]), targets)
+    correct = {}
     for method, merged, info in merges(suite, idx, stats, quick=quick):
-        acc = evaluate(suite, idx, merged)
+        correct[method] = hits(suite, idx, merged)
+        acc = [float(np.mean(h)) for h in correct[method]]
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
         shares = 1.0 - output_errors(heldout_outputs(suite, idx, merged), targets) / base_errors
         out[method] = {
@@ -288,9 +309,36 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
         "rho_calib": None,  # not one merged model: each task keeps its own trunk
         "rho_heldout": None,
     }
+    paired_vs_best_baseline(out, correct, ref)
     for method in ALL_METHODS:
         out.setdefault(method, {"status": "unavailable"})
     return out
+
+
+BASELINES = ("soup", "task_arithmetic", "ties", "dare", "fisher", "regmean")
+
+
+def paired_vs_best_baseline(out: dict, correct: dict, ref) -> None:
+    """Give every QP method of a subset ``paired_vs_best_baseline``: its mean normalised accuracy
+    minus that of the subset's best baseline, ``diff``, with the standard error of that
+    difference over the same test examples, ``se`` (per task the variance of the per-example
+    differences over the test set's size, divided by the individual accuracy). Both merges see
+    the same examples, so this error is far smaller than either method's own ``se_normalized``:
+    it says whether the test sets can tell the two apart."""
+    present = [b for b in BASELINES if b in correct]
+    if not present:
+        return
+    best = max(present, key=lambda b: out[b]["mean_normalized"])
+    for method in (m for m in correct if m.startswith("qp_")):
+        per_task = [
+            (a.astype(np.float64) - b.astype(np.float64)) / r
+            for a, b, r in zip(correct[method], correct[best], ref, strict=True)
+        ]
+        out[method]["paired_vs_best_baseline"] = {
+            "baseline": best,
+            "diff": float(np.mean([d.mean() for d in per_task])),
+            "se": float(np.sqrt(sum(d.var(ddof=1) / len(d) for d in per_task)) / len(per_task)),
+        }
 
 
 def normalized_standard_error(acc, ref, tests) -> float:
@@ -323,7 +371,7 @@ def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
 
 def run_model(suite: Suite, *, quick: bool) -> dict:
     individual = [
-        suite.accuracy(p["trunk"], p["head"], t.test)
+        float(np.mean(suite.correct(p["trunk"], p["head"], t.test)))
         for p, t in zip(suite.tuned, suite.tasks, strict=True)
     ]
     k = len(suite.tasks)
@@ -394,29 +442,29 @@ def image_suites(seed: int, quick: bool):
         base, tuned, tasks, _ = finetune.image_models(trunk_name, seed=seed, quick=quick)
         trunk = models.trunk_module(trunk_name)
 
-        def accuracy(trunk_params, head, split, trunk=trunk):
-            return models.accuracy(trunk, {"trunk": trunk_params, "head": head}, *split)
+        def correct(trunk_params, head, split, trunk=trunk):
+            return models.correct(trunk, {"trunk": trunk_params, "head": head}, *split)
 
         def loss(trunk_params, head, batch, trunk=trunk):
             out = models.logits(trunk, {"trunk": trunk_params, "head": head}, batch["x"])
             return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
 
-        yield Suite(trunk_name, trunk, base, tuned, tasks, accuracy=accuracy, loss=loss)
+        yield Suite(trunk_name, trunk, base, tuned, tasks, correct=correct, loss=loss)
 
 
 def text_suites(seed: int, quick: bool):
     """MiniLM-L6 with its top two blocks fine-tuned per text task (see ``finetune.text_models``)."""
     trunk, base, tuned, tasks = finetune.text_models(seed=seed, quick=quick)
 
-    def accuracy(trunk_params, head, split):
-        return models.accuracy(trunk, {"trunk": trunk_params, "head": head}, *split, batch=256)
+    def correct(trunk_params, head, split):
+        return models.correct(trunk, {"trunk": trunk_params, "head": head}, *split, batch=256)
 
     def loss(trunk_params, head, batch):
         out = models.logits(trunk, {"trunk": trunk_params, "head": head}, batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
 
     yield Suite(
-        "minilm", trunk, base, tuned, tasks, accuracy=accuracy, loss=loss, mask_key="attention_mask"
+        "minilm", trunk, base, tuned, tasks, correct=correct, loss=loss, mask_key="attention_mask"
     )
 
 

@@ -111,13 +111,16 @@ def _predict(trunk, params, x):
     return jnp.argmax(logits(trunk, params, x), -1)
 
 
+def correct(trunk: nn.Module, params: dict, x, y, batch: int = 1000) -> np.ndarray:
+    """Whether the classifier's top-1 prediction is right, per example of ``(x, y)`` (a boolean
+    array), evaluated in batches."""
+    preds = [_predict(trunk, params, take(x, slice(i, i + batch))) for i in range(0, len(y), batch)]
+    return np.concatenate([np.asarray(p) for p in preds]) == np.asarray(y)
+
+
 def accuracy(trunk: nn.Module, params: dict, x, y, batch: int = 1000) -> float:
     """Top-1 accuracy of the classifier on ``(x, y)``, evaluated in batches."""
-    correct = 0
-    for i in range(0, len(y), batch):
-        pred = _predict(trunk, params, take(x, slice(i, i + batch)))
-        correct += int(jnp.sum(pred == y[i : i + batch]))
-    return correct / len(y)
+    return float(np.mean(correct(trunk, params, x, y, batch)))
 
 
 # ---- text: MiniLM-L6 ---------------------------------------------------------------------------

@@ -86,6 +86,14 @@ def test_accuracy_images_quick(tmp_path):
         assert -1.0 <= result[f"spearman_{name}_rho_vs_normalized"] <= 1.0
     for r in methods.values():
         assert "status" in r or "mean_normalized" in r
+    # The ridge toward task arithmetic lies between the full-basis QP and task arithmetic in ρ.
+    ridge = methods["qp_full_ridge_ta"]
+    assert methods["task_arithmetic"]["rho_calib"] - 1e-4 <= ridge["rho_calib"] <= full + 1e-4
+    # Paired comparisons: the difference is that of the means; its error is a paired one.
+    paired = methods["qp_full_parallel"]["paired_vs_best_baseline"]
+    best = methods[paired["baseline"]]["mean_normalized"]
+    assert paired["diff"] == pytest.approx(methods["qp_full_parallel"]["mean_normalized"] - best)
+    assert 0 <= paired["se"] < 2 * methods["qp_full_parallel"]["se_normalized"]
 
 
 def test_accuracy_text_quick(tmp_path):
