@@ -219,9 +219,12 @@ def merge_end_to_end(module, base, tuned, calib, *, batch: int):
 
 def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
     """Where :func:`merge_end_to_end`'s time goes (warm): the forward passes alone, the
-    statistics (``collect_stats``: forward passes and Gram matrices), and the solves
+    statistics of the layers it solves (``collect_stats``: forward passes and Gram matrices;
+    layers no fine-tune changed are neither collected nor solved), and the solves
     (``solve_stats``), those split by layer kind and solver status."""
     batches = [batches_of(c, batch) for c in calib]
+    _, report = jm.merge(module, base, tuned, batches, mask_key=None, progress=False)
+    solved = [layer.path for layer in report.layers if layer.status != "UNCHANGED"]
 
     forward = jax.jit(models.features, static_argnums=0)
 
@@ -231,10 +234,11 @@ def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
 
     def collect():
         return jax.block_until_ready(
-            jm.collect_stats(module, tuned, batches, mask_key=None, progress=False)
+            jm.collect_stats(module, tuned, batches, paths=solved, mask_key=None, progress=False)
         )
 
-    out = {"forward_s": median_seconds(forward_all, repeats=3)}
+    out = {"layers_solved": len(solved), "layers_unchanged": len(report.layers) - len(solved)}
+    out["forward_s"] = median_seconds(forward_all, repeats=3)
     out["collect_stats_s"] = median_seconds(collect, repeats=3)
     stats = collect()
     jm.solve_stats(stats, base, tuned, progress=False)  # compile
