@@ -7,6 +7,11 @@ evaluated on each task's test split with that task's own head:
 * ``per_task``: accuracy of the merged model on each task of the subset;
 * ``mean_accuracy``; ``mean_normalized``: the mean of merged / individual fine-tune accuracy;
   ``se_normalized``: its binomial standard error from the test sets' sizes;
+  ``mean_normalized_val``: the same on the validation split (optimistic for the methods whose
+  hyper-parameter was chosen there); per model, ``spearman_val_vs_test_normalized`` says how well
+  the two splits agree on the ranking of the merges;
+* ``paired_vs_best_baseline`` (QP methods): the difference from the subset's best baseline on
+  the same test examples, with its paired standard error;
 * ``rho_calib`` and ``rho_heldout``: the fraction of the fine-tunes' residual output energy the
   merge captures, ``ρ = 1 − Σ L / Σ E₀`` over the trunk's layers, on the calibration split and on
   a held-out calibration split disjoint from it. Every merge (baselines included) is scored the
@@ -272,7 +277,7 @@ ALL_METHODS = (
 )
 
 
-def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
+def run_subset(suite: Suite, idx, individual, individual_val, *, quick: bool) -> dict:
     """Every method on the tasks ``idx``: ``{method: result}``."""
     tuned = [suite.tuned[k]["trunk"] for k in idx]
     calib = [[suite.calib_batch(suite.tasks[k])] for k in idx]
@@ -282,6 +287,7 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
     stats_heldout = jm.collect_stats(suite.trunk, tuned, heldout, **kw)
     out = {}
     ref = [individual[k] for k in idx]
+    ref_val = [individual_val[k] for k in idx]
     tests = [len(suite.tasks[k].test[1]) for k in idx]
     targets = [heldout_outputs(suite, [k], suite.tuned[k]["trunk"])[0] for k in idx]
     base_errors = output_errors(heldout_outputs(suite, idx, suite.base["trunk"]), targets)
@@ -296,6 +302,9 @@ def run_subset(suite: Suite, idx, individual, *, quick: bool) -> dict:
             "mean_accuracy": float(np.mean(acc)),
             "mean_normalized": float(np.mean(np.divide(acc, ref))),
             "se_normalized": normalized_standard_error(acc, ref, tests),
+            "mean_normalized_val": float(
+                np.mean(np.divide(evaluate(suite, idx, merged, "val"), ref_val))
+            ),
             "rho_calib": rho,
             "rho_heldout": rho_heldout,
             "rho_output_heldout": float(shares[0]),
@@ -370,10 +379,13 @@ def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
 
 
 def run_model(suite: Suite, *, quick: bool) -> dict:
-    individual = [
-        float(np.mean(suite.correct(p["trunk"], p["head"], t.test)))
-        for p, t in zip(suite.tuned, suite.tasks, strict=True)
-    ]
+    individual, individual_val = (
+        [
+            float(np.mean(suite.correct(p["trunk"], p["head"], getattr(t, split))))
+            for p, t in zip(suite.tuned, suite.tasks, strict=True)
+        ]
+        for split in ("test", "val")
+    )
     k = len(suite.tasks)
     subsets = {"all": tuple(range(k))}
     pair_idx = [] if quick else list(itertools.combinations(range(k), 2))
@@ -381,7 +393,7 @@ def run_model(suite: Suite, *, quick: bool) -> dict:
     results = {}
     for name, idx in subsets.items():
         start = time.perf_counter()
-        results[name] = run_subset(suite, idx, individual, quick=quick)
+        results[name] = run_subset(suite, idx, individual, individual_val, quick=quick)
         line = "  ".join(
             f"{m} {r['mean_normalized']:.3f}"
             for m, r in results[name].items()
@@ -415,8 +427,15 @@ def run_model(suite: Suite, *, quick: bool) -> dict:
         for m in results["all"]
         if pairs and all("mean_normalized" in results[n][m] for n in pairs)
     }
+    points = [
+        (r["mean_normalized_val"], r["mean_normalized"])
+        for sub in results.values()
+        for r in sub.values()
+        if "mean_normalized_val" in r
+    ]
     return {
         "individual_accuracy": dict(zip([t.name for t in suite.tasks], individual, strict=True)),
+        "spearman_val_vs_test_normalized": _spearman(*zip(*points, strict=True)),
         "subsets": results,
         "pairs_mean_normalized": pair_mean,
         "full_vs_diagonal": {"pairs": gain, "spearman_gain_vs_input_dissimilarity": corr},

@@ -94,6 +94,10 @@ def test_accuracy_images_quick(tmp_path):
     best = methods[paired["baseline"]]["mean_normalized"]
     assert paired["diff"] == pytest.approx(methods["qp_full_parallel"]["mean_normalized"] - best)
     assert 0 <= paired["se"] < 2 * methods["qp_full_parallel"]["se_normalized"]
+    assert all(r["mean_normalized_val"] > 0 for r in methods.values() if "mean_normalized" in r
+               and r is not methods["individual"])  # fmt: skip
+    agreement = result["models"]["mlp"]["spearman_val_vs_test_normalized"]
+    assert -1.0 <= agreement <= 1.0
 
 
 def test_accuracy_text_quick(tmp_path):
@@ -125,7 +129,13 @@ def test_speed_quick(tmp_path):
         entry = result["fusionbench"][name]
         if entry.get("status") == "unavailable":
             continue
-        for key in ("jaxmerge_s", "fusionbench_s", "ratio", "max_rel_diff_float32"):
+        for key in (
+            "jaxmerge_s",
+            "fusionbench_s",
+            "fusionbench_forward_s",
+            "ratio",
+            "max_rel_diff_float32",
+        ):
             assert entry[key] > 0, (name, key)
     sop = result["sequential_over_parallel"]
     if sop.get("status") != "unavailable":

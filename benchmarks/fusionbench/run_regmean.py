@@ -9,8 +9,9 @@ the BERT config), ``num_models``, ``batch``, ``alpha``, ``dtype`` (``"float32"``
 ``"float64"``: models and inputs are cast to it), the PyTorch state dicts
 ``base/<name>`` and ``model{k}/<name>``, and per-model calibration inputs ``calib{k}/x`` (MLP) or
 ``calib{k}/input_ids`` and ``calib{k}/attention_mask`` (BERT). ``OUT.npz`` gets the merged state
-dict and ``seconds``, the wall time of ``RegMeanAlgorithm.run`` (Gram accumulation with forward
-hooks over the calibration batches, the solve, loading the merged state dict).
+dict, ``seconds``, the wall time of ``RegMeanAlgorithm.run`` (Gram accumulation with forward
+hooks over the calibration batches, the solve, loading the merged state dict), and
+``forward_seconds``, the same forward passes without hooks, timed before it.
 
 FusionBench's ``RegMeanAlgorithm`` leaves ``get_regmean_weights`` to subclasses that load datasets
 by name; the subclass here runs offline on in-memory tensors, with the same hook that FusionBench's
@@ -158,14 +159,20 @@ def main(src: str, dst: str) -> None:
         reduce_non_diagonal_ratio=alpha,
         weight_transpose=True,
     )
-    start = time.perf_counter()
     with torch.no_grad():
+        start = time.perf_counter()
+        for name in names:  # the forward passes alone (and torch warmed up for the merge)
+            for b in batches[name]:
+                models[name](**b)
+        forward_seconds = time.perf_counter() - start
+        start = time.perf_counter()
         merged = algorithm.run(pool)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     out = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
     np.savez(
         dst,
         seconds=seconds,
+        forward_seconds=forward_seconds,
         torch_threads=torch.get_num_threads(),
         pinv_fallbacks=len(FALLBACKS),
         **out,
