@@ -20,7 +20,9 @@ evaluated on each task's test split with that task's own head:
   basis with an infinite ridge, which returns it unchanged and reports its energies;
 * ``rho_output_heldout``: the same fraction for the trunk's final output, the features the heads
   read, on the held-out split: ``1 − Σₖ mean‖f(θ; xₖ) − f(θₖ; xₖ)‖² / Σₖ mean‖f(θ₀; xₖ) −
-  f(θₖ; xₖ)‖²``; ``rho_logits_heldout``: the same with each task's head applied (its logits).
+  f(θₖ; xₖ)‖²``; ``rho_logits_heldout``: the same with each task's head applied (its logits);
+  ``agreement_heldout``: the fraction of those held-out inputs on which the merge predicts the
+  fine-tune's class (mean over tasks), which weighs the argmax rather than squared errors;
 
 Methods (hyper-parameters chosen on the validation split where marked):
 
@@ -296,7 +298,8 @@ def run_subset(suite: Suite, idx, individual, individual_val, *, quick: bool) ->
         correct[method] = hits(suite, idx, merged)
         acc = [float(np.mean(h)) for h in correct[method]]
         rho, rho_heldout = score_rho(stats, stats_heldout, suite.base["trunk"], tuned, merged)
-        shares = 1.0 - output_errors(heldout_outputs(suite, idx, merged), targets) / base_errors
+        outputs = heldout_outputs(suite, idx, merged)
+        shares = 1.0 - output_errors(outputs, targets) / base_errors
         out[method] = {
             "per_task": dict(zip([suite.tasks[k].name for k in idx], acc, strict=True)),
             "mean_accuracy": float(np.mean(acc)),
@@ -309,6 +312,7 @@ def run_subset(suite: Suite, idx, individual, individual_val, *, quick: bool) ->
             "rho_heldout": rho_heldout,
             "rho_output_heldout": float(shares[0]),
             "rho_logits_heldout": float(shares[1]),
+            "agreement_heldout": prediction_agreement(outputs, targets),
             **info,
         }
     out["individual"] = {
@@ -348,6 +352,19 @@ def paired_vs_best_baseline(out: dict, correct: dict, ref) -> None:
             "diff": float(np.mean([d.mean() for d in per_task])),
             "se": float(np.sqrt(sum(d.var(ddof=1) / len(d) for d in per_task)) / len(per_task)),
         }
+
+
+def prediction_agreement(outputs, targets) -> float:
+    """The mean over tasks of the fraction of held-out inputs on which the merge predicts the
+    class the task's fine-tune predicts (argmax of the logits, from :func:`heldout_outputs`)."""
+    return float(
+        np.mean(
+            [
+                np.mean(np.argmax(o[1], -1) == np.argmax(t[1], -1))
+                for o, t in zip(outputs, targets, strict=True)
+            ]
+        )
+    )
 
 
 def normalized_standard_error(acc, ref, tests) -> float:
@@ -577,8 +594,13 @@ def main(argv=None) -> dict:
         "tasks": [t.name for t in suites[0].tasks],
         "models": {s.name: run_model(s, quick=args.quick) for s in suites},
     }
-    for field, name in (("rho_heldout", "heldout"), ("rho_output_heldout", "output"),
-                        ("rho_logits_heldout", "logits")):  # fmt: skip
+    correlations = {
+        "rho_heldout": "spearman_heldout_rho_vs_normalized",
+        "rho_output_heldout": "spearman_output_rho_vs_normalized",
+        "rho_logits_heldout": "spearman_logits_rho_vs_normalized",
+        "agreement_heldout": "spearman_agreement_vs_normalized",
+    }
+    for field, key in correlations.items():
         points = [
             (r[field], r["mean_normalized"])
             for m in result["models"].values()
@@ -586,7 +608,7 @@ def main(argv=None) -> dict:
             for method, r in sub.items()
             if method != "individual" and r.get(field) is not None
         ]
-        result[f"spearman_{name}_rho_vs_normalized"] = _spearman(*zip(*points, strict=True))
+        result[key] = _spearman(*zip(*points, strict=True))
     first = next(iter(result["models"].values()))
     result["methods"] = first["subsets"]["all"]  # the first model with every task, for tables
     result["seconds"] = time.perf_counter() - start

@@ -82,8 +82,12 @@ def test_accuracy_images_quick(tmp_path):
         assert methods["base"][field] == 0.0
         shares = [r[field] for r in methods.values() if field in r]
         assert len(shares) == len(methods) - 1 and max(shares) <= 1.0  # all but individual
-    for name in ("output", "logits"):
-        assert -1.0 <= result[f"spearman_{name}_rho_vs_normalized"] <= 1.0
+    for name in ("output_rho", "logits_rho", "agreement"):
+        assert -1.0 <= result[f"spearman_{name}_vs_normalized"] <= 1.0
+    # Prediction agreement with the fine-tunes: a fraction, higher for the QP than for the base.
+    assert all(0.0 <= r["agreement_heldout"] <= 1.0 for r in methods.values() if "rho_calib" in r
+               and r is not methods["individual"])  # fmt: skip
+    assert methods["qp_full_parallel"]["agreement_heldout"] > methods["base"]["agreement_heldout"]
     for r in methods.values():
         assert "status" in r or "mean_normalized" in r
     # The ridge toward task arithmetic lies between the full-basis QP and task arithmetic in ρ.
