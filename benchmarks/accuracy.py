@@ -336,8 +336,9 @@ def paired_vs_best_baseline(out: dict, correct: dict, ref) -> None:
     minus that of the subset's best baseline, ``diff``, with the standard error of that
     difference over the same test examples, ``se`` (per task the variance of the per-example
     differences over the test set's size, divided by the individual accuracy). Both merges see
-    the same examples, so this error is far smaller than either method's own ``se_normalized``:
-    it says whether the test sets can tell the two apart."""
+    the same examples, so this error is smaller than either method's own ``se_normalized`` (the
+    examples both get right or wrong cancel): it says whether the test sets can tell the two
+    apart."""
     present = [b for b in BASELINES if b in correct]
     if not present:
         return

@@ -100,8 +100,8 @@ def test_accuracy_images_quick(tmp_path):
     assert 0 <= paired["se"] < 2 * methods["qp_full_parallel"]["se_normalized"]
     assert all(r["mean_normalized_val"] > 0 for r in methods.values() if "mean_normalized" in r
                and r is not methods["individual"])  # fmt: skip
-    agreement = result["models"]["mlp"]["spearman_val_vs_test_normalized"]
-    assert -1.0 <= agreement <= 1.0
+    val_vs_test = result["models"]["mlp"]["spearman_val_vs_test_normalized"]
+    assert -1.0 <= val_vs_test <= 1.0
 
 
 def test_accuracy_text_quick(tmp_path):
