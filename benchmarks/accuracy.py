@@ -48,7 +48,9 @@ A method whose jaxmerge function is missing is recorded as ``{"status": "unavail
 Spearman correlation between held-out ρ and normalised accuracy is taken over every (model,
 subset, method) point. The full basis' gain over the diagonal one, per pair of tasks, is set
 against how different the two tasks' trunk inputs are: ``1 − cos(G₁, G₂)`` of their uncentred
-second-moment matrices (Frobenius inner product).
+second-moment matrices (Frobenius inner product); so is the full basis' gain over task
+arithmetic (``full_minus_task_arithmetic``), to test whether the least-squares layer loses where
+two tasks share their inputs and it must compromise between conflicting outputs on them.
 
 ``--quick`` (a smoke test): the MLP only, all tasks together (no pairs), small data, few
 training steps, short hyper-parameter grids.
@@ -422,24 +424,21 @@ def run_model(suite: Suite, *, quick: bool) -> dict:
     gain = {}
     for name in pairs:
         r = results[name]
-        if (
-            "mean_normalized" in r["qp_full_parallel"]
-            and "mean_normalized" in r["qp_diagonal_parallel"]
-        ):
+        methods = ("qp_full_parallel", "qp_diagonal_parallel", "task_arithmetic")
+        if all("mean_normalized" in r[m] for m in methods):
+            full, diagonal, ta = (r[m]["mean_normalized"] for m in methods)
             gain[name] = {
-                "full_minus_diagonal": r["qp_full_parallel"]["mean_normalized"]
-                - r["qp_diagonal_parallel"]["mean_normalized"],
+                "full_minus_diagonal": full - diagonal,
+                "full_minus_task_arithmetic": full - ta,
                 "rho_heldout_full_minus_diagonal": _sub(
                     r["qp_full_parallel"]["rho_heldout"], r["qp_diagonal_parallel"]["rho_heldout"]
                 ),
                 "input_dissimilarity": input_dissimilarity(suite, *subsets[name]),
             }
-    corr = None
+    corr = {"full_minus_diagonal": None, "full_minus_task_arithmetic": None}
     if len(gain) >= 3 and all(g["input_dissimilarity"] is not None for g in gain.values()):
-        corr = _spearman(
-            [g["input_dissimilarity"] for g in gain.values()],
-            [g["full_minus_diagonal"] for g in gain.values()],
-        )
+        dissimilarity = [g["input_dissimilarity"] for g in gain.values()]
+        corr = {key: _spearman(dissimilarity, [g[key] for g in gain.values()]) for key in corr}
     pair_mean = {
         m: float(np.mean([results[n][m]["mean_normalized"] for n in pairs]))
         for m in results["all"]
@@ -456,7 +455,11 @@ def run_model(suite: Suite, *, quick: bool) -> dict:
         "spearman_val_vs_test_normalized": _spearman(*zip(*points, strict=True)),
         "subsets": results,
         "pairs_mean_normalized": pair_mean,
-        "full_vs_diagonal": {"pairs": gain, "spearman_gain_vs_input_dissimilarity": corr},
+        "full_vs_diagonal": {
+            "pairs": gain,
+            "spearman_gain_vs_input_dissimilarity": corr["full_minus_diagonal"],
+            "spearman_full_minus_ta_vs_input_dissimilarity": corr["full_minus_task_arithmetic"],
+        },
     }
 
 

@@ -56,6 +56,18 @@ def fingerprint(params) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_fingerprint(inputs, labels) -> str:
+    """A short hash of a task part's examples (arrays, dicts of arrays or lists of strings), so
+    that a cache entry is never reused for a different split of the data."""
+    digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
+    if isinstance(inputs, list):
+        digest.update("\0".join(inputs).encode())
+    else:
+        for leaf in jax.tree.leaves(jax.device_get(inputs)):
+            digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached(config: dict, train_fn):
     """``train_fn()``'s parameters, loaded from the cache when ``config`` was trained before."""
     path = CACHE / f"{config['kind']}-{cache_key(config)}.npz"
@@ -99,7 +111,7 @@ def pretrain(trunk_name: str, task, *, seed: int, steps: int, lr: float = 1e-3, 
     config = {
         "kind": f"pretrain-{trunk_name}",
         "task": task.name,
-        "n_train": len(task.train[1]),
+        "data": data_fingerprint(*task.train),
         "seed": seed,
         "steps": steps,
         "lr": lr,
@@ -130,7 +142,7 @@ def finetune(
         "kind": f"finetune-{trunk_name}",
         "base": fingerprint(base_trunk),
         "task": task.name,
-        "n_train": len(task.train[1]),
+        "data": data_fingerprint(*task.train),
         "seed": seed,
         "steps": steps,
         "lr": lr,
@@ -181,7 +193,7 @@ def text_models(*, seed: int, quick: bool):
     ``None``); the tasks' inputs are replaced by dicts ``{"hidden", "attention_mask"}`` of the
     frozen bottom blocks' outputs (computed once, cached).
     """
-    sizes = data.QUICK_SIZES if quick else data.Sizes(val=150, test=300, max_train=1024)
+    sizes = data.QUICK_SIZES if quick else data.Sizes(val=250, test=800, max_train=1024)
     module, params = models.load_minilm()
     tok = models.tokenizer()
     trunk = models.TextTop(module.config, TEXT_START)
@@ -197,7 +209,7 @@ def text_models(*, seed: int, quick: bool):
                 "task": name,
                 "part": part,
                 "seed": seed,
-                "n": len(labels),
+                "data": data_fingerprint(texts, labels),
                 "length": TEXT_LENGTH,
                 "start": TEXT_START,
                 "quick": quick,
@@ -220,7 +232,7 @@ def text_models(*, seed: int, quick: bool):
             "steps": TEXT_STEPS[quick],
             "lr": 2e-4,
             "batch": 32,
-            "n": len(task.train[1]),
+            "data": data_fingerprint(*task.train),
         }
 
         def run(task=task):
