@@ -4,7 +4,8 @@ Measures, in one run on this machine:
 
 * ``stats_over_matmul``: throughput of the statistics update (``update_stats``: the ``X̄ᵀX̄`` and
   ``X̄ᵀY`` products of a batch) over the throughput of one plain jitted matmul of the same FLOPs,
-  ``X̄ᵀ[X̄, Y]`` (``2N(n+1)(n+1+m)`` FLOPs each). Warm-up, then the median of repeats.
+  ``X̄ᵀ[X̄, Y]`` (``2N(n+1)(n+1+m)`` FLOPs each). Warm-up, then the median of repeats, the two
+  timed in turn (so are the other ratios).
 * ``solve_cost``: one layer's diagonal-basis solve against its full-basis solve.
 * ``scaling``: one layer's merge (statistics of ``K`` tasks + full solve) against calibration
   tokens, layer width and number of models, with the exponent of a least-squares line fitted on
@@ -47,18 +48,25 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 FB_PYTHON = HERE / ".fusionbench-venv" / "bin" / "python"
 FB_RUNNER = HERE / "fusionbench" / "run_regmean.py"
+REPEATS_END_TO_END = 3  # timed runs of each whole merge (after one that compiles), median
 
 
-def median_seconds(fn, *, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` (which must block until its result is ready)."""
+def median_seconds(*fns, repeats: int, warmup: int = 1) -> list[float]:
+    """Median wall time of each ``fn()`` (which must block until its result is ready).
+
+    The functions run in turn within each repeat, so a change of the machine's load during the
+    measurement reaches all of them alike and their ratios stay comparable.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for fn, seconds in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def fit_exponent(x, seconds) -> float:
@@ -79,9 +87,10 @@ def stats_over_matmul(tokens: int, n: int, m: int, repeats: int) -> dict:
     xy = jnp.concatenate([xa, y], 1)
     matmul = jax.jit(lambda a, b: a.T @ b)
     flops = 2.0 * tokens * (n + 1) * (n + 1 + m)
-    t_matmul = median_seconds(lambda: matmul(xa, xy).block_until_ready(), repeats=repeats)
-    t_stats = median_seconds(
-        lambda: jax.block_until_ready(jm.update_stats(stats, x, y, 0)), repeats=repeats
+    t_matmul, t_stats = median_seconds(
+        lambda: matmul(xa, xy).block_until_ready(),
+        lambda: jax.block_until_ready(jm.update_stats(stats, x, y, 0)),
+        repeats=repeats,
     )
     return {
         "tokens": tokens,
@@ -130,21 +139,22 @@ def solve_cost(tokens: int, n: int, m: int, k: int, repeats: int) -> dict:
     """Diagonal-basis against full-basis solve time of one layer (statistics excluded)."""
     xs, ys, base, tuned = synthetic_layer(tokens, n, m, k)
     stats = jm.layer_stats(xs, ys)
-    times = {}
-    for basis in ("diagonal", "full"):
-        times[basis] = median_seconds(
+    diagonal, full = median_seconds(
+        *(
             lambda b=basis: jax.block_until_ready(
                 jm.solve_layer(stats, base, tuned, basis=b).kernel
-            ),
-            repeats=repeats,
-        )
+            )
+            for basis in ("diagonal", "full")
+        ),
+        repeats=repeats,
+    )
     return {
         "n_in": n,
         "n_out": m,
         "num_models": k,
-        "diagonal_s": times["diagonal"],
-        "full_s": times["full"],
-        "diagonal_over_full": times["diagonal"] / times["full"],
+        "diagonal_s": diagonal,
+        "full_s": full,
+        "diagonal_over_full": diagonal / full,
     }
 
 
@@ -169,7 +179,7 @@ def scaling(quick: bool, repeats: int) -> dict:
                 size["tokens"], size["width"], size["width"], size["models"]
             )
             seconds.append(
-                median_seconds(lambda a=(xs, ys, base, tuned): merge_layer(*a), repeats=repeats)
+                median_seconds(lambda a=(xs, ys, base, tuned): merge_layer(*a), repeats=repeats)[0]
             )
         out[axis] = {
             "values": values,
@@ -238,8 +248,7 @@ def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
         )
 
     out = {"layers_solved": len(solved), "layers_unchanged": len(report.layers) - len(solved)}
-    out["forward_s"] = median_seconds(forward_all, repeats=3)
-    out["collect_stats_s"] = median_seconds(collect, repeats=3)
+    out["forward_s"], out["collect_stats_s"] = median_seconds(forward_all, collect, repeats=3)
     stats = collect()
     jm.solve_stats(stats, base, tuned, progress=False)  # compile
     start = time.perf_counter()
@@ -371,7 +380,8 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
 
     ``jaxmerge_s`` is :func:`merge_end_to_end` (the library's merge; ``ratio`` divides it by
     FusionBench's time), ``jaxmerge_regmean_s`` :func:`regmean_merge` (FusionBench's own problem,
-    ``ratio_regmean``), each the second of two runs (the first compiles). The merged kernels of
+    ``ratio_regmean``), each the median of :data:`REPEATS_END_TO_END` runs after one that
+    compiles (FusionBench's too is the median of as many runs). The merged kernels of
     the same problem are compared in float32 and in float64 (both tools rerun in float64): there
     the difference measures the algorithms rather than float32 rounding in ill-conditioned Gram
     matrices. ``quick``: one run each (compilation included) and no float64 comparison.
@@ -384,17 +394,20 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
         }
     times = {}
     for label, fn in (("merge", merge_end_to_end), ("regmean", regmean_merge)):
-        for run in ("cold",) if quick else ("cold", "warm"):
+        seconds = []
+        for _ in range(1 if quick else 1 + REPEATS_END_TO_END):
             start = time.perf_counter()
             out = fn(module, base, tuned, calib, batch=batch)
-            times[label, run] = time.perf_counter() - start
-        times.setdefault((label, "warm"), times[label, "cold"])
+            seconds.append(time.perf_counter() - start)
+        times[label, "cold"] = seconds[0]
+        times[label, "warm"] = float(np.median(seconds[1:] or seconds))
     merged, _ = out
     export = {
         "num_models": len(tuned),
         "batch": batch,
         "alpha": 1.0,
         "dtype": "float32",
+        "repeats": 1 if quick else REPEATS_END_TO_END,
         **export_extra,
         **{f"base/{k}": v for k, v in torch_state(base).items()},
     }
@@ -405,7 +418,7 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
     rel, where = compare_kernels(merged, fb, paths)
     float64 = {}
     if not quick:
-        fb64 = run_fusionbench({**export, "dtype": "float64"})
+        fb64 = run_fusionbench({**export, "dtype": "float64", "repeats": 1})
         with jax.enable_x64(True):
             merged64, grams = regmean_merge(
                 module, _f64(base), [_f64(p) for p in tuned], [_f64(c) for c in calib], batch=batch
@@ -551,19 +564,19 @@ def sequential_over_parallel(quick: bool, seed: int, repeats: int) -> dict:
         trunk = models.trunk_module(trunk_name)
         calib = [[jnp.asarray(t.calib[0])] for t in tasks]
         args = (trunk, base["trunk"], [p["trunk"] for p in tuned], calib)
-        times = {
-            algorithm: median_seconds(
+        parallel, sequential = median_seconds(
+            *(
                 lambda a=algorithm, args=args: jax.block_until_ready(
                     jm.merge(*args, algorithm=a, progress=False)[0]
-                ),
-                repeats=repeats,
-            )
-            for algorithm in ("parallel", "sequential")
-        }
+                )
+                for algorithm in ("parallel", "sequential")
+            ),
+            repeats=repeats,
+        )
         out[trunk_name] = {
-            "parallel_s": times["parallel"],
-            "sequential_s": times["sequential"],
-            "sequential_over_parallel": times["sequential"] / times["parallel"],
+            "parallel_s": parallel,
+            "sequential_s": sequential,
+            "sequential_over_parallel": sequential / parallel,
             "calibration_rows_per_task": [len(c[0]) for c in calib],
         }
     return out

@@ -8,10 +8,11 @@ Usage (``benchmarks/speed.py`` calls it)::
 the BERT config), ``num_models``, ``batch``, ``alpha``, ``dtype`` (``"float32"`` or
 ``"float64"``: models and inputs are cast to it), the PyTorch state dicts
 ``base/<name>`` and ``model{k}/<name>``, and per-model calibration inputs ``calib{k}/x`` (MLP) or
-``calib{k}/input_ids`` and ``calib{k}/attention_mask`` (BERT). ``OUT.npz`` gets the merged state
-dict, ``seconds``, the wall time of ``RegMeanAlgorithm.run`` (Gram accumulation with forward
-hooks over the calibration batches, the solve, loading the merged state dict), and
-``forward_seconds``, the same forward passes without hooks, timed before it.
+``calib{k}/input_ids`` and ``calib{k}/attention_mask`` (BERT), and optionally ``repeats``
+(default 1). ``OUT.npz`` gets the merged state dict, ``seconds``, the wall time of
+``RegMeanAlgorithm.run`` (Gram accumulation with forward hooks over the calibration batches, the
+solve, loading the merged state dict), and ``forward_seconds``, the same forward passes without
+hooks, timed before it; with ``repeats``, each the median over that many runs.
 
 FusionBench's ``RegMeanAlgorithm`` leaves ``get_regmean_weights`` to subclasses that load datasets
 by name; the subclass here runs offline on in-memory tensors, with the same hook that FusionBench's
@@ -159,15 +160,20 @@ def main(src: str, dst: str) -> None:
         reduce_non_diagonal_ratio=alpha,
         weight_transpose=True,
     )
+    repeats = int(data["repeats"]) if "repeats" in data.files else 1
+    forward_times, merge_times = [], []
     with torch.no_grad():
-        start = time.perf_counter()
-        for name in names:  # the forward passes alone (and torch warmed up for the merge)
-            for b in batches[name]:
-                models[name](**b)
-        forward_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        merged = algorithm.run(pool)
-        seconds = time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for name in names:  # the forward passes alone (and torch warmed up for the merge)
+                for b in batches[name]:
+                    models[name](**b)
+            forward_times.append(time.perf_counter() - start)
+            FALLBACKS.clear()
+            start = time.perf_counter()
+            merged = algorithm.run(pool)
+            merge_times.append(time.perf_counter() - start)
+    forward_seconds, seconds = float(np.median(forward_times)), float(np.median(merge_times))
     out = {k: v.detach().numpy() for k, v in merged.state_dict().items()}
     np.savez(
         dst,
