@@ -73,6 +73,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from ._bases import Custom, LowRank, combine_directions
 from ._energy import energies
@@ -138,8 +139,8 @@ class GroupStats:
 class _Options:
     basis: Any
     prior: Any
-    ridge: float
-    alpha: float
+    ridge: float | Float[Array, ""]  # traced inside a compiled solve
+    alpha: float | Float[Array, ""]
     rcond: float | None
 
 
@@ -377,32 +378,54 @@ def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, b
     return out
 
 
-def _own_targets(plan, groups, sums, tree):
-    """One task's sums from ``stats_fn(..., own=True)`` completed with the target statistics of
-    its layers' own outputs (``tree``: that task's parameters)."""
+def _own_layers(plan, groups, tree):
+    """``{group key: [member parameter dicts]}`` of one task's parameters ``tree``."""
     flat, _ = flatten(tree)
-    out = dict(sums)
-    for group in groups:
-        key, specs = plan.key(group), plan.group_specs(group)
-        if isinstance(sums[key], LayerStats):
-            out[key] = own_targets(sums[key], specs, [_layer_params(flat, s) for s in specs])
-    return out
+    return {plan.key(g): [_layer_params(flat, s) for s in plan.group_specs(g)] for g in groups}
 
 
 def _zero_sums(plan, groups, num_tasks, dtype):
     return {plan.key(g): init_group_stats(plan.group_specs(g), num_tasks, dtype) for g in groups}
 
 
-def _check_finite_task(plan, groups, sums, k):
+@functools.partial(jax.jit, static_argnums=0)
+def _finish_task(specs, sums, layers, k):
+    """One task's plain sums, each group's finiteness and row count for :func:`_check_task`.
+
+    ``specs``: ``((group key, member specs), ...)``. ``layers``: ``None``, or the task's
+    :func:`_own_layers` when the sums hold input statistics only (its own activations): their
+    targets, the layers' own outputs, are then completed from the Gram matrices.
+    """
+    specs = dict(specs)
+    out = dict(sums)
+    for key, params in (layers or {}).items():
+        if isinstance(sums[key], LayerStats):
+            out[key] = own_targets(sums[key], specs[key], params)
+    finite = {key: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(s)]))
+              for key, s in out.items()}  # fmt: skip
+    return out, finite, {key: s.count[k] for key, s in out.items()}
+
+
+@jax.jit
+def _add_normalized(total, sums, k):
+    """``total + Σ sums/Nₖ`` over ``{group key: statistics}`` (``Nₖ``: the group's row count of
+    task ``k``; ``total=None``: none yet); one compiled program, so every caller rounds alike."""
+    part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
+    return part if total is None else jax.tree.map(jnp.add, total, part)
+
+
+def _check_task(plan, groups, finite, rows, k):
+    """Raise for a group of task ``k`` with non-finite statistics or no rows."""
+    finite, rows = jax.device_get((finite, rows))
     for group in groups:
-        stats = sums[plan.key(group)]
-        if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(stats)):
+        key = plan.key(group)
+        if not finite[key]:
             raise ValueError(
                 f"merge: non-finite activations at layer {group[0]!r} on task {k}: the inputs "
                 "or the fine-tuned outputs of this layer hold NaN or Inf. Check the calibration "
                 "data and the parameters feeding this layer."
             )
-        if float(stats.count[k]) == 0:
+        if rows[key] == 0:
             raise ValueError(
                 f"merge: layer {group[0]!r} saw no unmasked rows of task {k}; every task needs "
                 "calibration rows at every layer."
@@ -455,6 +478,7 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
     k_tasks = len(trees_tgt)
     own = tree_in is None  # each task's own activations: targets follow from the Gram matrices
     fn = plan.stats_fn(groups, k_tasks, dtype, own)
+    specs = tuple((plan.key(g), plan.group_specs(g)) for g in groups)
     total = None
     with _progress(progress) as bar:
         job = bar.add_task(label, total=None)
@@ -472,11 +496,10 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
                         f"({_describe(batch)}): {error}"
                     ) from None
                 bar.advance(job)
-            if own:
-                sums = _own_targets(plan, groups, sums, trees_tgt[k])
-            _check_finite_task(plan, groups, sums, k)
-            part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
-            total = part if total is None else jax.tree.map(jnp.add, total, part)
+            layers = _own_layers(plan, groups, trees_tgt[k]) if own else None
+            sums, finite, rows = _finish_task(specs, sums, layers, k)
+            _check_task(plan, groups, finite, rows, k)
+            total = _add_normalized(total, sums, k)
     return {plan.key(g): GroupStats(total[plan.key(g)], plan.group_specs(g)) for g in groups}
 
 
@@ -598,13 +621,18 @@ def _solve_norm(stats: LayerStats, start, finetuned, prior, opt: _Options):
     return (jnp.diag(sol.kernel[:, 0, 0]), bias), jnp.max(sol.status), jnp.max(sol.condition)
 
 
+def _no_ridge(opt: _Options) -> bool:
+    """A ridge of exactly zero (a traced ridge counts as nonzero: it is zero only statically)."""
+    return not isinstance(opt.ridge, jax.core.Tracer) and opt.ridge == 0
+
+
 def _solve_member(spec, stats, base, finetuned, centre, opt: _Options):
     """Merged ``(kernel, bias)``, status and condition of one dense/conv/norm layer."""
     b0 = to_layer(spec, base)
     fks = [to_layer(spec, f) for f in finetuned]
     c0 = to_layer(spec, centre)
     basis, prior = opt.basis, opt.prior
-    if len(fks) == 1 and opt.ridge == 0:
+    if len(fks) == 1 and _no_ridge(opt):
         return fks[0], jnp.int32(SolveStatus.CHOLESKY), jnp.array(jnp.nan, stats.gram.dtype)
     full = basis == "full" or isinstance(basis, LowRank)
     if full and isinstance(prior, Mapping):
@@ -681,62 +709,106 @@ def _solve_embed_full(stats: EmbedStats, seen, centre, prior, opt: _Options):
     return merged, jnp.int32(SolveStatus.CHOLESKY), cond
 
 
-def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options):
+def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *, jit=False):
     """``{path: (merged parameter dict, (E₀, L, ρ, status, condition))}`` (traceable except for
-    embeddings)."""
+    embeddings). ``jit``: one compiled program per group structure, shared by every group of
+    the same kinds, shapes and options whatever its paths (the solve's own operations then
+    compile once instead of one small program each); options holding arrays (a prior, a custom
+    basis) are solved eagerly."""
     specs, stats = group.layers, group.stats
     bases = [_layer_params(base_flat, s) for s in specs]
     fts = [[_layer_params(f, s) for f in ft_flats] for s in specs]
     centres = [_layer_params(centre_flat, s) for s in specs]
-    opts = [options[s.path] for s in specs]
-    out = {}
+    opts = tuple(options[s.path] for s in specs)
     try:
         if specs[0].kind == "embed":
             merged, metrics = _solve_embed(specs[0], stats, bases[0], fts[0], centres[0], opts[0])
-            out[specs[0].path] = ({specs[0].kernel: merged}, metrics)
-            return out
-        together = (
-            len(specs) > 1
-            and len(ft_flats) > 1
-            and all(o.basis == "full" and o.prior is None for o in opts)
-            and len({(o.ridge, o.alpha, o.rcond) for o in opts}) == 1
-            and len({s.bias is None for s in specs}) == 1
-        )
-        if together:  # one factorisation, every member's columns as right-hand sides
-
-            def cat(layers):
-                kernel = jnp.concatenate([k for k, _ in layers], axis=1)
-                bias = None if layers[0][1] is None else jnp.concatenate([b for _, b in layers])
-                return kernel, bias
-
-            def layers(subs):
-                return [to_layer(s, p) for s, p in zip(specs, subs, strict=True)]
-
-            per_task = [
-                layers([fts[i][k] for i in range(len(specs))]) for k in range(len(ft_flats))
-            ]
-            o = opts[0]
-            sol = solve_layer(stats, cat(layers(centres)), [cat(t) for t in per_task],
-                              basis="full", ridge=o.ridge, alpha=o.alpha, rcond=o.rcond,
-                              throw=False)  # fmt: skip
-            start = 0
-            for i, spec in enumerate(specs):
-                cols = slice(start, start + spec.n_out)
-                start += spec.n_out
-                merged = (sol.kernel[:, cols], None if sol.bias is None else sol.bias[cols])
-                b0 = to_layer(spec, bases[i])
-                e0, loss, rho = _energy_metrics(member_stats(stats, specs, i), b0, merged)
-                params = from_layer(spec, *merged, bases[i])
-                out[spec.path] = (params, (e0, loss, rho, sol.status, sol.condition))
-            return out
-        for i, spec in enumerate(specs):
-            st = member_stats(stats, specs, i)
-            merged, status, cond = _solve_member(spec, st, bases[i], fts[i], centres[i], opts[i])
-            e0, loss, rho = _energy_metrics(st, to_layer(spec, bases[i]), merged)
-            out[spec.path] = (from_layer(spec, *merged, bases[i]), (e0, loss, rho, status, cond))
-        return out
+            return {specs[0].path: ({specs[0].kernel: merged}, metrics)}
+        together = _together(specs, opts, len(ft_flats))
+        if jit and _static(opts):
+            anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
+            # Nonzero ridges and every α are arguments, not constants: sweeping them (validation
+            # searches) reuses the compiled program.
+            shape = tuple((o.basis, o.rcond, o.ridge == 0) for o in opts)
+            knobs = [(o.ridge, o.alpha) for o in opts]
+            solved = _solve_layers_jit(
+                anonymous, shape, together, knobs, stats, bases, fts, centres
+            )
+        else:
+            solved = _solve_layers(specs, opts, together, stats, bases, fts, centres)
+        return {s.path: r for s, r in zip(specs, solved, strict=True)}
     except (TypeError, ValueError) as error:
         raise type(error)(f"merge: layer {group.key!r}: {error}") from error
+
+
+def _static(opts) -> bool:
+    """Options that can key a compiled program: hashable, no arrays (prior, custom basis)."""
+    if any(o.prior is not None or isinstance(o.basis, Custom) for o in opts):
+        return False
+    try:
+        hash(opts)
+    except TypeError:
+        return False
+    return True
+
+
+def _together(specs, opts, num_models) -> bool:
+    """Whether a shared-input group is solved as one system (every member's columns as
+    right-hand sides of one factorisation)."""
+    return (
+        len(specs) > 1
+        and num_models > 1
+        and all(o.basis == "full" and o.prior is None for o in opts)
+        and len({(o.ridge, o.alpha, o.rcond) for o in opts}) == 1
+        and len({s.bias is None for s in specs}) == 1
+    )
+
+
+def _solve_layers(specs, opts, together, stats, bases, fts, centres):
+    """``[(merged parameter dict, metrics)]`` of a non-embedding group, in member order."""
+    out = []
+    if together:  # one factorisation, every member's columns as right-hand sides
+
+        def cat(layers):
+            kernel = jnp.concatenate([k for k, _ in layers], axis=1)
+            bias = None if layers[0][1] is None else jnp.concatenate([b for _, b in layers])
+            return kernel, bias
+
+        def layers(subs):
+            return [to_layer(s, p) for s, p in zip(specs, subs, strict=True)]
+
+        per_task = [layers([fts[i][k] for i in range(len(specs))]) for k in range(len(fts[0]))]
+        o = opts[0]
+        sol = solve_layer(stats, cat(layers(centres)), [cat(t) for t in per_task],
+                          basis="full", ridge=o.ridge, alpha=o.alpha, rcond=o.rcond,
+                          throw=False)  # fmt: skip
+        start = 0
+        for i, spec in enumerate(specs):
+            cols = slice(start, start + spec.n_out)
+            start += spec.n_out
+            merged = (sol.kernel[:, cols], None if sol.bias is None else sol.bias[cols])
+            b0 = to_layer(spec, bases[i])
+            e0, loss, rho = _energy_metrics(member_stats(stats, specs, i), b0, merged)
+            params = from_layer(spec, *merged, bases[i])
+            out.append((params, (e0, loss, rho, sol.status, sol.condition)))
+        return out
+    for i, spec in enumerate(specs):
+        st = member_stats(stats, specs, i)
+        merged, status, cond = _solve_member(spec, st, bases[i], fts[i], centres[i], opts[i])
+        e0, loss, rho = _energy_metrics(st, to_layer(spec, bases[i]), merged)
+        out.append((from_layer(spec, *merged, bases[i]), (e0, loss, rho, status, cond)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _solve_layers_jit(specs, shape, together, knobs, stats, bases, fts, centres):
+    """:func:`_solve_layers` with options of no prior and no custom basis, given as ``shape``
+    (``(basis, rcond, ridge == 0)`` per member) and ``knobs`` (``(ridge, α)``, traced)."""
+    opts = tuple(
+        _Options(basis, None, 0.0 if zero else ridge, alpha, rcond)
+        for (basis, rcond, zero), (ridge, alpha) in zip(shape, knobs, strict=True)
+    )
+    return _solve_layers(specs, opts, together, stats, bases, fts, centres)
 
 
 def _heldout_metrics(group: GroupStats, base_flat, merged_flat):
@@ -895,7 +967,9 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
         job = bar.add_task("solving layers", total=len(stats))
         for group in stats.values():
             start = time.perf_counter()
-            result = _solve_group(group, trees.base_flat, trees.ft_flats, trees.centre, options)
+            result = _solve_group(
+                group, trees.base_flat, trees.ft_flats, trees.centre, options, jit=True
+            )
             jax.block_until_ready(result)
             seconds = time.perf_counter() - start
             paths = [s.path for s in group.layers]

@@ -36,13 +36,15 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from ._flax.adapters import EmbedStats, LayerSpec, scale_stats
+from ._flax.adapters import EmbedStats, LayerSpec
 from ._flax.fold import to_pure
 from ._merge import (
     GroupStats,
-    _check_finite_task,
+    _add_normalized,
+    _check_task,
     _default_dtype,
-    _own_targets,
+    _finish_task,
+    _own_layers,
     _peek,
     _plan,
     _progress,
@@ -86,20 +88,18 @@ class ModelStats(NamedTuple):
         Raises:
             ValueError: a task has no rows at some group (naming the task and the group).
         """
-        out = {}
-        for key, group in self.sums.items():
-            total = None
-            for k, name in enumerate(self.tasks):
-                part = jax.tree.map(lambda a, k=k: a[k], group.stats)
-                if float(part.count[k]) == 0:
+        stats = {key: group.stats for key, group in self.sums.items()}
+        rows = jax.device_get({key: s.count for key, s in stats.items()})  # (K, K) per group
+        total = None
+        for k, name in enumerate(self.tasks):
+            for key in stats:
+                if rows[key][k, k] == 0:
                     raise ValueError(
                         f"ModelStats: task {name!r} has no calibration rows at layer group "
                         f"{key!r}; combine the statistics of every task before merging."
                     )
-                part = scale_stats(part, 1.0 / part.count[k])
-                total = part if total is None else jax.tree.map(jnp.add, total, part)
-            out[key] = GroupStats(total, group.layers)
-        return out
+            total = _add_normalized(total, jax.tree.map(lambda a, k=k: a[k], stats), k)
+        return {key: GroupStats(total[key], group.layers) for key, group in self.sums.items()}
 
 
 def _task_names(tasks, num_tasks: int) -> tuple[str, ...]:
@@ -180,6 +180,7 @@ def accumulate_model_stats(
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     k_tasks = len(finetuned)
     fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)
+    specs = tuple((plan.key(g), plan.group_specs(g)) for g in plan.groups)
     per_task = []
     with _progress(progress) as bar:
         job = bar.add_task("statistics", total=None)
@@ -205,8 +206,9 @@ def accumulate_model_stats(
                     keep=1,
                 )
                 sums = _from_state(state, zero)
-            sums = _own_targets(plan, plan.groups, sums, finetuned[k])
-            _check_finite_task(plan, plan.groups, sums, k)
+            layers = _own_layers(plan, plan.groups, finetuned[k])
+            sums, finite, rows = _finish_task(specs, sums, layers, k)
+            _check_task(plan, plan.groups, finite, rows, k)
             per_task.append(sums)
     out = {}
     for group in plan.groups:

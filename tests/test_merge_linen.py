@@ -175,6 +175,34 @@ def test_sequential_pass_is_compiled_once_and_sees_new_values(mlp):
     np.testing.assert_allclose(np_layer(merged["Dense_1"]), regmean(hs, ys), rtol=1e-4, atol=1e-4)
 
 
+def test_ridge_and_alpha_are_solved_exactly_and_reuse_the_compiled_solve(mlp):
+    """The parallel merge compiles each layer group's solve once: other ridges and αs are
+    arguments of that program. Each answer is numpy's ``(A_α + λ·diag A_α) U = P_α − A_α C``
+    around the fine-tunes' mean ``C``, with RegMean's ``A_α = αA + (1−α)Diag(A)`` and
+    ``P_α = αP + (1−α)Σₖ Diag(Aₖ)W̄ₖ`` (``Aₖ`` the task's normalised Gram matrix)."""
+    model, xs, base, fts, _ = mlp
+    solves = jaxmerge._merge._solve_layers_jit
+    wks = [np_layer(f["Dense_0"]) for f in fts]
+    grams = [augment(x).T @ augment(x) / len(x) for x in xs]
+    a = sum(grams)
+    p = sum(g @ w for g, w in zip(grams, wks, strict=True))
+    compiled = None
+    for ridge, alpha in ((0.5, 1.0), (3.0, 0.25)):
+        merged, _ = merge(model, base, fts, [[x] for x in xs], ridge=ridge, alpha=alpha,
+                          progress=False)  # fmt: skip
+        if compiled is None:
+            compiled = solves._cache_size()
+        assert solves._cache_size() == compiled
+        a_alpha = alpha * a + (1 - alpha) * np.diag(np.diag(a))
+        p_alpha = alpha * p + (1 - alpha) * sum(
+            np.diag(g)[:, None] * w for g, w in zip(grams, wks, strict=True)
+        )
+        centre = sum(wks) / len(wks)
+        h = a_alpha + ridge * np.diag(np.diag(a_alpha))
+        expect = centre + np.linalg.solve(h, p_alpha - a_alpha @ centre)
+        np.testing.assert_allclose(np_layer(merged["Dense_0"]), expect, rtol=1e-4, atol=1e-4)
+
+
 def _loss(xs, ys, wbar):
     return sum(
         np.mean(np.sum((augment(x) @ wbar - y) ** 2, -1)) for x, y in zip(xs, ys, strict=True)
