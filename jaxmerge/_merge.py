@@ -408,10 +408,10 @@ def _finish_task(specs, sums, layers, k):
 
 @jax.jit
 def _add_normalized(total, sums, k):
-    """``total + Σ sums/Nₖ`` over ``{group key: statistics}`` (``Nₖ``: the group's row count of
-    task ``k``; ``total=None``: none yet); one compiled program, so every caller rounds alike."""
+    """``total + sums/Nₖ`` over ``{group key: statistics}`` (``Nₖ``: the group's row count of
+    task ``k``; ``total`` zeros at first). One compiled program, so every caller rounds alike."""
     part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
-    return part if total is None else jax.tree.map(jnp.add, total, part)
+    return jax.tree.map(jnp.add, total, part)
 
 
 def _check_task(plan, groups, finite, rows, k):
@@ -479,7 +479,7 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
     own = tree_in is None  # each task's own activations: targets follow from the Gram matrices
     fn = plan.stats_fn(groups, k_tasks, dtype, own)
     specs = tuple((plan.key(g), plan.group_specs(g)) for g in groups)
-    total = None
+    total = _zero_sums(plan, groups, k_tasks, dtype)
     with _progress(progress) as bar:
         job = bar.add_task(label, total=None)
         for k, batches in enumerate(iters):
@@ -622,7 +622,7 @@ def _solve_norm(stats: LayerStats, start, finetuned, prior, opt: _Options):
 
 
 def _no_ridge(opt: _Options) -> bool:
-    """A ridge of exactly zero (a traced ridge counts as nonzero: it is zero only statically)."""
+    """A ridge of exactly zero (a zero ridge is never traced: see :func:`_solve_layers_jit`)."""
     return not isinstance(opt.ridge, jax.core.Tracer) and opt.ridge == 0
 
 
@@ -725,31 +725,20 @@ def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *
             merged, metrics = _solve_embed(specs[0], stats, bases[0], fts[0], centres[0], opts[0])
             return {specs[0].path: ({specs[0].kernel: merged}, metrics)}
         together = _together(specs, opts, len(ft_flats))
-        if jit and _static(opts):
+        if jit and all(o.prior is None and not isinstance(o.basis, Custom) for o in opts):
             anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
             # Nonzero ridges and every α are arguments, not constants: sweeping them (validation
             # searches) reuses the compiled program.
-            shape = tuple((o.basis, o.rcond, o.ridge == 0) for o in opts)
+            static = tuple((o.basis, o.rcond, o.ridge == 0) for o in opts)
             knobs = [(o.ridge, o.alpha) for o in opts]
             solved = _solve_layers_jit(
-                anonymous, shape, together, knobs, stats, bases, fts, centres
+                anonymous, static, together, knobs, stats, bases, fts, centres
             )
         else:
             solved = _solve_layers(specs, opts, together, stats, bases, fts, centres)
         return {s.path: r for s, r in zip(specs, solved, strict=True)}
     except (TypeError, ValueError) as error:
         raise type(error)(f"merge: layer {group.key!r}: {error}") from error
-
-
-def _static(opts) -> bool:
-    """Options that can key a compiled program: hashable, no arrays (prior, custom basis)."""
-    if any(o.prior is not None or isinstance(o.basis, Custom) for o in opts):
-        return False
-    try:
-        hash(opts)
-    except TypeError:
-        return False
-    return True
 
 
 def _together(specs, opts, num_models) -> bool:
@@ -801,12 +790,12 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _solve_layers_jit(specs, shape, together, knobs, stats, bases, fts, centres):
-    """:func:`_solve_layers` with options of no prior and no custom basis, given as ``shape``
+def _solve_layers_jit(specs, static, together, knobs, stats, bases, fts, centres):
+    """:func:`_solve_layers` for options without a prior or a custom basis, given as ``static``
     (``(basis, rcond, ridge == 0)`` per member) and ``knobs`` (``(ridge, α)``, traced)."""
     opts = tuple(
         _Options(basis, None, 0.0 if zero else ridge, alpha, rcond)
-        for (basis, rcond, zero), (ridge, alpha) in zip(shape, knobs, strict=True)
+        for (basis, rcond, zero), (ridge, alpha) in zip(static, knobs, strict=True)
     )
     return _solve_layers(specs, opts, together, stats, bases, fts, centres)
 

@@ -90,7 +90,7 @@ class ModelStats(NamedTuple):
         """
         stats = {key: group.stats for key, group in self.sums.items()}
         rows = jax.device_get({key: s.count for key, s in stats.items()})  # (K, K) per group
-        total = None
+        total = jax.tree.map(lambda a: jnp.zeros_like(a[0]), stats)
         for k, name in enumerate(self.tasks):
             for key in stats:
                 if rows[key][k, k] == 0:
