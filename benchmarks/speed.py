@@ -17,7 +17,10 @@ Measures, in one run on this machine:
   supported layer solved, biases included); ``jaxmerge_regmean_s`` solves FusionBench's own
   problem (kernels from bias-free token-averaged Gram matrices, ``W = (Σₖ Gₖ)⁻¹ Σₖ GₖWₖ``, every
   other parameter averaged) from ``jaxmerge.collect_stats`` and ``jaxmerge.solve_layer``, and its
-  merged kernels are compared with FusionBench's.
+  merged kernels are compared with FusionBench's. ``jaxmerge_first_call_new_process_s`` is the
+  merge's first call in a fresh process, XLA compilation included, and
+  ``jaxmerge_first_call_cached_compilation_s`` the same with JAX's persistent compilation cache
+  filled by an earlier process.
 * ``sequential_over_parallel``: wall time of the sequential merge over the parallel one
   (``jaxmerge.merge``; reported as unavailable when that is not installed).
 
@@ -27,6 +30,7 @@ Results go to ``benchmarks/results/speed.json`` and ``speed.png``.
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -399,8 +403,7 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
             start = time.perf_counter()
             out = fn(module, base, tuned, calib, batch=batch)
             seconds.append(time.perf_counter() - start)
-        times[label, "cold"] = seconds[0]
-        times[label, "warm"] = float(np.median(seconds[1:] or seconds))
+        times[label] = float(np.median(seconds[1:] or seconds))
     merged, _ = out
     export = {
         "num_models": len(tuned),
@@ -456,14 +459,12 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
         if isinstance(calib[0], dict)
         else None,
         "dense_layers": len(paths),
-        "jaxmerge_s": times["merge", "warm"],
-        "jaxmerge_cold_s": times["merge", "cold"],
-        "jaxmerge_regmean_s": times["regmean", "warm"],
-        "jaxmerge_regmean_cold_s": times["regmean", "cold"],
+        "jaxmerge_s": times["merge"],
+        "jaxmerge_regmean_s": times["regmean"],
         "fusionbench_s": fb_s,
         "fusionbench_forward_s": float(fb["forward_seconds"]),
-        "ratio": times["merge", "warm"] / fb_s,
-        "ratio_regmean": times["regmean", "warm"] / fb_s,
+        "ratio": times["merge"] / fb_s,
+        "ratio_regmean": times["regmean"] / fb_s,
         "jaxmerge_breakdown": breakdown,
         "max_rel_diff_float32": rel,
         "max_rel_diff_float32_layer": where,
@@ -481,8 +482,8 @@ def _f64(tree):
     )
 
 
-def fusionbench_mlp(quick: bool, seed: int) -> dict:
-    """RegMean on the image suite's four fine-tuned MLP trunks, jaxmerge vs FusionBench."""
+def mlp_problem(quick: bool, seed: int) -> dict:
+    """The image suite's four fine-tuned MLP trunks and their calibration rows."""
     base, tuned, tasks, _ = finetune.image_models("mlp", seed=seed, quick=quick)
     rows = 256 if quick else 2048
     calib = [
@@ -492,13 +493,12 @@ def fusionbench_mlp(quick: bool, seed: int) -> dict:
     export = {"kind": "mlp", "config": json.dumps({"n_in": 784, "width": 256})}
     export.update({f"calib{k}/x": np.asarray(x) for k, x in enumerate(calib)})
     trunks = [p["trunk"] for p in tuned]
-    return versus_fusionbench(
-        "mlp", models.MLP(), base["trunk"], trunks, calib, export, batch=256, quick=quick
-    )
+    return dict(module=models.MLP(), base=base["trunk"], tuned=trunks, calib=calib,
+                export=export, batch=256)  # fmt: skip
 
 
-def fusionbench_minilm(quick: bool, seed: int) -> dict:
-    """RegMean on MiniLM-L6 fine-tuned on the four text tasks, jaxmerge vs FusionBench.
+def minilm_problem(quick: bool, seed: int) -> dict:
+    """MiniLM-L6 fine-tuned on the four text tasks, and the tasks' calibration tokens.
 
     The models are the whole MiniLM-L6 (embeddings, six blocks, pooler) with its top two blocks
     replaced by those the accuracy benchmark's text suite fine-tuned (``finetune.text_models``:
@@ -506,14 +506,11 @@ def fusionbench_minilm(quick: bool, seed: int) -> dict:
     model. The calibration tokens are each text task's calibration texts, packed into unpadded
     sequences. ``quick`` keeps the first block only and gives the models seeded Gaussian task
     vectors (1% of each tensor's standard deviation) instead of fine-tuning: the pipeline, not the
-    figures.
+    figures. Raises ``data.DataUnavailable`` without the model or the texts.
     """
-    try:
-        module, base = models.load_minilm()
-        tok = models.tokenizer()
-        texts = [data.text_task(n, seed=seed).calib[0] for n in data.TEXT_TASKS]
-    except data.DataUnavailable as e:
-        return {"status": "unavailable", "reason": str(e)}
+    module, base = models.load_minilm()
+    tok = models.tokenizer()
+    texts = [data.text_task(n, seed=seed).calib[0] for n in data.TEXT_TASKS]
     length, num_seqs = (32, 8) if quick else (128, 32)
     config = json.loads((models.minilm_dir() / "config.json").read_text())
     if quick:
@@ -534,8 +531,61 @@ def fusionbench_minilm(quick: bool, seed: int) -> dict:
     export = {"kind": "bert", "config": json.dumps(config)}
     for k, c in enumerate(calib):
         export.update({f"calib{k}/{name}": np.asarray(a) for name, a in c.items()})
-    result = versus_fusionbench("minilm", module, base, tuned, calib, export, batch=8, quick=quick)
-    return {**result, "models": origin}
+    return dict(module=module, base=base, tuned=tuned, calib=calib, export=export, batch=8,
+                models=origin)  # fmt: skip
+
+
+PROBLEMS = {"mlp": mlp_problem, "minilm": minilm_problem}
+
+
+def first_call_seconds(name: str, quick: bool, seed: int, cache: str | None = None) -> float:
+    """:func:`merge_end_to_end`'s first call in a new Python process: what a one-off merge
+    (a script, the CLI) pays, XLA compilation included. The child builds the problem untimed,
+    then times one merge. ``cache``: JAX's persistent compilation cache directory, keeping every
+    program (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0``); ``None``: no persistent cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    argv = [sys.executable, __file__, "--first-call", name, "--seed", str(seed)]
+    out = subprocess.run(argv + (["--quick"] if quick else []), env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def first_calls(name: str, quick: bool, seed: int) -> dict:
+    """The first merge in a new process without a persistent compilation cache, and (not
+    ``quick``) in a second new process whose cache a first one filled."""
+    out = {"jaxmerge_first_call_new_process_s": first_call_seconds(name, quick, seed)}
+    if not quick:
+        with tempfile.TemporaryDirectory() as cache:
+            first_call_seconds(name, quick, seed, cache)
+            out["jaxmerge_first_call_cached_compilation_s"] = first_call_seconds(
+                name, quick, seed, cache
+            )
+    return out
+
+
+def _first_call_child(name: str, quick: bool, seed: int) -> None:
+    problem = PROBLEMS[name](quick, seed)
+    start = time.perf_counter()
+    merge_end_to_end(problem["module"], problem["base"], problem["tuned"], problem["calib"],
+                     batch=problem["batch"])  # fmt: skip
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def fusionbench_comparison(name: str, quick: bool, seed: int) -> dict:
+    """RegMean on :data:`PROBLEMS` ``name``, jaxmerge vs FusionBench (:func:`versus_fusionbench`),
+    and jaxmerge's first call in a new process (:func:`first_calls`)."""
+    try:
+        problem = PROBLEMS[name](quick, seed)
+    except data.DataUnavailable as e:
+        return {"status": "unavailable", "reason": str(e)}
+    result = versus_fusionbench(name, problem["module"], problem["base"], problem["tuned"],
+                                problem["calib"], problem["export"], batch=problem["batch"],
+                                quick=quick)  # fmt: skip
+    if result.get("status") != "unavailable":
+        result.update(first_calls(name, quick, seed))
+    return {**result, **({"models": problem["models"]} if "models" in problem else {})}
 
 
 def _perturbed(params, key):
@@ -618,7 +668,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     parser.add_argument("--skip-fusionbench", action="store_true")
+    parser.add_argument("--first-call", choices=sorted(PROBLEMS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.first_call:  # the child of first_call_seconds
+        _first_call_child(args.first_call, args.quick, args.seed)
+        return {"first_call": args.first_call}
     quick = args.quick
     repeats = 3 if quick else 7
     start = time.perf_counter()
@@ -645,8 +699,8 @@ def main(argv=None) -> dict:
     if args.skip_fusionbench:
         result["fusionbench"] = {"status": "skipped"}
     else:
-        for name, fn in (("mlp", fusionbench_mlp), ("minilm", fusionbench_minilm)):
-            result["fusionbench"][name] = fn(quick, args.seed)
+        for name in PROBLEMS:
+            result["fusionbench"][name] = fusionbench_comparison(name, quick, args.seed)
             print(f"fusionbench {name}: {result['fusionbench'][name]}", flush=True)
     result["sequential_over_parallel"] = sequential_over_parallel(quick, args.seed, repeats)
     print(f"sequential_over_parallel {result['sequential_over_parallel']}", flush=True)

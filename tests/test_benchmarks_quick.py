@@ -139,6 +139,7 @@ def test_speed_quick(tmp_path):
             "fusionbench_forward_s",
             "ratio",
             "max_rel_diff_float32",
+            "jaxmerge_first_call_new_process_s",
         ):
             assert entry[key] > 0, (name, key)
     sop = result["sequential_over_parallel"]
