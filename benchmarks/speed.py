@@ -548,7 +548,9 @@ def first_call_seconds(name: str, quick: bool, seed: int, cache: str | None = No
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     argv = [sys.executable, __file__, "--first-call", name, "--seed", str(seed)]
     out = subprocess.run(argv + (["--quick"] if quick else []), env=env, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+                         text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"first-call child for {name} failed:\n{out.stderr[-3000:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
 
 
@@ -585,7 +587,9 @@ def fusionbench_comparison(name: str, quick: bool, seed: int) -> dict:
                                 quick=quick)  # fmt: skip
     if result.get("status") != "unavailable":
         result.update(first_calls(name, quick, seed))
-    return {**result, **({"models": problem["models"]} if "models" in problem else {})}
+    if "models" in problem:
+        result["models"] = problem["models"]
+    return result
 
 
 def _perturbed(params, key):
