@@ -414,6 +414,16 @@ def _add_normalized(total, sums, k):
     return jax.tree.map(jnp.add, total, part)
 
 
+def _finished(plan, groups, sums, tree, k):
+    """Task ``k``'s plain sums, completed with its own targets when ``tree`` (its parameters) is
+    given (:func:`_finish_task`), and checked (:func:`_check_task`)."""
+    specs = tuple((plan.key(g), plan.group_specs(g)) for g in groups)
+    layers = None if tree is None else _own_layers(plan, groups, tree)
+    sums, finite, rows = _finish_task(specs, sums, layers, k)
+    _check_task(plan, groups, finite, rows, k)
+    return sums
+
+
 def _check_task(plan, groups, finite, rows, k):
     """Raise for a group of task ``k`` with non-finite statistics or no rows."""
     finite, rows = jax.device_get((finite, rows))
@@ -478,7 +488,6 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
     k_tasks = len(trees_tgt)
     own = tree_in is None  # each task's own activations: targets follow from the Gram matrices
     fn = plan.stats_fn(groups, k_tasks, dtype, own)
-    specs = tuple((plan.key(g), plan.group_specs(g)) for g in groups)
     total = _zero_sums(plan, groups, k_tasks, dtype)
     with _progress(progress) as bar:
         job = bar.add_task(label, total=None)
@@ -496,9 +505,7 @@ def _collect(plan, trees_tgt, iters, *, groups, tree_in, dtype, progress, label)
                         f"({_describe(batch)}): {error}"
                     ) from None
                 bar.advance(job)
-            layers = _own_layers(plan, groups, trees_tgt[k]) if own else None
-            sums, finite, rows = _finish_task(specs, sums, layers, k)
-            _check_task(plan, groups, finite, rows, k)
+            sums = _finished(plan, groups, sums, trees_tgt[k] if own else None, k)
             total = _add_normalized(total, sums, k)
     return {plan.key(g): GroupStats(total[plan.key(g)], plan.group_specs(g)) for g in groups}
 

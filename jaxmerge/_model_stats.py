@@ -41,10 +41,8 @@ from ._flax.fold import to_pure
 from ._merge import (
     GroupStats,
     _add_normalized,
-    _check_task,
     _default_dtype,
-    _finish_task,
-    _own_layers,
+    _finished,
     _peek,
     _plan,
     _progress,
@@ -180,7 +178,6 @@ def accumulate_model_stats(
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     k_tasks = len(finetuned)
     fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)
-    specs = tuple((plan.key(g), plan.group_specs(g)) for g in plan.groups)
     per_task = []
     with _progress(progress) as bar:
         job = bar.add_task("statistics", total=None)
@@ -206,10 +203,7 @@ def accumulate_model_stats(
                     keep=1,
                 )
                 sums = _from_state(state, zero)
-            layers = _own_layers(plan, plan.groups, finetuned[k])
-            sums, finite, rows = _finish_task(specs, sums, layers, k)
-            _check_task(plan, plan.groups, finite, rows, k)
-            per_task.append(sums)
+            per_task.append(_finished(plan, plan.groups, sums, finetuned[k], k))
     out = {}
     for group in plan.groups:
         key = plan.key(group)
