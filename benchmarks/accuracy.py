@@ -52,8 +52,8 @@ second-moment matrices (Frobenius inner product); so is the full basis' gain ove
 arithmetic (``full_minus_task_arithmetic``), to test whether the least-squares layer loses where
 two tasks share their inputs and it must compromise between conflicting outputs on them.
 
-``--quick`` (a smoke test): the MLP only, all tasks together (no pairs), small data, few
-training steps, short hyper-parameter grids.
+``--quick`` (a smoke test): the MLP only, MiniLM's top block only, all tasks together (no
+pairs), small data, few training steps, short hyper-parameter grids.
 
 Results: ``benchmarks/results/accuracy_<suite>.json`` and ``.png`` (``--quick``:
 ``accuracy_<suite>_quick.*``).
@@ -493,7 +493,8 @@ def image_suites(seed: int, quick: bool):
 
 
 def text_suites(seed: int, quick: bool):
-    """MiniLM-L6 with its top two blocks fine-tuned per text task (see ``finetune.text_models``)."""
+    """MiniLM-L6 with its top two blocks (``quick``: one) fine-tuned per text task (see
+    ``finetune.text_models``)."""
     trunk, base, tuned, tasks = finetune.text_models(seed=seed, quick=quick)
 
     def correct(trunk_params, head, split):

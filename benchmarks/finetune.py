@@ -176,24 +176,26 @@ def image_models(trunk_name: str, *, seed: int, quick: bool):
     return base, tuned, tasks, fashion
 
 
-TEXT_START = 4  # blocks 0-3 frozen, 4-5 fine-tuned
+TEXT_START = {False: 4, True: 5}  # first fine-tuned block (``quick``: the top one only)
 TEXT_LENGTH = 32
 TEXT_STEPS = {False: 120, True: 8}
 
 
 def text_models(*, seed: int, quick: bool):
-    """MiniLM-L6 fine-tuned on the text tasks: the top two blocks and a head per task.
+    """MiniLM-L6 fine-tuned on the text tasks: the top two blocks (``quick``: the top one) and a
+    head per task.
 
     Returns ``(trunk, base, finetuned, tasks)``: ``trunk`` is :class:`models.TextTop` over blocks
-    4–5; ``base`` and each ``finetuned[k]`` are ``{"trunk", "head"}`` (``base["head"]`` is
-    ``None``); the tasks' inputs are replaced by dicts ``{"hidden", "attention_mask"}`` of the
-    frozen bottom blocks' outputs (computed once, cached).
+    4–5 (``quick``: block 5); ``base`` and each ``finetuned[k]`` are ``{"trunk", "head"}``
+    (``base["head"]`` is ``None``); the tasks' inputs are replaced by dicts ``{"hidden",
+    "attention_mask"}`` of the frozen bottom blocks' outputs (computed once, cached).
     """
     sizes = data.QUICK_SIZES if quick else data.Sizes(val=250, test=800, max_train=1024)
     module, params = models.load_minilm()
     tok = models.tokenizer()
-    trunk = models.TextTop(module.config, TEXT_START)
-    base_trunk = {str(i): params["encoder"]["layer"][str(i)] for i in range(TEXT_START, 6)}
+    start = TEXT_START[quick]
+    trunk = models.TextTop(module.config, start)
+    base_trunk = {str(i): params["encoder"]["layer"][str(i)] for i in range(start, 6)}
     tasks = []
     for name in data.TEXT_TASKS:
         task = data.text_task(name, seed=seed, sizes=sizes)
@@ -207,13 +209,13 @@ def text_models(*, seed: int, quick: bool):
                 "seed": seed,
                 "data": data_fingerprint(texts, labels),
                 "length": TEXT_LENGTH,
-                "start": TEXT_START,
+                "start": start,
                 "quick": quick,
             }
 
             def compute(texts=texts):
                 ids, mask = models.tokenize(texts, tok, TEXT_LENGTH)
-                hidden = models.bottom_hidden(module, params, ids, mask, TEXT_START)
+                hidden = models.bottom_hidden(module, params, ids, mask, start)
                 return {"hidden": hidden, "attention_mask": mask}
 
             parts[part] = (cached(config, compute), labels)

@@ -105,7 +105,7 @@ def test_accuracy_images_quick(tmp_path):
 
 
 def test_accuracy_text_quick(tmp_path):
-    """The text suite end to end on MiniLM (quick fine-tunes of its top blocks, norms included)."""
+    """The text suite end to end on MiniLM (quick fine-tunes of its top block, norms included)."""
     _require_text_data()
     _run("accuracy.py", "--suite", "text", "--out", str(tmp_path))
     result = json.loads((tmp_path / "accuracy_text_quick.json").read_text())
