@@ -266,7 +266,27 @@ def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
             key = f"{layer.kind} {layer.status}"
             by[key] = by.get(key, 0.0) + (layer.seconds or 0.0)
     out["solve_s_by_kind_and_status"] = by
+    out["gram_products_s"] = gram_products_seconds(stats, batches)
     return out
+
+
+def gram_products_seconds(stats, batches) -> float:
+    """Wall time of the bare matrix products ``X̃ᵀX̃`` behind the solved Dense groups' Gram
+    matrices: for every task and batch, one product per group, of the batch's rows and the
+    group's bias-augmented input width, on random data with XLA's matmul (median of three runs).
+    No merge that forms these Gram matrices with XLA's matmul spends less on them."""
+    widths = [g.stats.gram.shape[-1] for g in stats.values() if g.layers[0].kind == "dense"]
+    rows = [
+        int(np.prod(b["input_ids"].shape)) if isinstance(b, dict) else len(b)
+        for task in batches
+        for b in task
+    ]
+    key = jax.random.PRNGKey(0)
+    inputs = {r: [jax.random.normal(key, (r, w)) for w in widths] for r in set(rows)}
+    products = jax.jit(lambda xs: [x.T @ x for x in xs])
+    return median_seconds(
+        lambda: jax.block_until_ready([products(inputs[r]) for r in rows]), repeats=3
+    )[0]
 
 
 def regmean_merge(module, base, tuned, calib, *, batch: int):
@@ -388,7 +408,10 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
     compiles (FusionBench's too is the median of as many runs). The merged kernels of
     the same problem are compared in float32 and in float64 (both tools rerun in float64): there
     the difference measures the algorithms rather than float32 rounding in ill-conditioned Gram
-    matrices. ``quick``: one run each (compilation included) and no float64 comparison.
+    matrices. ``floor_s`` is the least any RegMean merge of the layers jaxmerge solves costs
+    here (the faster tool's forward passes plus :func:`gram_products_seconds`), ``floor_ratio``
+    that over FusionBench's time. ``quick``: one run each (compilation included), no float64
+    comparison and no breakdown.
     """
     if not FB_PYTHON.exists():
         return {
@@ -449,8 +472,14 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
             "rank_deficient_layers": deficient,
             "rel_diff_per_layer": per_layer_diff(merged64, fb64, paths),
         }
-    fb_s = float(fb["seconds"])
+    fb_s, fb_forward = float(fb["seconds"]), float(fb["forward_seconds"])
     breakdown = {} if quick else merge_breakdown(module, base, tuned, calib, batch=batch)
+    floor = {}
+    if breakdown:
+        # The least any RegMean merge of these layers costs here: the forward passes (the faster
+        # tool's) plus the bare Gram products; no solve, no overhead.
+        floor_s = min(breakdown["forward_s"], fb_forward) + breakdown["gram_products_s"]
+        floor = {"floor_s": floor_s, "floor_ratio": floor_s / fb_s}
     return {
         "model": name,
         "num_models": len(tuned),
@@ -462,9 +491,10 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
         "jaxmerge_s": times["merge"],
         "jaxmerge_regmean_s": times["regmean"],
         "fusionbench_s": fb_s,
-        "fusionbench_forward_s": float(fb["forward_seconds"]),
+        "fusionbench_forward_s": fb_forward,
         "ratio": times["merge"] / fb_s,
         "ratio_regmean": times["regmean"] / fb_s,
+        **floor,
         "jaxmerge_breakdown": breakdown,
         "max_rel_diff_float32": rel,
         "max_rel_diff_float32_layer": where,
