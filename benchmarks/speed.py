@@ -409,9 +409,9 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
     the same problem are compared in float32 and in float64 (both tools rerun in float64): there
     the difference measures the algorithms rather than float32 rounding in ill-conditioned Gram
     matrices. ``floor_s`` is the least any RegMean merge of the layers jaxmerge solves costs
-    here (the faster tool's forward passes plus :func:`gram_products_seconds`), ``floor_ratio``
-    that over FusionBench's time. ``quick``: one run each (compilation included), no float64
-    comparison and no breakdown.
+    here with XLA's matmul (the faster tool's forward passes plus :func:`gram_products_seconds`),
+    ``floor_ratio`` that over FusionBench's time. ``quick``: one run each (compilation
+    included), no float64 comparison and no breakdown.
     """
     if not FB_PYTHON.exists():
         return {
@@ -476,8 +476,8 @@ def versus_fusionbench(name, module, base, tuned, calib, export_extra, *, batch,
     breakdown = {} if quick else merge_breakdown(module, base, tuned, calib, batch=batch)
     floor = {}
     if breakdown:
-        # The least any RegMean merge of these layers costs here: the forward passes (the faster
-        # tool's) plus the bare Gram products; no solve, no overhead.
+        # The least any RegMean merge of these layers costs here with XLA's matmul: the forward
+        # passes (the faster tool's) plus the bare Gram products; no solve, no overhead.
         floor_s = min(breakdown["forward_s"], fb_forward) + breakdown["gram_products_s"]
         floor = {"floor_s": floor_s, "floor_ratio": floor_s / fb_s}
     return {
@@ -687,6 +687,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
         f"diagonal/full solve {result['solve_cost']['diagonal_over_full']:.2f}; "
         + "; ".join(
             f"{k} jaxmerge/FusionBench {v['ratio']:.2f}"
+            + (f" (floor {v['floor_ratio']:.2f})" if "floor_ratio" in v else "")
             for k, v in result["fusionbench"].items()
             if "ratio" in v
         )
