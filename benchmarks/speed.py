@@ -20,7 +20,10 @@ Measures, in one run on this machine:
   merged kernels are compared with FusionBench's. ``jaxmerge_first_call_new_process_s`` is the
   merge's first call in a fresh process, XLA compilation included, and
   ``jaxmerge_first_call_cached_compilation_s`` the same with JAX's persistent compilation cache
-  filled by an earlier process.
+  filled by an earlier process. ``floor_s`` / ``floor_ratio``: the least any RegMean merge of
+  the layers jaxmerge solves costs here with XLA's matmul (the faster tool's forward passes plus
+  the bare Gram products, ``jaxmerge_breakdown.gram_products_s``), alone and over FusionBench's
+  time.
 * ``sequential_over_parallel``: wall time of the sequential merge over the parallel one
   (``jaxmerge.merge``; reported as unavailable when that is not installed).
 
