@@ -62,7 +62,7 @@ def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[
     killed runs are deleted by the next successful write.
     """
     path = Path(path).absolute()
-    exists = path.exists() or any(path.parent.glob(f".{path.name}.old-*"))
+    exists = path.exists() or path.is_symlink() or any(path.parent.glob(f".{path.name}.old-*"))
     if exists and not overwrite:
         raise FileExistsError(f"{what}: {path} exists; pass overwrite=True to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[
         yield tmp
         if not tmp.is_dir():
             raise RuntimeError(f"{what}: nothing was written to the temporary directory {tmp}.")
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.parent / f".{path.name}.old-{tag}"
             os.rename(path, old)
             os.rename(tmp, path)
@@ -82,10 +82,18 @@ def atomic_directory(path: PathLike, *, overwrite: bool, what: str) -> Iterator[
             *path.parent.glob(f".{path.name}.tmp-*"),
             *path.parent.glob(f".{path.name}.old-*"),
         ):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
     finally:
         for partial in path.parent.glob(f"{tmp.name}*"):  # ours, and Orbax's own temporary
-            shutil.rmtree(partial, ignore_errors=True)
+            _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, a file or a symbolic link (never what a link points to)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _key_name(key) -> str:

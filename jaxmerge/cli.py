@@ -9,7 +9,9 @@ Subcommands:
             table of methods, accuracies and captured energy ρ.
 
 Outputs are written atomically (the whole output directory or file appears at once, or nothing),
-an existing output is replaced only with ``--overwrite``, and inputs are only read.
+an existing output is replaced only with ``--overwrite``, and inputs are only read: an output that
+is, contains or lies inside an input, or is or contains the working directory, is refused before
+any work is done.
 """
 
 import argparse
@@ -156,11 +158,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(path, overwrite: bool) -> Path:
-    path = Path(path).absolute()
-    if (path.exists() or any(path.parent.glob(f".{path.name}.old-*"))) and not overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite to replace it.")
-    return path
+def _check_output(path, overwrite: bool, *, inputs=(), places=()) -> Path:
+    """The absolute output path, after refusing every output that could destroy an input.
+
+    ``inputs`` are ``(name, path)`` pairs of files and directories that are read (checkpoints,
+    statistics, the configuration): the output may not be one, contain one or lie inside one.
+    ``places`` are directories the run works in (the working directory, the import path): the
+    output may not be one or contain one. Symbolic links are followed on both sides. An output
+    whose parent path runs through a file is refused too. All before any work is done.
+    """
+    out = Path(os.path.abspath(path))
+    checks = [(name, where, True) for name, where in inputs]
+    checks += [(name, where, False) for name, where in places]
+    for name, where, read in checks:
+        where = Path(os.path.abspath(where))
+        for a, b in ((out, where), (Path(os.path.realpath(out)), Path(os.path.realpath(where)))):
+            if a == b:
+                raise UsageError(f"--out {path}: is the {name} ({where}); choose another path.")
+            if b.is_relative_to(a):
+                raise UsageError(f"--out {path}: contains the {name} ({where}), which --overwrite "
+                                 "would delete; choose another path.")  # fmt: skip
+            if read and a.is_relative_to(b):
+                raise UsageError(f"--out {path}: lies inside the {name} ({where}), which is only "
+                                 "read; choose a path outside it.")  # fmt: skip
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out {path}: {parent} is a file, not a directory.")
+    if (out.exists() or out.is_symlink() or any(out.parent.glob(f".{out.name}.old-*"))) and (
+        not overwrite
+    ):
+        raise UsageError(f"{out} exists; pass --overwrite to replace it.")
+    return out
+
+
+def _protected(config) -> tuple[list, list]:
+    """The ``inputs`` and ``places`` of :func:`_check_output` for a configuration."""
+    inputs = [("configuration file", config.source), ("base checkpoint", config.base)]
+    inputs += [(f"fine-tuned checkpoint {k}", p) for k, p in enumerate(config.finetuned)]
+    inputs += [(f"statistics directory {k}", p) for k, p in enumerate(config.stats or ())]
+    places = [("working directory", Path.cwd())]
+    places += [(f"pythonpath directory {k}", p) for k, p in enumerate(config.pythonpath)]
+    return inputs, places
 
 
 def _write_file(path: Path, write) -> None:
@@ -282,7 +320,8 @@ def _merge_command(args) -> None:
     from .checkpoint import atomic_directory, save_params
 
     config = load_config(args.config)
-    out = _check_output(args.out, args.overwrite)
+    inputs, places = _protected(config)
+    out = _check_output(args.out, args.overwrite, inputs=inputs, places=places)
     try:
         merged, report = _run_merge(config, quiet=args.quiet)
     except OptionPatternError as error:  # a [merge] table naming no layer: a config mistake
@@ -310,9 +349,10 @@ def _stats_command(args) -> None:
         raise UsageError("config key 'calibration': required by `jaxmerge stats`.")
     if args.save_every < 1:
         raise UsageError(f"--save-every must be >= 1, got {args.save_every}.")
-    out = _check_output(args.out, args.overwrite)
-    model, _, finetuned = _load_inputs(config)
+    inputs, places = _protected(config)
+    out = _check_output(args.out, args.overwrite, inputs=inputs, places=places)
     resume = out.parent / f".{out.name}.resume"
+    model, _, finetuned = _load_inputs(config)
     stats = accumulate_model_stats(
         model,
         finetuned,
@@ -341,13 +381,16 @@ def _report_command(args) -> None:
         path = path / "report.json"
     if not path.is_file():
         raise UsageError(f"no report at {path}.")
+    png = None
+    if args.png:
+        png = _check_output(args.png, args.overwrite, inputs=[("report", path)],
+                            places=[("working directory", Path.cwd())])  # fmt: skip
     try:
         report = MergeReport.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{path} is not a jaxmerge report: {error!r}") from None
     print(report)
-    if args.png:
-        png = _check_output(args.png, args.overwrite)
+    if png is not None:
         _write_file(png, lambda tmp: report.plot().savefig(tmp, format="png"))
         print(f"wrote {png}")
 
@@ -355,7 +398,8 @@ def _report_command(args) -> None:
 def _demo_command(args) -> None:
     from ._demo import run_demo
 
-    out = _check_output(args.json, args.overwrite) if args.json else None
+    places = [("working directory", Path.cwd())]
+    out = _check_output(args.json, args.overwrite, places=places) if args.json else None
     result = run_demo(seed=args.seed, quick=args.quick, quiet=args.quiet)
     if out is not None:
         _write_file(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))

@@ -336,3 +336,120 @@ def test_killed_stats_run_resumes_to_the_same_statistics(inputs, tmp_path):
     base, finetuned = fx.make_params()
     expected = jm.accumulate_model_stats(fx.model(), finetuned, fx.calibration(), progress=False)
     _assert_trees_equal(jm.load_model_stats(out).sums, expected.sums)
+
+
+# --- Outputs never destroy inputs ---------------------------------------------------------------
+
+
+def _workspace(tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the checkpoints under ``ws/ck``, their statistics under ``ws/st`` and
+    configurations ``ws/good.toml`` (calibration data) and ``ws/from_stats.toml`` (``st``).
+
+    Private because a failing test here may delete its inputs.
+    """
+    ws = tmp_path / "ws"
+    ck = ws / "ck"
+    base, finetuned = fx.make_params()
+    jm.save_params(ck / "base", base)
+    for k, p in enumerate(finetuned):
+        jm.save_params(ck / f"ft{k}", p)
+    jm.save_model_stats(ws / "st", jm.accumulate_model_stats(fx.model(), finetuned,
+                                                             fx.calibration(), progress=False))
+    _config(ws, ck, calibration=None, stats="st").rename(ws / "from_stats.toml")
+    return ws, _config(ws, ck).rename(ws / "good.toml")
+
+
+@pytest.mark.parametrize(
+    ("command", "out", "overwrite", "message"),
+    [
+        ("merge", "ck/base", True, "is the base checkpoint"),
+        ("merge", "ck/ft1", True, "is the fine-tuned checkpoint 1"),
+        ("merge", "ck", True, "contains the base checkpoint"),
+        ("merge", ".", True, "contains the configuration file"),
+        ("merge", "ck/base/merged", False, "lies inside the base checkpoint"),
+        ("merge", "ck/ft0/sub/merged", True, "lies inside the fine-tuned checkpoint 0"),
+        ("merge", "good.toml", True, "is the configuration file"),
+        ("merge", "good.toml/merged", False, "lies inside the configuration file"),
+        ("merge", "link", True, "is the base checkpoint"),  # a link to ck/base
+        ("merge", "st", True, "is the statistics directory 0"),
+        ("merge", "st/merged", False, "lies inside the statistics directory 0"),
+        ("stats", "ck/ft0", True, "is the fine-tuned checkpoint 0"),
+        ("stats", "ck", True, "contains the base checkpoint"),
+        ("stats", "ck/base/st", False, "lies inside the base checkpoint"),
+    ],
+)  # fmt: skip
+def test_outputs_that_would_destroy_inputs_are_refused(tmp_path, monkeypatch, capsys, command,
+                                                       out, overwrite, message):  # fmt: skip
+    """Each case exits 2 before any work, naming the input; no file under the workspace (every
+    input included) changes, and nothing new appears."""
+    ws, config = _workspace(tmp_path)
+    (ws / "link").symlink_to(ws / "ck" / "base")
+    monkeypatch.chdir(ws)
+    before = _hashes(ws)
+    names = sorted(str(p) for p in ws.rglob("*"))
+    name = "from_stats.toml" if out.startswith("st") else "good.toml"
+    args = [command, name, "--out", out, *(["--overwrite"] if overwrite else []), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert _hashes(ws) == before
+    assert sorted(str(p) for p in ws.rglob("*")) == names
+
+
+def test_working_directory_is_never_an_output(tmp_path, monkeypatch, capsys):
+    """`--out .` (or a parent of the working directory) from a directory that holds no input."""
+    ws, config = _workspace(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "sub" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(elsewhere / "sub")
+    before = _hashes(ws, elsewhere)
+    for out in (".", "..", str(elsewhere / "sub")):
+        assert main(["merge", str(config), "--out", out, "--overwrite", "--quiet"]) == 2
+        assert "working directory" in capsys.readouterr().err
+    assert main(["demo", "--json", ".", "--overwrite", "--quiet"]) == 2
+    assert "working directory" in capsys.readouterr().err
+    assert _hashes(ws, elsewhere) == before
+
+
+def test_report_png_never_replaces_the_report(tmp_path, capsys):
+    layer = jm.LayerReport("Dense_0", "dense", "full", 4.0, 1.0, 0.75, 3.0, "CHOLESKY")
+    report = tmp_path / "r.json"
+    report.write_text(jm.MergeReport("parallel", 2, (layer,), {}, 0.5).to_json())
+    before = _hashes(report)
+    assert main(["report", str(report), "--png", str(report), "--overwrite"]) == 2
+    assert "is the report" in capsys.readouterr().err
+    assert _hashes(report) == before
+
+
+def test_output_under_a_file_fails_before_the_merge(tmp_path, monkeypatch, capsys):
+    ws, config = _workspace(tmp_path)
+    (ws / "plain.txt").write_text("x")
+    monkeypatch.chdir(ws)
+    assert main(["merge", "good.toml", "--out", "plain.txt/merged", "--quiet"]) == 2
+    assert "plain.txt is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["file", "link", "directory"])
+def test_overwriting_leaves_nothing_behind(tmp_path, monkeypatch, kind):
+    """Replacing an existing output (a file, a link to a directory elsewhere, a directory) leaves
+    only the new output: no hidden ``.NAME.old-*`` or ``.NAME.tmp-*`` entries, and a link's
+    target is left alone."""
+    ws, config = _workspace(tmp_path)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    out = ws / "out"
+    if kind == "file":
+        out.write_text("old")
+    elif kind == "link":
+        out.symlink_to(target)
+    else:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    monkeypatch.chdir(ws)
+    assert main(["merge", "good.toml", "--out", "out", "--overwrite", "--quiet"]) == 0
+    assert out.is_dir() and not out.is_symlink() and (out / "params").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "params", "report.json"]
+    assert not [p.name for p in ws.iterdir() if p.name.startswith(".out.")]
+    assert (target / "keep.txt").read_text() == "mine"
