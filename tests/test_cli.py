@@ -343,7 +343,8 @@ def test_killed_stats_run_resumes_to_the_same_statistics(inputs, tmp_path):
 
 def _workspace(tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the checkpoints under ``ws/ck``, their statistics under ``ws/st`` and
-    configurations ``ws/good.toml`` (calibration data) and ``ws/from_stats.toml`` (``st``).
+    configurations ``ws/good.toml`` (calibration data, ``ws/src`` on its ``pythonpath``) and
+    ``ws/from_stats.toml`` (``st``).
 
     Private because a failing test here may delete its inputs.
     """
@@ -356,7 +357,10 @@ def _workspace(tmp_path: Path) -> tuple[Path, Path]:
     jm.save_model_stats(ws / "st", jm.accumulate_model_stats(fx.model(), finetuned,
                                                              fx.calibration(), progress=False))
     _config(ws, ck, calibration=None, stats="st").rename(ws / "from_stats.toml")
-    return ws, _config(ws, ck).rename(ws / "good.toml")
+    (ws / "src").mkdir()
+    (ws / "src" / "helpers.py").write_text("# the user's code\n")
+    config = _config(ws, ck, pythonpath=[str(TESTS), str(ws / "src")])
+    return ws, config.rename(ws / "good.toml")
 
 
 @pytest.mark.parametrize(
@@ -373,6 +377,7 @@ def _workspace(tmp_path: Path) -> tuple[Path, Path]:
         ("merge", "link", True, "is the base checkpoint"),  # a link to ck/base
         ("merge", "st", True, "is the statistics directory 0"),
         ("merge", "st/merged", False, "lies inside the statistics directory 0"),
+        ("merge", "src", True, "is the pythonpath directory 1"),
         ("stats", "ck/ft0", True, "is the fine-tuned checkpoint 0"),
         ("stats", "ck", True, "contains the base checkpoint"),
         ("stats", "ck/base/st", False, "lies inside the base checkpoint"),
