@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import ArrayLike, Float, Real
 
 from ._bases import Basis, Custom, LowRank
+from ._errors import with_context
 from ._layers import as_layer
 from ._solve import SolveStatus
 from ._solve_layer import LayerSolution, SolveError, solve_layer
@@ -211,7 +212,7 @@ def sharded_update_stats_by_path(
         try:
             _check_batch(s, x, y, m)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{caller}: layer {path!r}: {e}") from None
+            raise with_context(e, f"{caller}: layer {path!r}") from e
         xs.append(x)
         ys.append(y)
         masks.append(m)

@@ -77,6 +77,7 @@ from jaxtyping import Array, Float
 
 from ._bases import Custom, LowRank, combine_directions
 from ._energy import energies
+from ._errors import with_context
 from ._flax.adapters import (
     EmbedStats,
     LayerSpec,
@@ -158,7 +159,7 @@ def _resolve(option, path: str, default, what: str):
         try:
             return option(path)
         except Exception as error:
-            raise type(error)(f"merge: the {what} callable failed for {path!r}: {error}") from error
+            raise with_context(error, f"merge: the {what} callable failed for {path!r}") from error
     return option
 
 
@@ -244,10 +245,22 @@ class _Plan:
 
         try:
             jax.eval_shape(lambda t, b: self.apply(t, b, hook), tree, batch)
+        except jax.errors.ConcretizationTypeError as error:
+            raise TypeError(
+                "merge: the model branches in Python on a value computed from its input or "
+                "parameters (an `if`, `bool()`, `int()` or a shape taken from an array), which "
+                "cannot run under tracing; write the branch with jnp.where or jax.lax.cond, or "
+                f"pass the deciding value as a static call_kwargs entry. JAX: {error}"
+            ) from error
+        except flax.errors.FlaxError as error:  # e.g. inputs of the wrong width
+            raise ValueError(
+                f"merge: the model cannot run on calibration[0] batch 0 ({_describe(batch)}) with "
+                f"the base parameters: {error}"
+            ) from error
         except (TypeError, ValueError) as error:
-            raise type(error)(
-                f"merge: the model does not run on the calibration batch with the base "
-                f"parameters: {error}"
+            raise with_context(
+                error,
+                "merge: the model does not run on the calibration batch with the base parameters",
             ) from error
         counts = {}
         for call in calls:
@@ -448,32 +461,60 @@ def _progress(enabled: bool):
     return Progress(transient=True, disable=not enabled)
 
 
-def _peek(calibration, num_tasks):
-    """Iterators over each task's batches and the first batch, with clear errors."""
+def _peek(calibration, num_tasks, *, mask_key=None, what="calibration"):
+    """Iterators over each task's batches (each batch checked by :func:`_check_batch` as it
+    comes) and the first batch, with clear errors."""
     if isinstance(calibration, Mapping) or not isinstance(calibration, Sequence):
         raise TypeError(
-            "merge: calibration must be a sequence of K iterables of batches (one per "
+            f"merge: {what} must be a sequence of K iterables of batches (one per "
             f"fine-tuned model), got {type(calibration).__name__}."
         )
     if len(calibration) != num_tasks:
         raise ValueError(
-            f"merge: {len(calibration)} calibration iterables for {num_tasks} fine-tuned models; "
+            f"merge: {len(calibration)} {what} iterables for {num_tasks} fine-tuned models; "
             "give one per model, in the same order."
         )
     iters, first = [], None
     for k, batches in enumerate(calibration):
         if not isinstance(batches, Iterable) or hasattr(batches, "shape"):
             raise TypeError(
-                f"merge: calibration[{k}] must be an iterable of batches (e.g. a list), got "
+                f"merge: {what}[{k}] must be an iterable of batches (e.g. a list), got "
                 f"{type(batches).__name__}; wrap a single batch in a list."
             )
         it = iter(batches)
         head = next(it, None)
         if head is None:
-            raise ValueError(f"merge: calibration[{k}] is empty; every task needs a batch.")
+            raise ValueError(f"merge: {what}[{k}] is empty; every task needs a batch.")
         first = head if first is None else first
-        iters.append(itertools.chain([head], it))
+        checked = (
+            _check_batch(b, f"{what}[{k}] batch {i}", mask_key)
+            for i, b in enumerate(itertools.chain([head], it))
+        )
+        _check_batch(head, f"{what}[{k}] batch 0", mask_key)
+        iters.append(checked)
     return iters, first
+
+
+def _check_batch(batch, where: str, mask_key):
+    """``batch``, after checking its form: an array, or a dict whose mask (under ``mask_key``)
+    has the leading shape of another entry (a mask that indexes no input would be ignored)."""
+    if isinstance(batch, Mapping):
+        if mask_key is not None and mask_key in batch:
+            mask = np.shape(batch[mask_key])
+            others = {k: np.shape(v) for k, v in batch.items() if k != mask_key}
+            if not mask or not any(shape[: len(mask)] == mask for shape in others.values()):
+                raise ValueError(
+                    f"merge: {where}: the mask {mask_key!r} has shape {mask}, which is not the "
+                    f"leading shape of any other entry ({others}); a padding mask covers the "
+                    "leading (batch, token, ...) axes of the inputs, e.g. (batch, tokens)."
+                )
+    elif not hasattr(batch, "shape"):
+        raise TypeError(
+            f"merge: {where} is a {type(batch).__name__}; a batch is an array (the model's "
+            "positional input) or a dict of keyword arguments (with an optional padding mask). "
+            "For (inputs, labels) pairs pass the inputs alone."
+        )
+    return batch
 
 
 def _describe(batch) -> str:
@@ -566,7 +607,7 @@ def collect_stats(
         ([''], (4, 4))
     """
     finetuned = [to_pure(t) for t in finetuned]
-    iters, first = _peek(calibration, len(finetuned))
+    iters, first = _peek(calibration, len(finetuned), mask_key=mask_key)
     plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
     groups = plan.groups
     if paths is not None:
@@ -745,7 +786,7 @@ def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *
             solved = _solve_layers(specs, opts, together, stats, bases, fts, centres)
         return {s.path: r for s, r in zip(specs, solved, strict=True)}
     except (TypeError, ValueError) as error:
-        raise type(error)(f"merge: layer {group.key!r}: {error}") from error
+        raise with_context(error, f"merge: layer {group.key!r}") from error
 
 
 def _together(specs, opts, num_models) -> bool:
@@ -1269,7 +1310,7 @@ def merge(
         raise ValueError(f"merge: alpha must lie in [0, 1], got {alpha}.")
     trees = _Trees(base, finetuned, fallback)
     k_tasks = len(trees.ft_flats)
-    iters, first = _peek(calibration, k_tasks)
+    iters, first = _peek(calibration, k_tasks, mask_key=mask_key)
     plan = _plan(model, call_kwargs, trees.base, first, mask_key)
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
@@ -1332,7 +1373,7 @@ def merge(
 
     held = None
     if heldout is not None:
-        held_iters, _ = _peek(heldout, k_tasks)
+        held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout")
         tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
         held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
     return _finish(trees, merged_flat, reports, specs, algorithm, started, held)

@@ -173,7 +173,7 @@ def accumulate_model_stats(
     """
     finetuned = [to_pure(t) for t in finetuned]
     names = _task_names(tasks, len(finetuned))
-    iters, first = _peek(calibration, len(finetuned))
+    iters, first = _peek(calibration, len(finetuned), mask_key=mask_key)
     plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     k_tasks = len(finetuned)

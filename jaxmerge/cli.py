@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxmerge: error: {error}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
-        print(f"jaxmerge: {args.command} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        notes = "".join(f"\n  {note}" for note in getattr(error, "__notes__", ()))
+        print(f"jaxmerge: {args.command} failed: {type(error).__name__}: {error}{notes}",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

@@ -122,11 +122,27 @@ class _MaskedDense(nn.Module):
         return nn.Dense(2)(x)
 
 
-def _masked_problem():
+def _masked_problem(mask_shape=(4,), second=0.0):
+    """Task 1's rows are all masked unless ``second`` is 1."""
     x = jnp.ones((4, 3))
     base = _MaskedDense().init(jax.random.key(0), x, jnp.ones(4))["params"]
-    batches = [{"x": x, "mask": jnp.ones(4)}, {"x": x, "mask": jnp.zeros(4)}]
+    batches = [{"x": x, "mask": jnp.ones(mask_shape)},
+               {"x": x, "mask": jnp.full(mask_shape, second)}]  # fmt: skip
     return base, finetunes(base, 2), [[b] for b in batches]
+
+
+class _Branchy(nn.Module):
+    """A model with a Python ``if`` on a value computed from its input."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(2)(x)
+        return -h if h.sum() > 0 else h
+
+
+def _branchy_params():
+    base = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    return {"Dense_0": base}, [{"Dense_0": f} for f in finetunes(base, 2)]
 
 
 # ---- the catalogue --------------------------------------------------------------------------
@@ -324,6 +340,30 @@ CASES = [
     Case("merge: option naming an unknown layer",
          lambda c, t: _merge(c, basis={"Dense_9": "scalar"}),
          ValueError, r"basis.*'Dense_9'.*(no|not).*layer"),
+    Case("merge: model branching in Python on a traced value",
+         lambda c, t: jm.merge(_Branchy(), *_branchy_params(), [[x] for x in c.xs],
+                               progress=False),
+         TypeError, r"model branches in Python on a value computed from its input.*jnp\.where"),
+    Case("merge: an (inputs, labels) tuple as a batch",
+         lambda c, t: _merge(c, cal=[[(x, x)] for x in (b[0] for b in c.cal)]),
+         TypeError, r"calibration\[0\] batch 0 is a tuple; a batch is an array"),
+    Case("merge: a list as the second batch of a task",
+         lambda c, t: _merge(c, cal=[c.cal[0], [c.cal[1][0], [c.cal[1][0]]]]),
+         TypeError, r"calibration\[1\] batch 1 is a list"),
+    Case("merge: a (rows, 1) mask",
+         lambda c, t: jm.merge(_MaskedDense(), *_masked_problem(mask_shape=(4, 1)), progress=False),
+         ValueError, r"calibration\[0\] batch 0: the mask 'mask' has shape \(4, 1\), which is not "
+                     r"the leading shape"),
+    Case("merge: a (rows - 1,) mask in held-out data",
+         lambda c, t: jm.merge(_MaskedDense(), *_masked_problem(second=1.0), progress=False,
+                               heldout=_masked_problem(mask_shape=(3,), second=1.0)[2]),
+         ValueError, r"heldout\[0\] batch 0: the mask 'mask' has shape \(3,\)"),
+    Case("merge: calibration[0] of the wrong width",
+         lambda c, t: _merge(c, cal=[[jnp.ones((8, 5))], c.cal[1]]),
+         ValueError, r"cannot run on calibration\[0\] batch 0 \(shapes \(8, 5\)\).*Dense_0"),
+    Case("merge: calibration[1] of the wrong width",
+         lambda c, t: _merge(c, cal=[c.cal[0], [jnp.ones((8, 5))]]),
+         ValueError, r"cannot run on calibration\[1\] batch 0 \(shapes \(8, 5\)\).*Dense_0"),
     Case("collect_stats: calibration for more tasks",
          lambda c, t: jm.collect_stats(c.model, c.model_fts, c.cal * 2, progress=False),
          ValueError, r"4 calibration iterables for 2 fine-tuned models"),
@@ -571,8 +611,11 @@ CLI_CASES = [
             lambda d: _toml(d, finetuned=[str(d / "ft0"), str(d / "other")]),
             1, r"load_params: .*other does not match the template: .*Dense_0/kernel: stored "
                r"shape \(3, 3\), template shape \(5, 6\)"),
-    CliCase("output exists", lambda d, c: ["merge", str(c), "--out", str(d / "base")],
-            lambda d: _toml(d), 2, r"base exists; pass --overwrite"),
+    CliCase("output exists", lambda d, c: ["merge", str(c), "--out", str(d / "empty")],
+            lambda d: _toml(d), 2, r"empty exists; pass --overwrite"),
+    CliCase("output is the base checkpoint",
+            lambda d, c: ["merge", str(c), "--out", str(d / "base"), "--overwrite"],
+            lambda d: _toml(d), 2, r"--out .*base: is the base checkpoint"),
     CliCase("unknown command-line option", lambda d, c: [*_merge_args(d, c), "--fast"],
             lambda d: _toml(d), 2, r"unrecognized arguments: --fast"),
     CliCase("report that is not a report", lambda d, c: ["report", str(d / "report.json")],

@@ -354,8 +354,10 @@ def _workspace(tmp_path: Path) -> tuple[Path, Path]:
     jm.save_params(ck / "base", base)
     for k, p in enumerate(finetuned):
         jm.save_params(ck / f"ft{k}", p)
-    jm.save_model_stats(ws / "st", jm.accumulate_model_stats(fx.model(), finetuned,
-                                                             fx.calibration(), progress=False))
+    jm.save_model_stats(
+        ws / "st",
+        jm.accumulate_model_stats(fx.model(), finetuned, fx.calibration(), progress=False),
+    )
     _config(ws, ck, calibration=None, stats="st").rename(ws / "from_stats.toml")
     (ws / "src").mkdir()
     (ws / "src" / "helpers.py").write_text("# the user's code\n")
@@ -458,3 +460,20 @@ def test_overwriting_leaves_nothing_behind(tmp_path, monkeypatch, kind):
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "params", "report.json"]
     assert not [p.name for p in ws.iterdir() if p.name.startswith(".out.")]
     assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_failed_run_prints_the_notes_of_the_error(inputs, tmp_path, monkeypatch, capsys):
+    """Errors that carry jaxmerge's context as a note (their type cannot be rebuilt from one
+    string) show it on stderr."""
+    import jaxmerge.cli as cli
+
+    def fail(config, *, quiet):
+        error = RuntimeError("the original message")
+        error.add_note("merge: layer 'Dense_0'")
+        raise error
+
+    monkeypatch.setattr(cli, "_run_merge", fail)
+    config = _config(tmp_path, inputs)
+    assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: the original message\n  merge: layer 'Dense_0'" in err, err

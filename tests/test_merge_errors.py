@@ -139,3 +139,36 @@ def test_structure_dtypes_shardings_and_other_collections(rng):
         / 2,
         rtol=1e-6,
     )
+
+
+class _TwoArgumentError(Exception):
+    """A user's exception that cannot be rebuilt from one string."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+class _TwoArgumentValueError(ValueError):
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+
+
+@pytest.mark.parametrize("kind", [_TwoArgumentError, _TwoArgumentValueError, ValueError])
+def test_errors_of_a_callable_option_keep_the_original(mlp, kind):
+    """An exception raised by a basis callable reaches the caller with its type and arguments
+    and the layer added (as the message's prefix, or as a note where the type cannot be rebuilt
+    from one string), never replaced by an error of jaxmerge's own error handling."""
+    model, base, fts, cal = mlp
+
+    def basis(path):
+        raise kind("E42", "no basis here") if kind is not ValueError else kind("no basis here")
+
+    with pytest.raises(kind) as info:
+        merge(model, base, fts, cal, basis=basis, progress=False)
+    text = "\n".join([str(info.value), *getattr(info.value, "__notes__", ())])
+    assert "no basis here" in text and "basis callable failed for 'Dense_0'" in text, text
+    if kind is _TwoArgumentError:
+        assert info.value.code == "E42"
+    if kind is ValueError:
+        assert isinstance(info.value.__cause__, ValueError)  # the original, chained
