@@ -83,4 +83,10 @@ from ._model_stats import combine_model_stats as combine_model_stats
 from ._model_stats import load_model_stats as load_model_stats
 from ._model_stats import save_model_stats as save_model_stats
 
+# Errors (SolveError is imported above, with solve_layer); all show as jaxmerge.<name>
+from ._config import ConfigError as ConfigError
+from ._merge import OptionPatternError as OptionPatternError
+
+OptionPatternError.__module__ = "jaxmerge"  # defined in _merge.py; its public path is set here
+
 __version__ = "0.1.0"

@@ -76,6 +76,9 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key."""
 
 
+ConfigError.__module__ = "jaxmerge"  # the public path in reprs and tracebacks
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeConfig:
     """A validated configuration (paths absolute).
@@ -242,7 +245,7 @@ def load_config(path) -> MergeConfig:
         >>> load_config(d / "c.toml")
         Traceback (most recent call last):
         ...
-        jaxmerge._config.ConfigError: config key 'merge.density': applies to method ties, not 'soup'
+        jaxmerge.ConfigError: config key 'merge.density': applies to method ties, not 'soup'
     """
     source = Path(path).absolute()
     try:

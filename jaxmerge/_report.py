@@ -83,6 +83,10 @@ class MergeReport:
             matching (``"mean"``, ``"base"`` or ``"task_arithmetic(λ)"``).
         seconds: wall time of the whole merge.
 
+    ``str(report)`` is a table with one row per layer and a summary line; layers reported
+    ``UNCHANGED`` are counted apart from the solved ones, and a report without solved layers
+    says so instead of an empty table.
+
     Examples:
         >>> r = MergeReport("parallel", 2, (LayerReport("Dense_0", "dense", "full", 4.0, 1.0,
         ...                 0.75, 3.0, "CHOLESKY"),), {"Dense_0/bias": "mean"}, 0.5)
@@ -92,6 +96,10 @@ class MergeReport:
         True
         >>> print(str(r).splitlines()[2])  # doctest: +NORMALIZE_WHITESPACE
         Dense_0  dense  full  4  1  0.7500  -  3  CHOLESKY  -
+        >>> empty = MergeReport("parallel", 2, (), {"Dense_0/bias": "mean"}, 0.5)
+        >>> print(empty)  # doctest: +ELLIPSIS
+        no layer solved by output matching
+        parallel merge of 2 models: rho - (held-out -), 0 layers solved, 1 parameters by ...
     """
 
     algorithm: str
@@ -164,13 +172,23 @@ class MergeReport:
             )
             for r in self.layers
         ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
         line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()  # noqa: E731
-        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        out = (
+            [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] if rows else []
+        )
+        unchanged = sum(r.status == "UNCHANGED" for r in self.layers)
+        solved = len(self.layers) - unchanged
+        if not solved:
+            out.append(
+                "no layer solved by output matching"
+                + (f" ({unchanged} unchanged, kept at the base's values)" if unchanged else "")
+            )
         out.append(
             f"{self.algorithm} merge of {self.num_tasks} models: rho {num(self.rho, '{:.4f}')}"
-            f" (held-out {num(self.rho_heldout, '{:.4f}')}), {len(self.layers)} layers solved, "
-            f"{len(self.fallbacks)} parameters by fallback, {self.seconds:.2f} s"
+            f" (held-out {num(self.rho_heldout, '{:.4f}')}), {solved} layers solved, "
+            + (f"{unchanged} unchanged, " if unchanged else "")
+            + f"{len(self.fallbacks)} parameters by fallback, {self.seconds:.2f} s"
         )
         return "\n".join(out)
 

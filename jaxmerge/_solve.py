@@ -150,6 +150,12 @@ def psd_solve(
 ) -> tuple[Float[Array, "*batch p r"], Int[Array, "*batch"], Float[Array, "*batch"]]:
     """Solve ``h x = f`` for symmetric PSD ``h``, batched over leading axes (see module docs).
 
+    Non-finite systems never raise, eagerly or under ``jax.jit`` (there is no ``throw``): a
+    system holding NaN or Inf gets ``x = NaN``, ``cond = NaN`` and status
+    ``SolveStatus.NONFINITE``, also under ``jit`` and ``vmap``, where ``status`` is a traced
+    ``int32`` array. Check it (``jnp.any(status == SolveStatus.NONFINITE)``), or use
+    :func:`solve_layer`, whose ``throw=True`` raises also under ``jax.jit``.
+
     Args:
         h: symmetric positive semi-definite matrices ``(..., p, p)``.
         f: right-hand sides ``(..., p, r)``, all solved with one factorisation.
@@ -161,6 +167,9 @@ def psd_solve(
     Returns:
         ``(x, status, cond)``: the solution, a :class:`SolveStatus` code per system (``int32``)
         and a condition-number estimate per system (``inf`` when singular).
+
+    Raises:
+        ValueError: shapes that do not fit (at trace time, also under ``jax.jit``).
 
     Examples:
         >>> import jax.numpy as jnp

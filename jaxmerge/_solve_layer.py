@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._bases import Basis, Custom, LowRank, combine_directions, directional_system, truncate_update
@@ -20,6 +21,10 @@ __all__ = ["LayerSolution", "SolveError", "solve_layer"]
 class SolveError(RuntimeError):
     """A solve could not produce a finite merge (raised by ``throw=True``).
 
+    Under ``jax.jit`` it is raised from a host callback while the computation runs, and JAX
+    reports it as a ``jax.errors.JaxRuntimeError`` whose message ends with this error's (see
+    :func:`solve_layer`).
+
     Examples:
         >>> import jax.numpy as jnp
         >>> from jaxmerge import layer_stats
@@ -27,8 +32,11 @@ class SolveError(RuntimeError):
         >>> solve_layer(stats, jnp.zeros((1, 1)), [jnp.ones((1, 1))])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        jaxmerge._solve_layer.SolveError: solve_layer: the merge would not be finite; NaN ...
+        jaxmerge.SolveError: solve_layer: the merge would not be finite; NaN ...
     """
+
+
+SolveError.__module__ = "jaxmerge"  # the public path in reprs and tracebacks
 
 
 class LayerSolution(NamedTuple):
@@ -154,12 +162,32 @@ def _is_scalar(value) -> bool:
     return True
 
 
-def _nonfinite_inputs(stats, w0, wk, dirs) -> list[str]:
+def _named_inputs(stats, w0, wk, dirs) -> list[tuple[str, Any]]:
     named = [(f"stats.{f}", getattr(stats, f)) for f in LayerStats._fields]
     named += [("base", w0)] + [(f"finetuned[{k}]", w) for k, w in enumerate(wk)]
     if dirs is not None:
         named += [(f"directions[{j}]", b) for j, b in enumerate(dirs)]
-    return [name for name, a in named if not bool(jnp.all(jnp.isfinite(a)))]
+    return named
+
+
+def _solve_error(bad: Sequence[str]) -> SolveError:
+    return SolveError(
+        "solve_layer: the merge would not be finite; NaN or Inf in "
+        + (", ".join(bad) if bad else "the solve (overflow)")
+        + ". Check the calibration data and the parameters."
+    )
+
+
+def _raise_if_failed(failed, finite, names):
+    """Host side of ``throw=True`` on traced values (``jax.debug.callback``).
+
+    ``failed`` and ``finite`` may carry leading batch axes (``vmap`` calls once per element, but
+    nothing here relies on it): any failed element raises, naming every input that was not
+    finite in some element.
+    """
+    if np.any(failed):
+        finite = np.asarray(finite).reshape(-1, len(names))
+        raise _solve_error([n for n, ok in zip(names, finite.all(axis=0), strict=True) if not ok])
 
 
 def solve_layer(
@@ -204,15 +232,26 @@ def solve_layer(
         jitter: relative ridge the solver tries before an eigendecomposition when the plain
             Cholesky factorisation fails (see :func:`psd_solve`); 0 keeps the exact
             minimum-norm fallback.
-        throw: raise :class:`SolveError` when the result would not be finite. Under ``jax.jit``
-            the status cannot stop the trace: check ``status`` yourself.
+        throw: raise :class:`SolveError` when the result would not be finite. On traced
+            inputs (inside ``jax.jit``, ``vmap``, ``scan``, ``grad``) Python cannot read the
+            status, so the check becomes a ``jax.debug.callback`` that raises
+            :class:`SolveError` on the host while the computation runs. Under ``jax.jit`` JAX
+            reports it as a ``jax.errors.JaxRuntimeError`` whose message ends with
+            ``SolveError: solve_layer: the merge would not be finite; NaN or Inf in …`` (JAX
+            also logs the callback's traceback), raised by the call or, with asynchronous
+            dispatch, at the latest when a result is read (``block_until_ready``). Under
+            ``vmap`` without ``jit`` the :class:`SolveError` itself is raised. The callback
+            costs a device-to-host transfer of a few flags per call; ``throw=False`` never
+            raises (nor calls back) and leaves the check to you: ``status`` is then an
+            ``int32`` array equal to ``SolveStatus.NONFINITE`` for a non-finite merge.
 
     Returns:
         A :class:`LayerSolution`.
 
     Raises:
         ValueError, TypeError: shapes, dtypes or options that do not fit the layer.
-        SolveError: ``throw=True`` and the statistics or weights hold NaN or Inf.
+        SolveError: ``throw=True`` and the statistics or weights hold NaN or Inf (under
+            ``jax.jit``: a ``jax.errors.JaxRuntimeError`` carrying its message; see ``throw``).
 
     Examples:
         Two fine-tunes, each changing its own input's weight; the tasks see disjoint inputs, so
@@ -333,14 +372,17 @@ def solve_layer(
         rcond=rcond,
         jitter=float(jitter),
     )
-    if throw and not isinstance(status, jax.core.Tracer):
-        if int(status) == SolveStatus.NONFINITE or not bool(jnp.all(jnp.isfinite(merged))):
-            bad = _nonfinite_inputs(stats, w0, wk, dirs)
-            raise SolveError(
-                "solve_layer: the merge would not be finite; NaN or Inf in "
-                + (", ".join(bad) if bad else "the solve (overflow)")
-                + ". Check the calibration data and the parameters."
-            )
+    if throw:
+        named = _named_inputs(stats, w0, wk, dirs)
+        if isinstance(status, jax.core.Tracer) or isinstance(merged, jax.core.Tracer):
+            # Traced (jit, vmap, scan, grad): Python cannot read the status, so the check runs
+            # on the host when the computation does; see ``throw`` in the docstring.
+            failed = (status == SolveStatus.NONFINITE) | ~jnp.all(jnp.isfinite(merged))
+            finite = jnp.stack([jnp.all(jnp.isfinite(a)) for _, a in named])
+            names = tuple(n for n, _ in named)
+            jax.debug.callback(lambda f, ok: _raise_if_failed(f, ok, names), failed, finite)
+        elif int(status) == SolveStatus.NONFINITE or not bool(jnp.all(jnp.isfinite(merged))):
+            raise _solve_error([n for n, a in named if not bool(jnp.all(jnp.isfinite(a)))])
     kernel = merged[: k0.shape[0]].astype(k0.dtype)
     bias = merged[-1].astype(b0.dtype) if has_bias else None
     return LayerSolution(kernel, bias, coeff, e0, loss, rho, status, cond, spectrum)

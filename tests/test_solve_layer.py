@@ -389,3 +389,80 @@ def test_energy_fraction_scores_any_merge(x64, rng):
         float(sol.energy_fraction),
         rtol=1e-9,
     )
+
+
+# ---- throw=True on traced inputs -------------------------------------------------------------
+
+
+def test_throw_eager_raises_public_solve_error(rng):
+    """Outside jit, a NaN in the calibration raises jm.SolveError itself, naming the input."""
+    base, fts, xs, ys = make_problem(rng, 2, 4, 3)
+    xs[0][1, 1] = np.nan
+    stats = jm.layer_stats(xs, ys)
+    with pytest.raises(jm.SolveError, match=r"NaN or Inf in stats\.gram") as info:
+        jm.solve_layer(stats, base, fts, basis="full")
+    assert type(info.value) is jm.SolveError
+    assert info.value.__module__ == "jaxmerge"
+
+
+@pytest.mark.parametrize("basis", ["scalar", "full"])
+def test_throw_under_jit_raises_from_callback(rng, basis):
+    """Under jit the check runs on the host: JAX raises a JaxRuntimeError with our message."""
+    base, fts, xs, ys = make_problem(rng, 2, 4, 3)
+    xs[1][3, 2] = np.nan
+    stats = jm.layer_stats(xs, ys)
+    solve = jax.jit(lambda s, b, f: jm.solve_layer(s, b, f, basis=basis).kernel)
+    with pytest.raises(
+        jax.errors.JaxRuntimeError,
+        match=r"SolveError: solve_layer: the merge would not be finite; NaN or Inf in "
+        r"stats\.gram, stats\.cross, stats\.task_diag\. Check",
+    ):
+        jax.block_until_ready(solve(stats, base, fts))
+
+
+def test_throw_under_jit_names_a_nonfinite_finetune(rng):
+    base, fts, xs, ys = make_problem(rng, 2, 4, 3)
+    stats = jm.layer_stats(xs, ys)
+    fts[1] = (fts[1][0].copy(), fts[1][1])
+    fts[1][0][0, 0] = np.inf
+    solve = jax.jit(lambda s, b, f: jm.solve_layer(s, b, f, basis="scalar").kernel)
+    with pytest.raises(
+        jax.errors.JaxRuntimeError, match=r"NaN or Inf in finetuned\[1\], directions\[1\]\. Check"
+    ):
+        jax.block_until_ready(solve(stats, base, fts))
+
+
+def test_throw_under_jit_finite_inputs_unaffected(rng):
+    """The traced check never fires on a finite problem, and the answer is the eager one."""
+    base, fts, xs, ys = make_problem(rng, 2, 4, 3)
+    stats = jm.layer_stats(xs, ys)
+    eager = jm.solve_layer(stats, base, fts)
+    jitted = jax.jit(lambda s, b, f: jm.solve_layer(s, b, f))(stats, base, fts)
+    np.testing.assert_allclose(jitted.kernel, eager.kernel, rtol=1e-5, atol=1e-6)
+    assert int(jitted.status) == int(eager.status) == jm.SolveStatus.CHOLESKY
+
+
+def test_throw_false_under_jit_returns_the_status(rng):
+    base, fts, xs, ys = make_problem(rng, 2, 4, 3)
+    xs[1][3, 2] = np.nan
+    stats = jm.layer_stats(xs, ys)
+    sol = jax.jit(lambda s, b, f: jm.solve_layer(s, b, f, throw=False))(stats, base, fts)
+    assert int(sol.status) == jm.SolveStatus.NONFINITE
+    assert not np.isfinite(np.asarray(sol.kernel)).any()
+
+
+def test_throw_under_vmap_raises_solve_error(rng):
+    """vmap without jit: the callback runs eagerly, so jm.SolveError itself comes out."""
+    base, fts, xs, ys = make_problem(rng, 1, 3, 2)
+    good = jm.layer_stats(xs, ys)
+    bad = good._replace(gram=good.gram.at[0, 0].set(jnp.nan))
+    batch = jax.tree.map(lambda a, b: jnp.stack([a, b]), good, bad)
+    solve = jax.vmap(lambda s: jm.solve_layer(s, base, fts).kernel)
+    with pytest.raises(jm.SolveError, match=r"NaN or Inf in stats\.gram\. Check"):
+        solve(batch)
+    np.testing.assert_allclose(
+        solve(jax.tree.map(lambda a: jnp.stack([a, a]), good))[1],
+        jm.solve_layer(good, base, fts).kernel,
+        rtol=1e-5,
+        atol=1e-6,
+    )
