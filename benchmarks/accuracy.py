@@ -536,7 +536,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
                 ax.scatter(*zip(*pts, strict=True), s=10, label=None)
     ax.set_xlabel("held-out ρ")
     ax.set_ylabel("normalised accuracy")
-    ax.set_title(f"Spearman {result['spearman_heldout_rho_vs_normalized']}")
+    corr = result["spearman_heldout_rho_vs_normalized"]  # None when it is undefined
+    ax.set_title("Spearman " + ("n/a" if corr is None else f"{corr:.2f}"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
