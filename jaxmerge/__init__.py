@@ -27,14 +27,24 @@ from ._solve_layer import SolveError as SolveError
 from ._solve_layer import solve_layer as solve_layer
 
 # Whole Flax models (merge, reports)
-from ._flax.adapters import EmbedStats as EmbedStats
-from ._flax.adapters import LayerSpec as LayerSpec
+from .kinds import EmbedStats as EmbedStats
+from .kinds import LayerSpec as LayerSpec
 from ._merge import GroupStats as GroupStats
 from ._merge import collect_stats as collect_stats
 from ._merge import merge as merge
 from ._merge import solve_stats as solve_stats
 from ._report import LayerReport as LayerReport
 from ._report import MergeReport as MergeReport
+
+# Layer kinds (what the merge knows of each kind of layer; register your own)
+from .kinds import AffineKind as AffineKind
+from .kinds import CallShape as CallShape
+from .kinds import LayerKind as LayerKind
+from .kinds import kind_of as kind_of
+from .kinds import kinds as kinds
+from .kinds import register_kind as register_kind
+from .kinds.base import linen_kind as linen_kind
+from .kinds.base import nnx_kind as nnx_kind
 
 # Baselines
 from ._baselines import dare as dare

@@ -34,6 +34,7 @@ import numpy as np
 from ._flax.fold import flatten, from_pure, to_pure, unflatten
 from ._merge import _peek, _Plan, collect_stats, solve_stats
 from ._report import MergeReport
+from .kinds import kind_of
 
 __all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
 
@@ -194,13 +195,8 @@ def _greedy(costs: Mapping[str, int], budget: int, shapes: Mapping[str, Any], ca
 
 def _unit_bytes(specs, num_tasks: int, rows: int, dtype) -> int:
     """:func:`accumulation_bytes` of one shared-input group of a model (one GroupStats)."""
-    n_out = sum(s.n_out for s in specs)
-    spec = specs[0]
-    if spec.kind == "embed":  # diagonal Gram: V counts, V × m sums, per-task counts
-        v, b = spec.n_in, _itemsize(dtype, "dtype", "merge_in_groups")
-        held = b * (v + v * n_out + n_out + num_tasks * v + num_tasks)
-        return 3 * held + rows * (1 + n_out) * 3 * b
-    return accumulation_bytes({"": (spec.n_in, n_out)}, num_tasks=num_tasks, rows=rows, dtype=dtype)
+    _itemsize(dtype, "dtype", "merge_in_groups")
+    return kind_of(specs[0].kind).stats_bytes(specs, num_tasks, rows, dtype)
 
 
 def merge_in_groups(

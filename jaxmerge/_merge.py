@@ -75,30 +75,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._bases import Custom, LowRank, combine_directions
-from ._energy import energies
+from ._bases import Custom, LowRank
 from ._errors import with_context
-from ._flax.adapters import (
-    EmbedStats,
-    LayerSpec,
-    as_direction,
-    embed_restricted,
-    from_layer,
-    init_group_stats,
-    member_stats,
-    own_targets,
-    row_mask,
-    scale_stats,
-    to_layer,
-    update_group_stats,
-)
 from ._flax.capture import as_model
 from ._flax.fold import cast_like, check_trees, flatten, from_pure, has_collections, to_pure
-from ._layers import augmented
 from ._report import LayerReport, MergeReport
 from ._solve import SolveStatus
 from ._solve_layer import SolveError, solve_layer
 from ._stats import LayerStats
+from .kinds import EmbedStats, LayerSpec, kind_of
 
 __all__ = ["GroupStats", "collect_stats", "solve_stats", "merge"]
 
@@ -217,7 +202,7 @@ def _default_dtype():
 
 
 def _param_names(spec: LayerSpec):
-    return [spec.kernel] + ([spec.bias] if spec.bias else [])
+    return spec.param_names
 
 
 def _leaf(path: str, name: str) -> str:
@@ -364,7 +349,7 @@ def _plan(model, call_kwargs, tree, batch, mask_key) -> _Plan:
 def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, batch, task):
     """Add one batch of one task to the plain sums of ``groups`` (traced). ``own``: the targets
     are the layers' own outputs (``tree_tgt`` is ``None``), so non-embedding groups add their
-    input statistics only and :func:`~jaxmerge._flax.adapters.own_targets` completes them."""
+    input statistics only and :meth:`~jaxmerge.LayerKind.own_targets` completes them."""
     keep = {p for g in groups for p in g}
     mask = plan.mask(batch)
     rec_in = plan.record(tree_in, batch, keep)
@@ -373,10 +358,11 @@ def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, b
     for group in groups:
         key = plan.key(group)
         stats = sums[key]
-        inputs_only = own and isinstance(stats, LayerStats)
+        kind = kind_of(plan.specs[group[0]].kind)
+        inputs_only = own and kind.affine_targets
         for i, (x, lead, _) in enumerate(rec_in[group[0]]):
             if inputs_only:
-                stats = update_group_stats(stats, x, None, task, row_mask(mask, lead))
+                stats = kind.update_stats(stats, x, None, task, row_mask(mask, lead))
                 continue
             targets = [rec_tgt[p][i] for p in group]
             for p, (_, lead_t, _) in zip(group, targets, strict=True):
@@ -386,7 +372,7 @@ def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, b
                         "in the fine-tuned model; the two forward passes disagree."
                     )
             y = jnp.concatenate([t[2] for t in targets], axis=-1)
-            stats = update_group_stats(stats, x, y, task, row_mask(mask, lead))
+            stats = kind.update_stats(stats, x, y, task, row_mask(mask, lead))
         out[key] = stats
     return out
 
@@ -398,7 +384,33 @@ def _own_layers(plan, groups, tree):
 
 
 def _zero_sums(plan, groups, num_tasks, dtype):
-    return {plan.key(g): init_group_stats(plan.group_specs(g), num_tasks, dtype) for g in groups}
+    return {plan.key(g): _init_stats(plan.group_specs(g), num_tasks, dtype) for g in groups}
+
+
+def _init_stats(specs, num_tasks, dtype):
+    return kind_of(specs[0].kind).init_stats(specs, num_tasks, dtype)
+
+
+def row_mask(mask, lead):
+    """The 0/1 mask of rows with leading shape ``lead``, or ``None`` when the mask (over the
+    batch's leading axes) does not index these rows (e.g. after pooling)."""
+    if mask is None or tuple(lead[: mask.ndim]) != tuple(mask.shape):
+        return None
+    mask = mask.reshape(mask.shape + (1,) * (len(lead) - mask.ndim))
+    return jnp.broadcast_to(mask, lead).reshape(-1)
+
+
+def scale_stats(stats, scale):
+    """Multiply every sum but ``count`` by ``scale`` (task weight ``1/Nₖ``)."""
+    scaled = jax.tree.map(lambda a: a * scale, stats)
+    return scaled._replace(count=stats.count)
+
+
+def member_stats(stats, specs, index: int):
+    """The statistics of one member of a shared-input group (its output columns)."""
+    start = sum(s.n_out for s in specs[:index])
+    cols = slice(start, start + specs[index].n_out)
+    return stats._replace(cross=stats.cross[:, cols], out_sq=stats.out_sq[cols])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -412,8 +424,9 @@ def _finish_task(specs, sums, layers, k):
     specs = dict(specs)
     out = dict(sums)
     for key, params in (layers or {}).items():
-        if isinstance(sums[key], LayerStats):
-            out[key] = own_targets(sums[key], specs[key], params)
+        kind = kind_of(specs[key][0].kind)
+        if kind.affine_targets:
+            out[key] = kind.own_targets(sums[key], specs[key], params)
     finite = {key: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(s)]))
               for key, s in out.items()}  # fmt: skip
     return out, finite, {key: s.count[k] for key, s in out.items()}
@@ -628,135 +641,6 @@ def collect_stats(
 # ---- solving ------------------------------------------------------------------------------------
 
 
-def _energy_metrics(stats: LayerStats, base, merged):
-    (k0, b0), (k1, b1) = base, merged
-    dtype = stats.gram.dtype
-    p = stats.n_in + (b0 is not None)
-    w0 = augmented(k0, b0).astype(dtype)
-    w1 = augmented(k1, b1).astype(dtype)
-    return energies(stats.gram[:p, :p], stats.cross[:p], jnp.sum(stats.out_sq), w0, w1 - w0)
-
-
-def _channels(layer):
-    kernel, bias = layer
-    return jnp.diagonal(kernel)[:, None, None], None if bias is None else bias[:, None]
-
-
-def _solve_norm(stats: LayerStats, start, finetuned, prior, opt: _Options):
-    """Per-channel 2×2 systems ``[x̂_c, 1] → y_c`` of a LayerNorm/RMSNorm (the full basis)."""
-    c = stats.n_in
-    g, p, td = stats.gram, stats.cross, stats.task_diag
-    a, b, d = jnp.diagonal(g)[:c], g[:c, c], jnp.broadcast_to(g[c, c], (c,))
-    per_channel = LayerStats(
-        gram=jnp.stack([jnp.stack([a, b], -1), jnp.stack([b, d], -1)], -2),
-        cross=jnp.stack([jnp.diagonal(p[:c, :c]), p[c, :c]], -1)[..., None],
-        out_sq=stats.out_sq[:, None],
-        task_diag=jnp.stack([td[:, :c].T, jnp.broadcast_to(td[:, c], (c, td.shape[0]))], -1),
-        count=jnp.broadcast_to(stats.count, (c, stats.count.shape[0])),
-    )
-
-    def one(st, s, fs, pr):
-        return solve_layer(st, s, fs, basis="full", ridge=opt.ridge, prior=pr, alpha=opt.alpha,
-                           rcond=opt.rcond, throw=False)  # fmt: skip
-
-    sol = jax.vmap(one)(
-        per_channel,
-        _channels(start),
-        [_channels(f) for f in finetuned],
-        None if prior is None else _channels(prior),
-    )
-    bias = None if sol.bias is None else sol.bias[:, 0]
-    return (jnp.diag(sol.kernel[:, 0, 0]), bias), jnp.max(sol.status), jnp.max(sol.condition)
-
-
-def _no_ridge(opt: _Options) -> bool:
-    """A ridge of exactly zero (a zero ridge is never traced: see :func:`_solve_layers_jit`)."""
-    return not isinstance(opt.ridge, jax.core.Tracer) and opt.ridge == 0
-
-
-def _solve_member(spec, stats, base, finetuned, centre, opt: _Options):
-    """Merged ``(kernel, bias)``, status and condition of one dense/conv/norm layer."""
-    b0 = to_layer(spec, base)
-    fks = [to_layer(spec, f) for f in finetuned]
-    c0 = to_layer(spec, centre)
-    basis, prior = opt.basis, opt.prior
-    if len(fks) == 1 and _no_ridge(opt):
-        return fks[0], jnp.int32(SolveStatus.CHOLESKY), jnp.array(jnp.nan, stats.gram.dtype)
-    full = basis == "full" or isinstance(basis, LowRank)
-    if full and isinstance(prior, Mapping):
-        prior = to_layer(spec, prior)
-    if isinstance(basis, Custom):
-        basis = Custom([as_direction(spec, d) for d in basis.directions], basis.per_output)
-    if spec.kind == "norm" and full:
-        return _solve_norm(stats, c0 if basis == "full" else b0, fks, prior, opt)
-    sol = solve_layer(stats, c0 if basis == "full" else b0, fks, basis=basis, ridge=opt.ridge,
-                      prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
-    return (sol.kernel, sol.bias), sol.status, sol.condition
-
-
-def _solve_embed(spec, stats: EmbedStats, base, finetuned, centre, opt: _Options):
-    """Embedding rows: solved on the seen tokens; unseen rows keep the fallback (eager only)."""
-    e0 = jnp.asarray(base[spec.kernel])
-    eks = [jnp.asarray(f[spec.kernel]) for f in finetuned]
-    centre = jnp.asarray(centre[spec.kernel])
-    seen = np.flatnonzero(np.asarray(stats.diag) > 0)
-    dtype = stats.diag.dtype
-    nan = jnp.array(jnp.nan, dtype)
-    if len(seen) == 0:
-        zero = jnp.zeros((), dtype)
-        return centre, (zero, zero, jnp.array(1.0, dtype), jnp.int32(0), nan)
-    basis, prior = opt.basis, opt.prior
-    if isinstance(prior, Mapping):
-        prior = jnp.asarray(prior[spec.kernel])[seen]
-    if len(eks) == 1 and opt.ridge == 0:
-        merged, status, cond = eks[0], jnp.int32(SolveStatus.CHOLESKY), nan
-    elif basis == "full":
-        merged, status, cond = _solve_embed_full(stats, seen, centre, prior, opt)
-    elif isinstance(basis, LowRank):
-        rs = embed_restricted(stats, seen)
-        sol = solve_layer(rs, e0[seen], [e[seen] for e in eks], basis=basis, ridge=opt.ridge,
-                          prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
-        merged = centre.at[seen].set(sol.kernel.astype(centre.dtype))
-        status, cond = sol.status, sol.condition
-    else:
-        rs = embed_restricted(stats, seen)
-        if isinstance(basis, Custom):
-            dirs = [as_direction(spec, d) for d in basis.directions]
-            dirs = jnp.stack([jnp.asarray(d[0] if isinstance(d, tuple) else d) for d in dirs])
-            per_output = basis.per_output
-            restricted = Custom(list(dirs[:, seen]), per_output)
-        else:
-            dirs = jnp.stack([e - e0 for e in eks])
-            per_output = basis == "diagonal"
-            restricted = basis
-        sol = solve_layer(rs, e0[seen], [e[seen] for e in eks], basis=restricted, ridge=opt.ridge,
-                          prior=prior, alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
-        merged = e0 + combine_directions(sol.coefficients, dirs.astype(dtype), per_output)
-        status, cond = sol.status, sol.condition
-    e_0, loss, rho = energies(
-        stats.diag[seen], stats.cross[seen], jnp.sum(stats.out_sq), e0[seen].astype(dtype),
-        (merged[seen] - e0[seen]).astype(dtype),
-    )  # fmt: skip
-    return merged, (e_0, loss, rho, status, cond)
-
-
-def _solve_embed_full(stats: EmbedStats, seen, centre, prior, opt: _Options):
-    """The full basis on an embedding's seen rows in closed form: its Gram matrix is diagonal
-    (token counts ``d``), so :func:`~jaxmerge.solve_layer`'s ``(H + λD)c = f + λDc₀`` is
-    ``c = (f/d + λc₀) / (1 + λ)`` row by row, the update ``c`` taken from the fallback rows.
-    RegMean's ``α`` changes nothing here: a diagonal metric is its own diagonal, and an
-    embedding's targets are its rows, so ``P_α = P``. No dense ``(s, s)`` system is formed."""
-    dtype = stats.diag.dtype
-    d = stats.diag[seen]
-    start = centre[seen].astype(dtype)
-    f = stats.cross[seen] / d[:, None] - start
-    c0 = jnp.zeros_like(f) if prior is None else prior.astype(dtype) - start
-    update = c0 if opt.ridge == math.inf else (f + opt.ridge * c0) / (1.0 + opt.ridge)
-    merged = centre.at[seen].set((start + update).astype(centre.dtype))
-    cond = jnp.max(d) / jnp.min(d)
-    return merged, jnp.int32(SolveStatus.CHOLESKY), cond
-
-
 def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *, jit=False):
     """``{path: (merged parameter dict, (E₀, L, ρ, status, condition))}`` (traceable except for
     embeddings). ``jit``: one compiled program per group structure, shared by every group of
@@ -769,9 +653,10 @@ def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *
     centres = [_layer_params(centre_flat, s) for s in specs]
     opts = tuple(options[s.path] for s in specs)
     try:
-        if specs[0].kind == "embed":
-            merged, metrics = _solve_embed(specs[0], stats, bases[0], fts[0], centres[0], opts[0])
-            return {specs[0].path: ({specs[0].kernel: merged}, metrics)}
+        kind = kind_of(specs[0].kind)
+        if not kind.traceable:  # reads its statistics' values (e.g. the seen tokens): eager
+            return {specs[0].path: kind.solve(specs[0], stats, bases[0], fts[0], centres[0],
+                                              opts[0])}  # fmt: skip
         together = _together(specs, opts, len(ft_flats))
         if jit and all(o.prior is None and not isinstance(o.basis, Custom) for o in opts):
             anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
@@ -812,7 +697,7 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
             return kernel, bias
 
         def layers(subs):
-            return [to_layer(s, p) for s, p in zip(specs, subs, strict=True)]
+            return [kind_of(s.kind).to_matrix(s, p) for s, p in zip(specs, subs, strict=True)]
 
         per_task = [layers([fts[i][k] for i in range(len(specs))]) for k in range(len(fts[0]))]
         o = opts[0]
@@ -821,19 +706,18 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
                           throw=False)  # fmt: skip
         start = 0
         for i, spec in enumerate(specs):
+            kind = kind_of(spec.kind)
             cols = slice(start, start + spec.n_out)
             start += spec.n_out
             merged = (sol.kernel[:, cols], None if sol.bias is None else sol.bias[cols])
-            b0 = to_layer(spec, bases[i])
-            e0, loss, rho = _energy_metrics(member_stats(stats, specs, i), b0, merged)
-            params = from_layer(spec, *merged, bases[i])
+            b0 = kind.to_matrix(spec, bases[i])
+            e0, loss, rho = kind.matrix_energy(member_stats(stats, specs, i), b0, merged)
+            params = kind.from_matrix(spec, *merged, bases[i])
             out.append((params, (e0, loss, rho, sol.status, sol.condition)))
         return out
     for i, spec in enumerate(specs):
         st = member_stats(stats, specs, i)
-        merged, status, cond = _solve_member(spec, st, bases[i], fts[i], centres[i], opts[i])
-        e0, loss, rho = _energy_metrics(st, to_layer(spec, bases[i]), merged)
-        out.append((from_layer(spec, *merged, bases[i]), (e0, loss, rho, status, cond)))
+        out.append(kind_of(spec.kind).solve(spec, st, bases[i], fts[i], centres[i], opts[i]))
     return out
 
 
@@ -853,15 +737,8 @@ def _heldout_metrics(group: GroupStats, base_flat, merged_flat):
     out = {}
     for i, spec in enumerate(group.layers):
         b0, b1 = _layer_params(base_flat, spec), _layer_params(merged_flat, spec)
-        if spec.kind == "embed":
-            st = group.stats
-            seen = np.flatnonzero(np.asarray(st.diag) > 0)
-            k0 = jnp.asarray(b0[spec.kernel])[seen].astype(st.diag.dtype)
-            k1 = jnp.asarray(b1[spec.kernel])[seen].astype(st.diag.dtype)
-            e0, _, rho = energies(st.diag[seen], st.cross[seen], jnp.sum(st.out_sq), k0, k1 - k0)
-        else:
-            st = member_stats(group.stats, group.layers, i)
-            e0, _, rho = _energy_metrics(st, to_layer(spec, b0), to_layer(spec, b1))
+        st = member_stats(group.stats, group.layers, i)
+        e0, _, rho = kind_of(spec.kind).energy(spec, st, b0, b1)
         out[spec.path] = (float(e0), float(rho))
     return out
 
@@ -1196,7 +1073,8 @@ def _sequential_fn(plan, options, treedef, paths, dtype):
                         f"merge: layer {path!r} receives rows {lead}; the sequential merge needs "
                         "the examples on axis 0 of every layer input."
                     )
-                stats = init_group_stats(specs, k_tasks, dtype)
+                kind = kind_of(specs[0].kind)
+                stats = kind.init_stats(specs, k_tasks, dtype)
                 start = 0
                 for k in range(k_tasks):
                     lead_k = (sizes[k],) + tuple(lead[1:])
@@ -1206,8 +1084,8 @@ def _sequential_fn(plan, options, treedef, paths, dtype):
                     mask = row_mask(masks[k], lead_k)
                     rows = jnp.sum(mask) if mask is not None else float(np.prod(lead_k))
                     weight = jnp.where(rows > 0, 1.0 / jnp.maximum(rows, 1.0), 0.0)
-                    stats = update_group_stats(stats, xk.reshape(-1, x.shape[-1]), y, k, mask,
-                                               weight)  # fmt: skip
+                    stats = kind.update_stats(stats, xk.reshape(-1, x.shape[-1]), y, k, mask,
+                                              weight)  # fmt: skip
                 finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in stats]))
                 result = _solve_group(
                     GroupStats(stats, specs), base_flat, ft_flats, centre_flat, options
@@ -1331,7 +1209,7 @@ def merge(
         batches = [list(it) for it in iters]
         reports = []
         single = all(len(b) == 1 for b in batches) and _concatenable([b[0] for b in batches])
-        embeds = [g for g in plan.groups if plan.specs[g[0]].kind == "embed"]
+        embeds = [g for g in plan.groups if not kind_of(plan.specs[g[0]].kind).traceable]
         passes = embeds if single else plan.groups
         with _progress(progress) as bar:
             job = bar.add_task("sequential merge", total=len(passes) + single)

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from ._flax.adapters import EmbedStats, LayerSpec
 from ._flax.fold import to_pure
 from ._merge import (
     GroupStats,
@@ -49,8 +48,8 @@ from ._merge import (
     _zero_sums,
 )
 from ._resumable import accumulate_resumable
-from ._stats import LayerStats
 from .checkpoint import _checkpoint_dir, save_arrays_and_record
+from .kinds import LayerSpec, kind_of
 
 __all__ = [
     "ModelStats",
@@ -268,7 +267,7 @@ def save_model_stats(
     """Write :class:`ModelStats` as one Orbax checkpoint, atomically.
 
     The checkpoint holds every group's arrays and a JSON record: format name and version, task
-    names, and per group its key, type (``"layer"`` or ``"embed"``), dtype and members'
+    names, and per group its key, dtype and members'
     :class:`~jaxmerge.LayerSpec` fields.
 
     Args:
@@ -306,7 +305,6 @@ def save_model_stats(
         groups.append(
             {
                 "key": key,
-                "type": "embed" if isinstance(group.stats, EmbedStats) else "layer",
                 "dtype": str(jnp.dtype(group.stats.count.dtype)),
                 "layers": [dataclasses.asdict(spec) for spec in group.layers],
             }
@@ -319,16 +317,6 @@ def save_model_stats(
         "groups": groups,
     }
     return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_model_stats")
-
-
-def _shapes(kind: str, specs: Sequence[LayerSpec], k: int) -> dict[str, tuple[int, ...]]:
-    n, m = specs[0].n_in, sum(s.n_out for s in specs)
-    if kind == "embed":
-        return dict(diag=(k, n), cross=(k, n, m), out_sq=(k, m), task_diag=(k, k, n), count=(k, k))
-    n1 = n + 1
-    return dict(
-        gram=(k, n1, n1), cross=(k, n1, m), out_sq=(k, m), task_diag=(k, k, n1), count=(k, k)
-    )
 
 
 def load_model_stats(path: str | os.PathLike) -> ModelStats:
@@ -364,7 +352,7 @@ def load_model_stats(path: str | os.PathLike) -> ModelStats:
         for group in meta["groups"]:
             specs = tuple(LayerSpec(**spec) for spec in group["layers"])
             dtype = jnp.dtype(group["dtype"])
-            shapes = _shapes(group["type"], specs, k)
+            shapes = kind_of(specs[0].kind).stats_shapes(specs, k)
             target.append(
                 {f: jax.ShapeDtypeStruct(s, dtype, sharding=default) for f, s in shapes.items()}
             )
@@ -374,6 +362,5 @@ def load_model_stats(path: str | os.PathLike) -> ModelStats:
         )["stats"]
     sums = {}
     for group, specs, a in zip(meta["groups"], layers, arrays, strict=True):
-        cls = EmbedStats if group["type"] == "embed" else LayerStats
-        sums[group["key"]] = GroupStats(cls(**a), specs)
+        sums[group["key"]] = GroupStats(kind_of(specs[0].kind).stats_type(**a), specs)
     return ModelStats(sums, tuple(meta["tasks"]))

@@ -11,13 +11,11 @@ other parameters (the sequential merge swaps in each merged layer as soon as it 
   (paths from ``nnx.iter_modules``). Only these exact classes are captured; subclasses and every
   other module run unchanged. Do not run other NNX code in another thread during a capture.
 
-Supported (exact types, so a subclass with its own ``__call__`` is never misread): linen
-``Dense``, ``DenseGeneral`` (without ``batch_dims``), ``Conv`` (one feature group, no kernel
-mask), ``Embed``, ``LayerNorm`` and ``RMSNorm`` (with a scale, normalising the last axis); NNX
-``Linear``, ``LinearGeneral`` (without ``batch_axis``), ``Conv``, ``Embed``, ``LayerNorm``,
-``RMSNorm`` under the same conditions. Conv patches and normalised inputs are computed by the
-layer itself with an identity kernel, a unit scale and a zero bias, so every padding mode, dtype
-and epsilon is honoured exactly.
+Captured: the module classes registered with a layer kind (:func:`~jaxmerge.register_kind`;
+the built-in kinds in :mod:`jaxmerge.kinds`), exact types only, so a subclass with its own
+``__call__`` is never misread, and only calls whose configuration the kind accepts
+(:meth:`~jaxmerge.LayerKind.accepts`, :meth:`~jaxmerge.LayerKind.describe`); every other module
+runs unchanged, and its parameters take the fallback rule.
 """
 
 import contextlib
@@ -29,10 +27,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from .adapters import general_rows
+from ..kinds.base import linen_kind, nnx_classes, nnx_kind
 
 _local = threading.local()
 
@@ -66,102 +63,24 @@ class LayerCall:
     default: Callable
 
 
-def _is_axis_last(axes) -> bool:
-    return tuple(np.atleast_1d(axes).tolist()) == (-1,)
-
-
 def _describe(kind, module, params, args, kwargs, run, default, path):
-    """A :class:`LayerCall`, or ``None`` for a configuration the adapters do not cover."""
+    """A :class:`LayerCall` of ``kind``, or ``None`` for a call the kind does not cover."""
     x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
     if x is None or not hasattr(x, "shape"):
         return None
-    if kind in ("dense", "dense_general", "conv"):
-        kernel = params.get("kernel")
-        if kernel is None:
-            return None
-        bias = "bias" if params.get("bias") is not None else None
-    if kind == "dense":
-        n_in, n_out = kernel.shape
-        if x.shape[-1] != n_in:
-            return None
-
-        def rows():
-            return x.reshape(-1, n_in), x.shape[:-1]
-
-        signature = ("affine", id(x), (x.ndim - 1,))
-        return LayerCall(path, kind, n_in, n_out, "kernel", bias, params, x, signature, rows,
-                         run, default)  # fmt: skip
-    if kind == "dense_general":
-        axes = tuple(a % x.ndim for a in np.atleast_1d(module.axis).tolist())
-        n_in = int(np.prod([x.shape[a] for a in axes]))
-        n_out = int(np.prod(kernel.shape)) // n_in
-        if tuple(kernel.shape[: len(axes)]) != tuple(x.shape[a] for a in axes):
-            return None
-
-        def rows():
-            return general_rows(x, axes)
-
-        signature = ("affine", id(x), axes)
-        return LayerCall(path, kind, n_in, n_out, "kernel", bias, params, x, signature, rows,
-                         run, default)  # fmt: skip
-    if kind == "conv":
-        n_in, n_out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
-        eye = jnp.eye(n_in, dtype=kernel.dtype).reshape(*kernel.shape[:-1], n_in)
-
-        def rows():
-            patches = run({"kernel": eye}, features=n_in)
-            return patches.reshape(-1, n_in), patches.shape[:-1]
-
-        signature = ("conv", id(module))
-        return LayerCall(path, kind, n_in, n_out, "kernel", bias, params, x, signature, rows,
-                         run, default)  # fmt: skip
-    if kind == "embed":
-        table = params.get("embedding")
-        if table is None or not jnp.issubdtype(x.dtype, jnp.integer):
-            return None
-        n_in, n_out = table.shape
-
-        def rows():
-            return x.reshape(-1), x.shape
-
-        return LayerCall(path, kind, n_in, n_out, "embedding", None, params, x, ("embed", path),
-                         rows, run, default)  # fmt: skip
-    # norm
-    scale = params.get("scale")
-    if scale is None or scale.ndim != 1 or x.shape[-1] != scale.shape[0]:
+    shape = kind.describe(module, params, x, run)
+    if shape is None:
         return None
-    if not (_is_axis_last(module.feature_axes) and _is_axis_last(module.reduction_axes)):
-        return None
-    bias = "bias" if params.get("bias") is not None else None
-    c = scale.shape[0]
-    unit = {"scale": jnp.ones_like(scale)}
-    if bias:
-        unit["bias"] = jnp.zeros_like(params["bias"])
-
-    def rows():
-        return run(unit).reshape(-1, c), x.shape[:-1]
-
-    return LayerCall(path, kind, c, c, "scale", bias, params, x, ("norm", path), rows, run,
-                     default)  # fmt: skip
+    return LayerCall(path, kind.name, shape.n_in, shape.n_out, kind.kernel, shape.bias, params,
+                     x, shape.signature, shape.rows, run, default)  # fmt: skip
 
 
 # ---- linen --------------------------------------------------------------------------------------
 
-_LINEN = {
-    nn.Dense: "dense",
-    nn.DenseGeneral: "dense_general",
-    nn.Conv: "conv",
-    nn.Embed: "embed",
-    nn.LayerNorm: "norm",
-    nn.RMSNorm: "norm",
-}
-
 
 def _linen_call(module, args, kwargs, next_fun):
-    kind = _LINEN.get(type(module))
-    if kind is None or (kind == "conv" and (module.feature_group_count != 1 or module.mask)):
-        return None
-    if kind == "dense_general" and module.batch_dims:
+    kind = linen_kind(type(module))
+    if kind is None or not kind.accepts(module):
         return None
     params = module.variables.get("params", {})
 
@@ -202,35 +121,22 @@ class LinenModel:
 
 # ---- NNX ----------------------------------------------------------------------------------------
 
-_NNX = {
-    nnx.Linear: "dense",
-    nnx.LinearGeneral: "dense_general",
-    nnx.Conv: "conv",
-    nnx.Embed: "embed",
-    nnx.LayerNorm: "norm",
-    nnx.RMSNorm: "norm",
-}
-_NNX_CALLS = {cls: cls.__dict__["__call__"] for cls in _NNX}
 
-
-def _nnx_params(module) -> dict:
+def _nnx_params(module, kind) -> dict:
     out = {}
-    for name in ("kernel", "bias", "embedding", "scale"):
-        var = getattr(module, name, None)
+    for name in (kind.kernel, kind.bias):
+        var = getattr(module, name, None) if name else None
         if isinstance(var, nnx.Param):
             out[name] = var[...]
     return out
 
 
 def _nnx_call(module, path, args, kwargs):
-    cls = type(module)
-    kind = _NNX[cls]
-    original = _NNX_CALLS[cls]
-    if kind == "conv" and (module.feature_group_count != 1 or module.mask is not None):
+    kind = nnx_kind(type(module))
+    original = _local.nnx_calls[type(module)]
+    if not kind.accepts(module):
         return None
-    if kind == "dense_general" and module.batch_axis:
-        return None
-    params = _nnx_params(module)
+    params = _nnx_params(module, kind)
 
     def run(new_params, **overrides):
         saved = {name: getattr(module, name)[...] for name in params}
@@ -253,9 +159,7 @@ def _nnx_call(module, path, args, kwargs):
     return _describe(kind, module, params, args, kwargs, run, default, path)
 
 
-def _nnx_wrapper(cls):
-    original = _NNX_CALLS[cls]
-
+def _nnx_wrapper(cls, original):
     def __call__(self, *args, **kwargs):
         paths, hook = getattr(_local, "nnx", (None, None))
         if (
@@ -277,15 +181,21 @@ _NNX_LOCK = threading.Lock()
 @contextlib.contextmanager
 def _nnx_capture(paths, hook):
     with _NNX_LOCK:
-        for cls in _NNX:
-            cls.__call__ = _nnx_wrapper(cls)
+        classes = nnx_classes()
+        own = {cls: cls.__dict__.get("__call__") for cls in classes}  # None: inherited
+        _local.nnx_calls = {cls: cls.__call__ for cls in classes}
+        for cls in classes:
+            cls.__call__ = _nnx_wrapper(cls, _local.nnx_calls[cls])
         _local.nnx = (paths, hook)
         try:
             yield
         finally:
             _local.nnx = (None, None)
-            for cls, original in _NNX_CALLS.items():
-                cls.__call__ = original
+            for cls, original in own.items():
+                if original is None:
+                    del cls.__call__
+                else:
+                    cls.__call__ = original
 
 
 class NnxModel:

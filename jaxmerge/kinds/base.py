@@ -1,0 +1,421 @@
+r"""The layer-kind interface: everything the merge needs to know about one kind of layer.
+
+A *kind* is a family of Flax layers that are affine in their parameters: written as rows, each
+call computes ``y = x̃ W̄`` with ``x̃ = [x, 1]`` the layer's input rows (width ``n_in``, plus the
+bias column) and ``W̄ = [W; b]`` its parameters as an augmented ``(n_in + 1, n_out)`` matrix. One
+:class:`LayerKind` object says, for its layers:
+
+* **capture**: which module classes it covers (:func:`register_kind`), whether a given module's
+  configuration is covered (:meth:`LayerKind.accepts`) and, for one call, the widths, the bias
+  name, which calls share an input, and the call's rows (:meth:`LayerKind.describe`);
+* **parameters ↔ W̄**: :meth:`LayerKind.to_matrix` and :meth:`LayerKind.from_matrix`;
+* **statistics**: their container, zeros, the update with one batch of rows, and the targets of
+  the parallel merge from the Gram matrix (:meth:`LayerKind.init_stats`,
+  :meth:`LayerKind.update_stats`, :meth:`LayerKind.own_targets`), their stored shapes and their
+  memory cost (:meth:`LayerKind.stats_shapes`, :meth:`LayerKind.stats_bytes`);
+* **solve and score**: the merged parameters of one layer in a basis, and the residual energy of
+  a merge (:meth:`LayerKind.solve`, :meth:`LayerKind.energy`).
+
+:class:`AffineKind` implements all of it for layers whose rows are a reshape of their input and
+whose statistics are dense :class:`~jaxmerge.LayerStats` (``Dense``, ``DenseGeneral``, ``Conv``,
+``LayerNorm``, a user's own linear layer); a kind overrides what differs. The built-in kinds in
+:mod:`jaxmerge.kinds` register exactly as a user's kind does::
+
+    class ScaledDenseKind(jm.AffineKind):
+        name = "scaled_dense"
+        kernel, bias = "w", "b"                       # parameter names
+
+        def to_matrix(self, spec, params):            # y = x (2 w) + b
+            return 2 * params["w"], params["b"]
+
+        def from_matrix(self, spec, kernel, bias, like):
+            return {"w": kernel / 2, "b": bias}
+
+    jm.register_kind(ScaledDenseKind(), linen=[ScaledDense])
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from .._bases import Custom, LowRank
+from .._energy import energies
+from .._layers import augmented
+from .._solve import SolveStatus
+from .._solve_layer import solve_layer
+from .._stats import LayerStats, affine_targets, update_input_stats, update_stats
+
+__all__ = [
+    "AffineKind",
+    "CallShape",
+    "LayerKind",
+    "LayerSpec",
+    "kind_of",
+    "kinds",
+    "linen_kind",
+    "nnx_classes",
+    "nnx_kind",
+    "register_kind",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What the merge knows about one layer (static metadata).
+
+    Attributes:
+        path: '/'-joined keys of the layer's parameter dict in the params tree.
+        kind: the name of its :class:`LayerKind` (``"dense"``, ``"dense_general"``, ``"conv"``,
+            ``"embed"``, ``"norm"``, or a registered kind's).
+        n_in: input width of the rows (patch size for convs, vocabulary size for embeddings).
+        n_out: output width of the rows.
+        kernel: name of the weight parameter (``"kernel"``, ``"embedding"`` or ``"scale"``).
+        bias: name of the bias parameter, or ``None`` when the layer has none.
+        calls: how many times the layer was called in one forward pass.
+
+    Examples:
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> from jaxmerge import collect_stats
+        >>> fts = [{"layers_0": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}]
+        >>> stats = collect_stats(nn.Sequential([nn.Dense(1)]), fts, [[jnp.eye(2)]],
+        ...                       progress=False)
+        >>> spec = stats["layers_0"].layers[0]
+        >>> spec.path, spec.kind, spec.n_in, spec.n_out, spec.kernel, spec.bias
+        ('layers_0', 'dense', 2, 1, 'kernel', 'bias')
+    """
+
+    path: str
+    kind: str
+    n_in: int
+    n_out: int
+    kernel: str
+    bias: str | None
+    calls: int = 1
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The layer's solved parameter names: the weight, then the bias if any."""
+        return (self.kernel,) + ((self.bias,) if self.bias else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class CallShape:
+    """What a kind reads off one call of one of its layers (:meth:`LayerKind.describe`).
+
+    Attributes:
+        n_in: width of the input rows.
+        n_out: width of the output rows.
+        bias: the bias parameter's name, or ``None``.
+        signature: calls with equal signatures (and ``n_in``) read the same input and share one
+            Gram matrix (q/k/v, gate/up); ``("affine", id(x), axes)`` for a reshape of ``x``.
+        rows: ``() -> (rows (N, n_in), leading row shape)``: the call's input as rows, evaluated
+            only when statistics are taken.
+    """
+
+    n_in: int
+    n_out: int
+    bias: str | None
+    signature: tuple
+    rows: Callable[[], tuple[Any, tuple[int, ...]]]
+
+
+class LayerKind:
+    """A kind of layer (see the module docs). Subclass :class:`AffineKind` for most layers.
+
+    Attributes:
+        name: the kind's name in :class:`LayerSpec` and reports (unique among registered kinds).
+        kernel: the weight parameter's name.
+        bias: the bias parameter's name (``None``: the kind has none).
+        traceable: whether :meth:`solve` can run under ``jit`` (the one-pass sequential merge
+            solves the other kinds beforehand, from their own statistics).
+        affine_targets: whether the parallel merge takes the targets' statistics from the Gram
+            matrix (:meth:`own_targets`) instead of accumulating the layers' outputs.
+        stats_type: the statistics container (a NamedTuple of sums with a ``count`` field).
+
+    Calls of one kind whose :class:`CallShape` signatures start with ``"affine"`` and agree
+    share one Gram matrix (layers reading the same input; with the full basis they are solved
+    with one factorisation).
+    """
+
+    name: ClassVar[str]
+    kernel: ClassVar[str] = "kernel"
+    bias: ClassVar[str | None] = "bias"
+    traceable: ClassVar[bool] = True
+    affine_targets: ClassVar[bool] = False
+    stats_type: ClassVar[type]
+
+    # -- capture --
+    def accepts(self, module) -> bool:
+        """Whether this module's configuration is covered (otherwise it falls back)."""
+        return True
+
+    def describe(self, module, params: Mapping, x, run: Callable) -> CallShape | None:
+        """The :class:`CallShape` of one call with input ``x``, or ``None`` when this call is
+        not covered. ``run(params, **module_overrides)`` runs the layer with other parameters."""
+        raise NotImplementedError
+
+    # -- parameters ↔ W̄ --
+    def to_matrix(self, spec: LayerSpec, params: Mapping):
+        """``(kernel (n_in, n_out), bias (n_out,) | None)`` from the layer's parameter dict."""
+        raise NotImplementedError
+
+    def from_matrix(self, spec: LayerSpec, kernel, bias, like: Mapping) -> dict:
+        """The layer's parameter dict from a merged ``(kernel, bias)``, shaped like ``like``."""
+        raise NotImplementedError
+
+    # -- statistics --
+    def init_stats(self, specs: Sequence[LayerSpec], num_tasks: int, dtype):
+        """Zero statistics of a group of layers sharing one input (outputs concatenated)."""
+        raise NotImplementedError
+
+    def update_stats(self, stats, x, y, task, mask, weight=1.0):
+        """Add rows ``x``, targets ``y`` (``None``: inputs only, see :meth:`own_targets`) and a
+        0/1 row mask of task ``task``."""
+        raise NotImplementedError
+
+    def own_targets(self, stats, specs: Sequence[LayerSpec], layers: Sequence[Mapping]):
+        """One task's input statistics completed with the layers' own outputs as targets (the
+        parallel merge), for kinds with ``affine_targets``; ``layers`` are the members'
+        parameter dicts of that task."""
+        raise NotImplementedError
+
+    def stats_shapes(self, specs: Sequence[LayerSpec], k: int) -> dict[str, tuple[int, ...]]:
+        """Field shapes of stored per-task sums (a leading task axis ``k``)."""
+        raise NotImplementedError
+
+    def stats_bytes(self, specs: Sequence[LayerSpec], num_tasks: int, rows: int, dtype) -> int:
+        """An upper bound of the bytes one accumulation step of a group holds."""
+        raise NotImplementedError
+
+    # -- solve and score --
+    def solve(self, spec: LayerSpec, stats, base, finetuned, centre, opt):
+        """``(merged parameter dict, (E₀, L, ρ, status, condition))`` of one layer.
+
+        ``base``, ``finetuned`` and ``centre`` (the fallback merge, the full basis' start) are
+        the layer's parameter dicts; ``opt`` has ``basis``, ``prior``, ``ridge``, ``alpha`` and
+        ``rcond``.
+        """
+        raise NotImplementedError
+
+    def energy(self, spec: LayerSpec, stats, base: Mapping, merged: Mapping):
+        """``(E₀, L, ρ)`` of the merged layer on statistics ``stats``."""
+        raise NotImplementedError
+
+
+def no_ridge(opt) -> bool:
+    """A ridge of exactly zero (a zero ridge is never traced inside a compiled solve)."""
+    return not isinstance(opt.ridge, jax.core.Tracer) and opt.ridge == 0
+
+
+class AffineKind(LayerKind):
+    """A layer whose rows are its input reshaped to ``(-1, n_in)`` and whose kernel reshapes to
+    ``(n_in, n_out)``: the defaults are those of ``Dense``. Statistics are
+    :class:`~jaxmerge.LayerStats`; the solve is :func:`~jaxmerge.solve_layer`."""
+
+    stats_type = LayerStats
+    affine_targets = True
+
+    def describe(self, module, params, x, run):
+        kernel = params.get(self.kernel)
+        if kernel is None or kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+            return None
+        n_in, n_out = kernel.shape
+        bias = self.bias if self.bias and params.get(self.bias) is not None else None
+
+        def rows():
+            return x.reshape(-1, n_in), x.shape[:-1]
+
+        return CallShape(n_in, n_out, bias, ("affine", id(x), (x.ndim - 1,)), rows)
+
+    def to_matrix(self, spec, params):
+        weight = jnp.asarray(params[spec.kernel])
+        bias = params.get(spec.bias) if spec.bias is not None else None
+        bias = None if bias is None else jnp.asarray(bias).reshape(-1)
+        return weight.reshape(spec.n_in, spec.n_out), bias
+
+    def from_matrix(self, spec, kernel, bias, like):
+        out = dict(like)
+        out[spec.kernel] = kernel.reshape(jnp.shape(like[spec.kernel]))
+        if spec.bias is not None:
+            out[spec.bias] = bias.reshape(jnp.shape(like[spec.bias]))
+        return out
+
+    def init_stats(self, specs, num_tasks, dtype):
+        n1, n_out = specs[0].n_in + 1, sum(s.n_out for s in specs)
+        return LayerStats(
+            jnp.zeros((n1, n1), dtype),
+            jnp.zeros((n1, n_out), dtype),
+            jnp.zeros((n_out,), dtype),
+            jnp.zeros((num_tasks, n1), dtype),
+            jnp.zeros((num_tasks,), dtype),
+        )
+
+    def update_stats(self, stats, x, y, task, mask, weight=1.0):
+        if y is None:
+            return update_input_stats(stats, x, task, mask)
+        return update_stats(stats, x, y, task, mask=mask, weight=weight)
+
+    def own_targets(self, stats, specs, layers):
+        """``P = AW̄`` and ``s = diag(W̄ᵀAW̄)`` (:func:`~jaxmerge._stats.affine_targets`): equal
+        to accumulating the layers' own outputs up to their rounding, without the
+        ``N·(n+1)·m`` products."""
+        columns = []
+        for spec, params in zip(specs, layers, strict=True):
+            kernel, bias = self.to_matrix(spec, params)
+            bias = jnp.zeros(spec.n_out, kernel.dtype) if bias is None else bias
+            columns.append(jnp.concatenate([kernel, bias.astype(kernel.dtype)[None]], axis=0))
+        return affine_targets(stats, jnp.concatenate(columns, axis=1))
+
+    def stats_shapes(self, specs, k):
+        n1, m = specs[0].n_in + 1, sum(s.n_out for s in specs)
+        return dict(
+            gram=(k, n1, n1), cross=(k, n1, m), out_sq=(k, m), task_diag=(k, k, n1), count=(k, k)
+        )
+
+    def stats_bytes(self, specs, num_tasks, rows, dtype):
+        from .._memory import accumulation_bytes  # the formula lives with its bound's test
+
+        n_out = sum(s.n_out for s in specs)
+        return accumulation_bytes(
+            {"": (specs[0].n_in, n_out)}, num_tasks=num_tasks, rows=rows, dtype=dtype
+        )
+
+    def direction(self, spec, direction):
+        """A :class:`~jaxmerge.Custom` direction given as the layer's own parameter dict, as a
+        ``(kernel, bias)`` pair; other forms pass through unchanged."""
+        if isinstance(direction, Mapping) and spec.kernel in direction:
+            return self.to_matrix(spec, direction)
+        return direction
+
+    def solve(self, spec, stats, base, finetuned, centre, opt):
+        merged, status, cond = self.solve_matrix(spec, stats, base, finetuned, centre, opt)
+        e0, loss, rho = self.matrix_energy(stats, self.to_matrix(spec, base), merged)
+        return self.from_matrix(spec, *merged, base), (e0, loss, rho, status, cond)
+
+    def solve_matrix(self, spec, stats, base, finetuned, centre, opt):
+        """Merged ``(kernel, bias)``, status and condition (see :meth:`solve`)."""
+        b0 = self.to_matrix(spec, base)
+        fks = [self.to_matrix(spec, f) for f in finetuned]
+        c0 = self.to_matrix(spec, centre)
+        basis, prior = opt.basis, opt.prior
+        if len(fks) == 1 and no_ridge(opt):
+            return fks[0], jnp.int32(SolveStatus.CHOLESKY), jnp.array(jnp.nan, stats.gram.dtype)
+        if (basis == "full" or isinstance(basis, LowRank)) and isinstance(prior, Mapping):
+            prior = self.to_matrix(spec, prior)
+        if isinstance(basis, Custom):
+            basis = Custom([self.direction(spec, d) for d in basis.directions], basis.per_output)
+        return self.solve_in_basis(stats, c0 if basis == "full" else b0, fks, basis, prior, opt)
+
+    def solve_in_basis(self, stats, start, finetuned, basis, prior, opt):
+        """:func:`~jaxmerge.solve_layer` from ``start`` (the fallback merge for the full basis,
+        the base otherwise), the layers as ``(kernel, bias)`` pairs."""
+        sol = solve_layer(stats, start, finetuned, basis=basis, ridge=opt.ridge, prior=prior,
+                          alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
+        return (sol.kernel, sol.bias), sol.status, sol.condition
+
+    @staticmethod
+    def matrix_energy(stats: LayerStats, base, merged):
+        """``(E₀, L, ρ)`` of ``merged = (kernel, bias)`` against ``base`` on ``stats``."""
+        (k0, b0), (k1, b1) = base, merged
+        dtype = stats.gram.dtype
+        p = stats.n_in + (b0 is not None)
+        w0 = augmented(k0, b0).astype(dtype)
+        w1 = augmented(k1, b1).astype(dtype)
+        return energies(stats.gram[:p, :p], stats.cross[:p], jnp.sum(stats.out_sq), w0, w1 - w0)
+
+    def energy(self, spec, stats, base, merged):
+        return self.matrix_energy(stats, self.to_matrix(spec, base), self.to_matrix(spec, merged))
+
+
+# ---- the registry -------------------------------------------------------------------------------
+
+_KINDS: dict[str, LayerKind] = {}
+_LINEN: dict[type, LayerKind] = {}
+_NNX: dict[type, LayerKind] = {}
+
+
+def register_kind(kind: LayerKind, *, linen: Iterable[type] = (), nnx: Iterable[type] = ()):
+    """Register a layer kind and the Flax module classes it covers.
+
+    Classes match exactly (a subclass is not its parent's kind unless registered itself). A
+    class registered again moves to the new kind; a kind registered again under its name
+    replaces the old one.
+
+    Args:
+        kind: a :class:`LayerKind` instance (usually of an :class:`AffineKind` subclass).
+        linen: ``flax.linen.Module`` classes whose ``__call__`` is one call of this kind.
+        nnx: ``flax.nnx.Module`` classes, likewise.
+
+    Returns:
+        ``kind``.
+
+    Raises:
+        TypeError: ``kind`` is not a :class:`LayerKind`, or a class is not a Flax module of the
+            named API.
+        ValueError: the kind has no name.
+
+    Examples:
+        >>> import jaxmerge as jm, flax.linen as nn
+        >>> jm.kind_of("dense").name, jm.linen_kind(nn.Dense).name
+        ('dense', 'dense')
+    """
+    import flax.linen
+    from flax import nnx as flax_nnx
+
+    if not isinstance(kind, LayerKind):
+        raise TypeError(f"register_kind: kind must be a LayerKind, got {type(kind).__name__}.")
+    if not isinstance(getattr(kind, "name", None), str) or not kind.name:
+        raise ValueError(f"register_kind: {type(kind).__name__} needs a non-empty `name`.")
+    for api, classes, module_type in (
+        ("linen", linen, flax.linen.Module),
+        ("nnx", nnx, flax_nnx.Module),
+    ):
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, module_type)):
+                raise TypeError(
+                    f"register_kind: {api}= takes {module_type.__module__}.Module classes, got "
+                    f"{cls!r} (kind {kind.name!r})."
+                )
+    _KINDS[kind.name] = kind
+    _LINEN.update(dict.fromkeys(linen, kind))
+    _NNX.update(dict.fromkeys(nnx, kind))
+    return kind
+
+
+def kind_of(name: str) -> LayerKind:
+    """The registered kind called ``name`` (a :class:`LayerSpec`'s ``kind``).
+
+    Raises:
+        ValueError: no kind of that name is registered (e.g. statistics saved with a user's
+            kind, loaded before it was registered).
+    """
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise ValueError(
+            f"unknown layer kind {name!r}; registered kinds: {sorted(_KINDS)}. Register it with "
+            "jaxmerge.register_kind first."
+        )
+    return kind
+
+
+def linen_kind(cls: type) -> LayerKind | None:
+    """The kind registered for a linen module class, or ``None``."""
+    return _LINEN.get(cls)
+
+
+def nnx_kind(cls: type) -> LayerKind | None:
+    """The kind registered for an NNX module class, or ``None``."""
+    return _NNX.get(cls)
+
+
+def kinds() -> dict[str, LayerKind]:
+    """``{name: kind}`` of every registered kind."""
+    return dict(_KINDS)
+
+
+def nnx_classes() -> tuple[type, ...]:
+    """Every registered NNX class (the capture replaces their ``__call__`` during a pass)."""
+    return tuple(_NNX)
