@@ -29,10 +29,13 @@ from ._solve_layer import solve_layer as solve_layer
 # Whole Flax models (merge, reports)
 from .kinds import EmbedStats as EmbedStats
 from .kinds import LayerSpec as LayerSpec
-from ._merge import GroupStats as GroupStats
-from ._merge import collect_stats as collect_stats
-from ._merge import merge as merge
-from ._merge import solve_stats as solve_stats
+from .model import GroupStats as GroupStats
+from .model import CollectorState as CollectorState
+from .model import StatsCollector as StatsCollector
+from .model import collect_stats as collect_stats
+from .model import stats_collector as stats_collector
+from .model import merge as merge
+from .model import solve_stats as solve_stats
 from ._report import LayerReport as LayerReport
 from ._report import MergeReport as MergeReport
 
@@ -95,8 +98,7 @@ from ._model_stats import save_model_stats as save_model_stats
 
 # Errors (SolveError is imported above, with solve_layer); all show as jaxmerge.<name>
 from ._config import ConfigError as ConfigError
-from ._merge import OptionPatternError as OptionPatternError
+from .model import OptionPatternError as OptionPatternError
 
-OptionPatternError.__module__ = "jaxmerge"  # defined in _merge.py; its public path is set here
 
 __version__ = "0.1.0"

@@ -83,7 +83,7 @@ def run_demo(*, seed: int = 0, quick: bool = False, quiet: bool = False) -> dict
 
     from ._baselines import dare, soup, task_arithmetic, ties
     from ._bases import LowRank
-    from ._merge import collect_stats, merge, solve_stats
+    from .model import collect_stats, merge, solve_stats
 
     start = time.perf_counter()
     digits = load_digits()

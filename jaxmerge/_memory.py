@@ -32,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._flax.fold import flatten, from_pure, to_pure, unflatten
-from ._merge import _peek, _Plan, collect_stats, solve_stats
 from ._report import MergeReport
 from .kinds import kind_of
+from .model import collect_stats, solve_stats
+from .model.collect import _peek
+from .model.plan import _Plan
 
 __all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
 
@@ -323,7 +325,7 @@ def merge_in_groups(
             merged_flat, like, treedef = dict(flat), merged, tdef
         for group in stats.values():
             for spec in group.layers:
-                for name in [spec.kernel] + ([spec.bias] if spec.bias else []):
+                for name in spec.param_names:
                     leaf = f"{spec.path}/{name}" if spec.path else name
                     merged_flat[leaf] = flat[leaf]
         reports.append(report)

@@ -37,19 +37,18 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ._flax.fold import to_pure
-from ._merge import (
-    GroupStats,
-    _add_normalized,
-    _default_dtype,
-    _finished,
-    _peek,
-    _plan,
-    _progress,
-    _zero_sums,
-)
 from ._resumable import accumulate_resumable
 from .checkpoint import _checkpoint_dir, save_arrays_and_record
 from .kinds import LayerSpec, kind_of
+from .model.collect import (
+    GroupStats,
+    _add_normalized,
+    _finished,
+    _peek,
+    _progress,
+    _zero_sums,
+)
+from .model.plan import _default_dtype, _plan
 
 __all__ = [
     "ModelStats",

@@ -250,9 +250,9 @@ def _run_merge(config, *, quiet: bool):
     import jax
 
     from . import _baselines
-    from ._merge import collect_stats, merge, solve_stats
     from ._model_stats import combine_model_stats, load_model_stats
     from ._reweighted import dare_basis, ties_basis
+    from .model import collect_stats, merge, solve_stats
 
     opts = config.merge
     method = opts["method"]
@@ -316,8 +316,8 @@ def _run_merge(config, *, quiet: bool):
 
 def _merge_command(args) -> None:
     from ._config import ConfigError, load_config
-    from ._merge import OptionPatternError
     from .checkpoint import atomic_directory, save_params
+    from .model import OptionPatternError
 
     config = load_config(args.config)
     inputs, places = _protected(config)

@@ -159,7 +159,7 @@ def test_sequential_pass_is_compiled_once_and_sees_new_values(mlp):
     merged, _ = merge(model, base, fts2, [[x] for x in xs2], algorithm="sequential", progress=False)
     passes = [
         fn
-        for _, plan in jaxmerge._merge._PLANS.values()
+        for plan in jaxmerge.model.plan.PLANS.plans()
         if plan.model.module is model
         for key, fn in plan.fns.items()
         if key[0] == "sequential"
@@ -181,7 +181,7 @@ def test_ridge_and_alpha_are_solved_exactly_and_reuse_the_compiled_solve(mlp):
     around the fine-tunes' mean ``C``, with RegMean's ``A_α = αA + (1−α)Diag(A)`` and
     ``P_α = αP + (1−α)Σₖ Diag(Aₖ)W̄ₖ`` (``Aₖ`` the task's normalised Gram matrix)."""
     model, xs, base, fts, _ = mlp
-    solves = jaxmerge._merge._solve_layers_jit
+    solves = jaxmerge.model.solve._solve_layers_jit
     wks = [np_layer(f["Dense_0"]) for f in fts]
     grams = [augment(x).T @ augment(x) / len(x) for x in xs]
     a = sum(grams)

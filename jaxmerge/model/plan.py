@@ -1,0 +1,235 @@
+"""The plan of a merge: the model traced once, its supported layers in call order, their
+shared-input groups, and the compiled statistics programs it owns."""
+
+import collections
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import with_context
+from .._flax.capture import as_model
+from .._flax.fold import flatten, has_collections
+from ..kinds import LayerSpec, kind_of
+
+# ---- the plan: which layers, grouped how -----------------------------------------------------
+
+
+def _default_dtype():
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def _leaf(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _layer_params(flat: Mapping, spec: LayerSpec) -> dict:
+    return {name: flat[_leaf(spec.path, name)] for name in spec.param_names}
+
+
+class _Plan:
+    """The model, its supported layers (call order) and their shared-input groups."""
+
+    def __init__(self, model, call_kwargs, tree, batch, mask_key):
+        self.model = as_model(model, call_kwargs)
+        self.linen_params_only = hasattr(self.model, "module") and not has_collections(tree)
+        self.mask_key = mask_key
+        flat, _ = flatten(tree)
+        calls, alive = [], []
+
+        def hook(call):
+            calls.append(call)
+            alive.append(call.x)  # keep ids of inputs unique while tracing
+            return call.default()
+
+        try:
+            jax.eval_shape(lambda t, b: self.apply(t, b, hook), tree, batch)
+        except jax.errors.ConcretizationTypeError as error:
+            raise TypeError(
+                "merge: the model branches in Python on a value computed from its input or "
+                "parameters (an `if`, `bool()`, `int()` or a shape taken from an array), which "
+                "cannot run under tracing; write the branch with jnp.where or jax.lax.cond, or "
+                f"pass the deciding value as a static call_kwargs entry. JAX: {error}"
+            ) from error
+        except flax.errors.FlaxError as error:  # e.g. inputs of the wrong width
+            raise ValueError(
+                f"merge: the model cannot run on calibration[0] batch 0 ({_describe(batch)}) with "
+                f"the base parameters: {error}"
+            ) from error
+        except (TypeError, ValueError) as error:
+            raise with_context(
+                error,
+                "merge: the model does not run on the calibration batch with the base parameters",
+            ) from error
+        counts = {}
+        for call in calls:
+            counts[call.path] = counts.get(call.path, 0) + 1
+        self.specs: dict[str, LayerSpec] = {}
+        for call in calls:
+            if call.path in self.specs:
+                continue
+            spec = LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
+                             counts[call.path])  # fmt: skip
+            ok = all(
+                _leaf(spec.path, n) in flat
+                and np.shape(flat[_leaf(spec.path, n)]) == np.shape(call.params[n])
+                for n in spec.param_names
+            )
+            if ok:  # layers under lifted transforms (scan, vmap) have other shapes: fall back
+                self.specs[call.path] = spec
+        groups: dict[Any, list[str]] = {}
+        for call in calls:
+            spec = self.specs.get(call.path)
+            if spec is None or any(call.path in g for g in groups.values()):
+                continue
+            shared = spec.calls == 1 and call.signature[0] == "affine"
+            key = (call.signature, spec.n_in) if shared else ("own", call.path)
+            groups.setdefault(key, []).append(call.path)
+        self.groups = [tuple(g) for g in groups.values()]
+        self.group_of = {p: g for g in self.groups for p in g}
+        self.fns = {}
+
+    def stats_fn(self, groups, num_tasks, dtype, own=False):
+        """The jitted :func:`_batch_stats` of ``groups``, built once per plan."""
+        key = (tuple(groups), num_tasks, jnp.dtype(dtype), own)
+        if key not in self.fns:
+            self.fns[key] = jax.jit(
+                functools.partial(_batch_stats, self, tuple(groups), num_tasks, dtype, own)
+            )
+        return self.fns[key]
+
+    def apply(self, tree, batch, hook):
+        if self.linen_params_only:
+            tree = {"params": tree}
+        return self.model.apply(tree, batch, hook)
+
+    def mask(self, batch):
+        if self.mask_key is None or not isinstance(batch, Mapping) or self.mask_key not in batch:
+            return None
+        return jnp.asarray(batch[self.mask_key])
+
+    def key(self, group) -> str:
+        return "+".join(group)
+
+    def group_specs(self, group):
+        return tuple(self.specs[p] for p in group)
+
+    def record(self, tree, batch, keep):
+        """``{path: [(x rows, row shape, y rows) per call]}`` of one forward pass."""
+        out = {}
+
+        def hook(call):
+            y = call.default()
+            if call.path in keep:
+                x, lead = call.rows()
+                out.setdefault(call.path, []).append((x, lead, y.reshape(-1, call.n_out)))
+            return y
+
+        self.apply(tree, batch, hook)
+        return out
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), str(jnp.result_type(a))) for a in leaves)
+
+
+class PlanCache:
+    """The plans of recent merges, each with the compiled programs it owns (:attr:`_Plan.fns`),
+    kept for the next merge of the same linen module, tree and batch signatures.
+
+    Bounded: the least recently used plan (and with it its compiled programs) is dropped beyond
+    ``max_plans``. Linen modules are immutable, so a plan is keyed by the module's identity and
+    kept with it; NNX modules are mutable and always get a new plan.
+    """
+
+    def __init__(self, max_plans: int = 8):
+        self.max_plans = max_plans
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, model, call_kwargs, tree, batch, mask_key) -> "_Plan":
+        """The cached plan for these arguments, or a new one (then cached)."""
+        if not isinstance(model, nn.Module):
+            return _Plan(model, call_kwargs, tree, batch, mask_key)
+        key = (
+            id(model),
+            _signature(tree),
+            _signature(batch),
+            mask_key,
+            repr(sorted((call_kwargs or {}).items())),
+        )
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is model:
+            self._plans.move_to_end(key)
+            return hit[1]
+        plan = _Plan(model, call_kwargs, tree, batch, mask_key)
+        self._plans[key] = (model, plan)
+        while len(self._plans) > self.max_plans:
+            self._plans.popitem(last=False)
+        return plan
+
+    def plans(self) -> list["_Plan"]:
+        """The cached plans, least recently used first."""
+        return [plan for _, plan in self._plans.values()]
+
+    def clear(self) -> None:
+        """Drop every plan and its compiled programs."""
+        self._plans.clear()
+
+
+PLANS = PlanCache()
+
+
+def _plan(model, call_kwargs, tree, batch, mask_key) -> _Plan:
+    """:meth:`PlanCache.get` of the process's plan cache :data:`PLANS`."""
+    return PLANS.get(model, call_kwargs, tree, batch, mask_key)
+
+
+def _batch_stats(plan, groups, num_tasks, dtype, own, sums, tree_in, tree_tgt, batch, task):
+    """Add one batch of one task to the plain sums of ``groups`` (traced). ``own``: the targets
+    are the layers' own outputs (``tree_tgt`` is ``None``), so non-embedding groups add their
+    input statistics only and :meth:`~jaxmerge.LayerKind.own_targets` completes them."""
+    keep = {p for g in groups for p in g}
+    mask = plan.mask(batch)
+    rec_in = plan.record(tree_in, batch, keep)
+    rec_tgt = rec_in if tree_tgt is None else plan.record(tree_tgt, batch, keep)
+    out = {}
+    for group in groups:
+        key = plan.key(group)
+        stats = sums[key]
+        kind = kind_of(plan.specs[group[0]].kind)
+        inputs_only = own and kind.affine_targets
+        for i, (x, lead, _) in enumerate(rec_in[group[0]]):
+            if inputs_only:
+                stats = kind.update_stats(stats, x, None, task, row_mask(mask, lead))
+                continue
+            targets = [rec_tgt[p][i] for p in group]
+            for p, (_, lead_t, _) in zip(group, targets, strict=True):
+                if lead_t != lead:
+                    raise ValueError(
+                        f"merge: layer {p!r} sees rows {lead} in the input stream but {lead_t} "
+                        "in the fine-tuned model; the two forward passes disagree."
+                    )
+            y = jnp.concatenate([t[2] for t in targets], axis=-1)
+            stats = kind.update_stats(stats, x, y, task, row_mask(mask, lead))
+        out[key] = stats
+    return out
+
+
+def row_mask(mask, lead):
+    """The 0/1 mask of rows with leading shape ``lead``, or ``None`` when the mask (over the
+    batch's leading axes) does not index these rows (e.g. after pooling)."""
+    if mask is None or tuple(lead[: mask.ndim]) != tuple(mask.shape):
+        return None
+    mask = mask.reshape(mask.shape + (1,) * (len(lead) - mask.ndim))
+    return jnp.broadcast_to(mask, lead).reshape(-1)
+
+
+def _describe(batch) -> str:
+    shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
+    return f"shapes {shapes}"
