@@ -9,19 +9,21 @@ One 11008 → 4096 projection in float32: ``S ≈ 485 MB + 180 MB``. One sharded
 (:func:`sharded_update_stats_by_path`) over a group ``G`` of layers, with ``N`` rows per layer in
 the batch split over ``D`` devices and inputs of ``b_in`` bytes, needs on every device at most::
 
-    peak = 3 · Σ_{ℓ∈G} S(n_ℓ, m_ℓ)  +  Σ_{ℓ∈G} ⌈N/D⌉ · (n_ℓ + 1 + m_ℓ) · (b_in + 2b)
+    peak = 3 · Σ_ℓ S(n_ℓ, m_ℓ)  +  b · max_ℓ (n_ℓ+1)²
+           + Σ_ℓ (n_ℓ + 1 + m_ℓ) · (R · b_in + ⌈N/D⌉ · c · b)  +  1 KiB · |G|
 
-The first term is the statistics held (replicated on every device), the device's partial sums
-before the ``psum`` and the updated statistics; the second is the device's rows in the input
-dtype plus two working copies in the accumulation dtype (the bias-augmented inputs and their
-masked or cast copies). The formula counts the accumulation only: the model's parameters and its
-forward activations come on top. It is an upper bound: XLA's buffer assignment reuses the working
-copies' memory when the statistics dominate, and ``benchmarks/memory.py`` measures 0.67–0.79 of
-it on CPU (width 512 to 2048, one to eight layers per group, two devices, float32 or bfloat16
-inputs), the measured peak equal to XLA's own estimate. Statistics scale with the square of the
-width and do not shrink with more devices, so a wide model is accumulated in several passes over
-the calibration data, one group of layers per pass (:func:`plan_layer_groups`), solving each
-group before the next (:func:`merge_in_groups`).
+with ``R = ⌈N/D⌉`` when ``D`` divides ``N`` (else ``N + D·⌈N/D⌉``) and ``c = 3`` working copies
+for inputs narrower than the sums (else 2); :func:`accumulation_bytes` explains each term. The
+formula counts the accumulation only: the model's parameters and its forward activations come on
+top. It is an upper bound of XLA's buffer assignment for the step on CPU: checked at one and eight
+devices in ``tests/test_distributed.py``, and when it was last revised over about 1,250 groups,
+batch sizes, dtypes and masks at one, two and eight devices (at most 0.9997 of it).
+``benchmarks/memory.py`` measures 0.70–0.77 of it for float32 inputs and 0.64–0.68 for bfloat16
+ones (width 2048, one to eight layers per group, two devices), the measured peak equal to XLA's
+own estimate. Statistics scale with the square of the width and do not shrink with more devices,
+so a wide model is accumulated in several passes over the calibration data, one group of layers
+per pass (:func:`plan_layer_groups`), solving each group before the next
+(:func:`merge_in_groups`).
 """
 
 import time
@@ -104,8 +106,37 @@ def accumulation_bytes(
 ) -> int:
     """Peak bytes per device of one sharded accumulation step over a group of layers.
 
-    ``3 · Σ S(n_ℓ, m_ℓ) + Σ ⌈rows/devices⌉ · (n_ℓ + 1 + m_ℓ) · (b_in + 2b)`` (see the module
-    docs for the terms).
+    An upper bound, term by term (``b``, ``b_in``: bytes of the accumulation and input dtypes;
+    ``L = ⌈rows/devices⌉``, the rows of one device)::
+
+        3 · Σ_ℓ S(n_ℓ, m_ℓ)                    statistics held, partial sums, updated statistics
+        + b · max_ℓ (n_ℓ + 1)²                  one Gram matrix being assembled
+        + Σ_ℓ (n_ℓ+1+m_ℓ) · R · b_in            the batch in the input dtype (see R below)
+        + Σ_ℓ (n_ℓ+1+m_ℓ) · L · c · b           working copies of the device's rows
+        + 1024 · |G|                            alignment and tuple tables
+
+    * The statistics (:func:`stats_bytes`) are held replicated on every device; each device sums
+      its rows into partial statistics of the same size before the ``psum``; the step outputs the
+      updated statistics. ``S`` is exact for each.
+    * The augmented Gram matrix is assembled from ``XᵀX`` and the column sums (``jnp.block``) and
+      the unweighted one is kept for ``task_diag``: in a group of layers of different widths XLA
+      holds one such temporary besides the partial sums (a 512 → 256 layer grouped with a
+      16 → 48 one, 1 to 128 rows per device: 8–11% over the bound without this term). Only one
+      layer's is counted: the updates run one after the other.
+    * ``R = L`` when ``devices`` divides ``rows``: the step's arguments are the device's shard.
+      Otherwise the rows are padded to a multiple of ``devices`` inside the step, so the batch
+      enters it replicated, ``rows`` on every device, and the padded copy ``devices · L`` rows
+      too: ``R = rows + devices · L`` (2047 rows of a 32 → 32 layer on eight devices: 5× the
+      bound that counted ``L`` rows). Batches that split evenly are far cheaper.
+    * ``c`` working copies of the device's rows in the accumulation dtype: ``c = 3`` for inputs
+      narrower than it, ``c = 2`` otherwise. On CPU, which has no bfloat16 matmul, a masked
+      bfloat16 batch is converted to float32, and its masked product is formed twice (for the
+      column sums and for the matmul): 14 bytes per row and input column, 13.5 per row and
+      column for a 256 → 16 layer, over the 10 of two copies. Float32 inputs need up to two
+      copies (4 to 12 bytes per row and column, input included, against the 12 counted); where
+      the rows dominate and no mask is given, the bound is up to 2.8× XLA's figure.
+    * XLA aligns each buffer (64 bytes on CPU) and keeps tables of the tuples it passes: about
+      500 bytes per layer measured, which dominates only layers of a few units.
 
     Args:
         shapes: ``{path: (n_in, n_out)}`` of the layers accumulated together.
@@ -116,25 +147,32 @@ def accumulation_bytes(
         dtype: accumulation dtype (``b`` bytes).
 
     Returns:
-        The bound in bytes.
+        The bound in bytes. It is subadditive over the layers (the Gram term is the largest, not
+        a sum), so the sum of the layers' own bounds bounds their group.
 
     Raises:
         ValueError, TypeError: a shape, count or dtype is not valid (naming the layer).
 
     Examples:
         >>> accumulation_bytes({"a": (3, 2)}, num_tasks=1, rows=8, devices=2)
-        660
+        1748
     """
     caller = "accumulation_bytes"
     k = _positive("num_tasks", num_tasks, caller)
-    local = -(-_positive("rows", rows, caller) // _positive("devices", devices, caller))
+    n_rows = _positive("rows", rows, caller)
+    d = _positive("devices", devices, caller)
+    local = -(-n_rows // d)
+    held = local if n_rows % d == 0 else n_rows + d * local
     b = _itemsize(dtype, "dtype", caller)
     b_in = _itemsize(input_dtype, "input_dtype", caller)
-    total = 0
+    copies = 3 if b_in < b else 2
+    total, gram = 0, 0
     for path, shape in shapes.items():
         n, m = _shape(path, shape, caller)
-        total += 3 * stats_bytes(n, m, k, dtype=dtype) + local * (n + 1 + m) * (b_in + 2 * b)
-    return total
+        gram = max(gram, b * (n + 1) ** 2)
+        total += 3 * stats_bytes(n, m, k, dtype=dtype) + 1024  # alignment, tuple tables
+        total += (n + 1 + m) * (held * b_in + local * copies * b)
+    return total + gram
 
 
 def plan_layer_groups(
@@ -167,7 +205,7 @@ def plan_layer_groups(
 
     Examples:
         >>> shapes = {"l0": (1023, 1024), "l1": (1023, 1024), "l2": (1023, 512)}
-        >>> plan_layer_groups(shapes, 80_000_000, num_tasks=2, rows=512)
+        >>> plan_layer_groups(shapes, 90_000_000, num_tasks=2, rows=512)
         [['l0', 'l1'], ['l2']]
     """
     caller = "plan_layer_groups"

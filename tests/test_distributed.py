@@ -51,7 +51,7 @@ def close(got, want, rtol=1e-5):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * scale)
 
 
-def run(args, env_extra, timeout=300):
+def run(args, env_extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", **env_extra)
     return subprocess.Popen(
@@ -85,16 +85,23 @@ def launched(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("workers")
     port = str(free_port())
     two = {"JAX_NUM_CPU_DEVICES": "2", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    procs = [
-        run(["devices", str(out)], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
-        run(["single", str(out)], {"JAX_NUM_CPU_DEVICES": "4"}),
-    ]
-    procs += [run(["host", str(i), port, str(out)], two) for i in range(2)]
-    yield out, procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    procs = []
+    try:
+        procs.append(
+            run(["devices", str(out)], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        )
+        procs.append(run(["single", str(out)], {"JAX_NUM_CPU_DEVICES": "4"}))
+        procs += [run(["host", str(i), port, str(out)], two) for i in range(2)]
+        yield out, procs
+    finally:
+        # Every worker's stdout pipe is closed here, also those of workers that finished but
+        # were never read (the session stopped early, or an earlier worker failed in `workers`):
+        # left to the garbage collector, they were "unclosed file" ResourceWarnings.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            with proc:  # closes the pipe, waits for the process
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +111,11 @@ def workers(launched):
     for proc in procs:
         finish(proc)
     names = ("devices", "single", "host0", "host1", "global0", "global1")
-    return {name: dict(np.load(out / f"{name}.npz")) for name in names}
+    results = {}
+    for name in names:
+        with np.load(out / f"{name}.npz") as arrays:
+            results[name] = dict(arrays)
+    return results
 
 
 # ---- one device, in process ---------------------------------------------------------------------
@@ -209,39 +220,65 @@ def test_stats_bytes_is_the_size_of_the_statistics(n, m, k, dtype):
 
 
 def test_accumulation_bytes_by_hand():
-    # S = 4·(3² + 3·1 + 1 + 2·3 + 2) = 84; 3 rows of 5 per device, each (2 + 1 + 1)·(2 + 2·4) bytes.
+    # S = 4·(3² + 3·1 + 1 + 2·3 + 2) = 84 and a Gram matrix of 4·3² = 36 bytes. 5 rows do not
+    # split evenly over 2 devices: the batch and its padded copy (5 + 2·3 rows) are on every
+    # device, in bfloat16; each device's 3 rows have three float32 working copies (the inputs are
+    # narrower than the sums); (2 + 1 + 1) columns each. 1024 bytes per layer.
     got = jm.accumulation_bytes(
         {"a": (2, 1)}, num_tasks=2, rows=5, devices=2, input_dtype=jnp.bfloat16
     )
-    assert got == 3 * 84 + 3 * 4 * 10
+    assert got == 3 * 84 + 36 + 4 * (11 * 2 + 3 * 3 * 4) + 1024
+    # 4 rows split evenly: each device holds its 2 rows only.
+    got = jm.accumulation_bytes({"a": (2, 1)}, num_tasks=2, rows=4, devices=2)
+    assert got == 3 * 84 + 36 + 4 * 2 * (4 + 2 * 4) + 1024
+    # The Gram term is the widest layer's, once for the group.
+    two = jm.accumulation_bytes({"a": (2, 1), "b": (5, 1)}, num_tasks=2, rows=4, devices=2)
+    alone = [jm.accumulation_bytes({p: s}, num_tasks=2, rows=4, devices=2)
+             for p, s in {"a": (2, 1), "b": (5, 1)}.items()]  # fmt: skip
+    assert two == sum(alone) - 36
 
 
 @pytest.mark.parametrize(
-    ("shapes", "rows"), [({"a": (64, 32), "b": (16, 48)}, 64), ({"a": (32, 32)}, 2048)]
+    ("shapes", "rows", "input_dtype", "masked", "tight"),
+    [
+        ({"a": (64, 32), "b": (16, 48)}, 64, jnp.float32, False, True),
+        # Rows dominate. The working copies are counted for masked or 16-bit rows; unmasked
+        # float32 rows need about half of them, so only the masked batch is within 2×.
+        ({"a": (32, 32)}, 2048, jnp.float32, False, False),
+        ({"a": (32, 32)}, 2048, jnp.float32, True, True),
+        # Uneven over 8 devices: the batch enters the step replicated and is padded there.
+        ({"a": (32, 32)}, 2047, jnp.float32, True, True),
+        # Layers of different widths: XLA holds a Gram matrix besides the partial sums.
+        ({"a": (512, 256), "b": (16, 48)}, 16, jnp.float32, False, True),
+        # Masked bfloat16 rows: three float32 working copies on CPU.
+        ({"a": (256, 16)}, 1024, jnp.bfloat16, True, True),
+        # A toy layer: the fixed 1 KiB per layer (alignment, tuple tables) dominates.
+        ({"a": (1, 1)}, 8, jnp.float32, False, False),
+    ],
 )
-def test_accumulation_bytes_bounds_the_compiled_step(shapes, rows):
-    """The formula against XLA's buffer assignment of the step (arguments + outputs + temps)."""
+def test_accumulation_bytes_bounds_the_compiled_step(shapes, rows, input_dtype, masked, tight):
+    """The formula against XLA's buffer assignment of the step (arguments + outputs + temps) on
+    the default mesh, every local device: one, or 8 under ``.ci/run``'s emulated devices. An
+    upper bound always; within 2× too, except where most of the bound is rows counted for a worse
+    case than the step's or the fixed allowance (see the cases' notes)."""
     from jaxmerge._distributed import _accumulate, _local_mesh
 
+    mesh = _local_mesh("data")
     stats = [jm.init_stats(n, m, 2) for n, m in shapes.values()]
-    xs = [jnp.zeros((rows, n)) for n, _ in shapes.values()]
-    ys = [jnp.zeros((rows, m)) for _, m in shapes.values()]
+    xs = [jnp.zeros((rows, n), input_dtype) for n, _ in shapes.values()]
+    ys = [jnp.zeros((rows, m), input_dtype) for _, m in shapes.values()]
+    masks = [jnp.ones(rows, bool) if masked else None for _ in shapes]
     weights = [jnp.float32(1.0)] * len(shapes)
-    compiled = _accumulate.lower(
-        stats,
-        xs,
-        ys,
-        [None] * len(shapes),
-        jnp.int32(0),
-        weights,
-        mesh=_local_mesh("data"),
-        axis="data",
-    ).compile()
-    analysis = compiled.memory_analysis()
+    lowered = _accumulate.lower(stats, xs, ys, masks, jnp.int32(0), weights, mesh=mesh, axis="data")
+    analysis = lowered.compile().memory_analysis()
     xla = analysis.argument_size_in_bytes + analysis.output_size_in_bytes
     xla += analysis.temp_size_in_bytes
-    formula = jm.accumulation_bytes(shapes, num_tasks=2, rows=rows)
-    assert xla <= formula <= 2 * xla
+    formula = jm.accumulation_bytes(
+        shapes, num_tasks=2, rows=rows, devices=mesh.shape["data"], input_dtype=input_dtype
+    )
+    assert xla <= formula
+    if tight:
+        assert formula <= 2 * xla
 
 
 def test_plan_layer_groups_greedy_in_order():
@@ -325,7 +362,7 @@ def test_merge_in_groups_bad_input(model_problem):
             model, base, fts, [calib[0], iter(calib[1])], groups=[["inp"]], progress=False
         )
     with pytest.raises(ValueError, match="layer 'left\\+right' \\(8, 8\\) alone needs"):
-        jm.merge_in_groups(model, base, fts, calib, budget_bytes=2500, rows=6, progress=False)
+        jm.merge_in_groups(model, base, fts, calib, budget_bytes=4000, rows=6, progress=False)
 
 
 # ---- 8 emulated devices -------------------------------------------------------------------------
