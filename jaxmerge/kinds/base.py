@@ -166,6 +166,13 @@ class LayerKind:
         """The layer's parameter dict from a merged ``(kernel, bias)``, shaped like ``like``."""
         raise NotImplementedError
 
+    def direction(self, spec: LayerSpec, direction):
+        """A :class:`~jaxmerge.Custom` direction given as the layer's own parameter dict, as
+        :meth:`to_matrix` of it; other forms pass through unchanged."""
+        if isinstance(direction, Mapping) and spec.kernel in direction:
+            return self.to_matrix(spec, direction)
+        return direction
+
     # -- statistics --
     def init_stats(self, specs: Sequence[LayerSpec], num_tasks: int, dtype):
         """Zero statistics of a group of layers sharing one input (outputs concatenated)."""
@@ -282,13 +289,6 @@ class AffineKind(LayerKind):
         return accumulation_bytes(
             {"": (specs[0].n_in, n_out)}, num_tasks=num_tasks, rows=rows, dtype=dtype
         )
-
-    def direction(self, spec, direction):
-        """A :class:`~jaxmerge.Custom` direction given as the layer's own parameter dict, as a
-        ``(kernel, bias)`` pair; other forms pass through unchanged."""
-        if isinstance(direction, Mapping) and spec.kernel in direction:
-            return self.to_matrix(spec, direction)
-        return direction
 
     def solve(self, spec, stats, base, finetuned, centre, opt):
         merged, status, cond = self.solve_matrix(spec, stats, base, finetuned, centre, opt)

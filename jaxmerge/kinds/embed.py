@@ -176,12 +176,6 @@ class EmbedKind(LayerKind):
         )  # fmt: skip
         return {spec.kernel: merged}, (e_0, loss, rho, status, cond)
 
-    def direction(self, spec, direction):
-        """A custom direction given as the layer's parameter dict, as its table."""
-        if isinstance(direction, Mapping) and spec.kernel in direction:
-            return self.to_matrix(spec, direction)
-        return direction
-
     def energy(self, spec, stats, base, merged):
         seen = _seen(stats)
         k0 = jnp.asarray(base[spec.kernel])[seen].astype(stats.diag.dtype)

@@ -164,12 +164,9 @@ def _peek(calibration, num_tasks, *, mask_key=None, what="calibration"):
         if head is None:
             raise ValueError(f"merge: {what}[{k}] is empty; every task needs a batch.")
         first = head if first is None else first
-        checked = (
-            _check_batch(b, f"{what}[{k}] batch {i}", mask_key)
-            for i, b in enumerate(itertools.chain([head], it))
-        )
-        _check_batch(head, f"{what}[{k}] batch 0", mask_key)
-        iters.append(checked)
+        _check_batch(head, f"{what}[{k}] batch 0", mask_key)  # now: before any work
+        rest = (_check_batch(b, f"{what}[{k}] batch {i}", mask_key) for i, b in enumerate(it, 1))
+        iters.append(itertools.chain([head], rest))
     return iters, first
 
 
