@@ -23,10 +23,18 @@ bit for bit. :func:`save_model_stats` writes one Orbax checkpoint (the arrays an
 the format, task names, group keys and every member's :class:`~jaxmerge.LayerSpec`) atomically,
 with the conventions of :mod:`jaxmerge.checkpoint`: it refuses to overwrite unless asked, and a
 kill at any moment leaves every earlier checkpoint readable.
+
+Statistics know where they came from: :attr:`ModelStats.source` holds the fingerprint of every
+fine-tuned tree, of every task's calibration batches, of the layer structure and the options
+(:mod:`jaxmerge._provenance`); it is saved with them, a resume with other inputs fails
+(:func:`~jaxmerge.accumulate_resumable`), and :func:`~jaxmerge.solve_stats` checks the fine-tunes
+it is given against it (:meth:`ModelStats.check_source`).
 """
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ._flax.fold import to_pure
+from ._provenance import add_batch, short, tree_fingerprint
 from ._resumable import accumulate_resumable
 from .checkpoint import _checkpoint_dir, save_arrays_and_record
 from .kinds import LayerSpec, kind_of
@@ -59,7 +68,7 @@ __all__ = [
 ]
 
 MODEL_STATS_FORMAT = "jaxmerge.model_stats"
-MODEL_STATS_VERSION = 1
+MODEL_STATS_VERSION = 2  # 2: the record holds the statistics' source
 
 
 class ModelStats(NamedTuple):
@@ -69,6 +78,10 @@ class ModelStats(NamedTuple):
         sums: ``{group key: GroupStats}`` whose arrays carry a leading task axis ``K``; slot ``k``
             holds the plain (weight 1) sums of task ``k``'s unmasked rows.
         tasks: one name per task.
+        source: what the sums were computed from, or ``None`` (unknown: built by hand, or
+            saved by jaxmerge before version 2 of the format): ``{"finetuned": [fingerprint of
+            each task's tree], "calibration": [[fingerprint of each run's batches] per task],
+            "layers": fingerprint of the layer structure, "options": {...}}``.
 
     Examples:
         See :func:`save_model_stats` (a save and load round trip).
@@ -76,6 +89,43 @@ class ModelStats(NamedTuple):
 
     sums: dict[str, GroupStats]
     tasks: tuple[str, ...]
+    source: dict[str, Any] | None = None
+
+    def check_source(self, finetuned: Sequence[Any], what: str = "solve_stats") -> None:
+        """Raise unless ``finetuned`` are the trees the statistics were computed from, in order.
+
+        Raises:
+            ValueError: a tree's fingerprint differs from the recorded one (naming the task, and
+                the recorded task it matches when the trees are swapped), or no source is
+                recorded.
+        """
+        if self.source is None:
+            raise ValueError(
+                f"{what}: these statistics record no source (built by hand or saved by an older "
+                "jaxmerge), so the fine-tuned trees cannot be checked against them; recompute "
+                "them, or pass check_source=False to accept them as they are."
+            )
+        if len(finetuned) != len(self.tasks):
+            raise ValueError(
+                f"{what}: the statistics hold {len(self.tasks)} tasks {list(self.tasks)} but "
+                f"{len(finetuned)} fine-tuned trees were given; give one per task, in order."
+            )
+        recorded = self.source["finetuned"]
+        given = [tree_fingerprint(t, what) for t in finetuned]
+        wrong = []
+        for k, (name, want, got) in enumerate(zip(self.tasks, recorded, given, strict=True)):
+            if want != got:
+                same = [self.tasks[j] for j, r in enumerate(recorded) if r == got]
+                hint = f" (it is the tree of task {same[0]!r}: swapped?)" if same else ""
+                wrong.append(
+                    f"task {k} ({name!r}): recorded {short(want)}, given {short(got)}{hint}"
+                )
+        if wrong:
+            raise ValueError(
+                f"{what}: the fine-tuned trees are not those the statistics were computed from: "
+                f"{'; '.join(wrong)}. Give them in the statistics' task order "
+                f"{list(self.tasks)}, or pass check_source=False to accept them."
+            )
 
     def normalized(self) -> dict[str, GroupStats]:
         """``{key: GroupStats}`` weighted ``1/Nₖ`` per task and summed over tasks, for
@@ -96,6 +146,18 @@ class ModelStats(NamedTuple):
                     )
             total = _add_normalized(total, jax.tree.map(lambda a, k=k: a[k], stats), k)
         return {key: GroupStats(total[key], group.layers) for key, group in self.sums.items()}
+
+
+def _structure(plan) -> str:
+    """Fingerprint of a plan's layer groups (their members' specs)."""
+    groups = [[dataclasses.asdict(s) for s in plan.group_specs(g)] for g in plan.groups]
+    return hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()
+
+
+def _hashed(batches, digest):
+    for batch in batches:
+        add_batch(digest, batch, "accumulate_model_stats")
+        yield batch
 
 
 def _task_names(tasks, num_tasks: int) -> tuple[str, ...]:
@@ -157,7 +219,8 @@ def accumulate_model_stats(
 
     Raises:
         ValueError: empty or missing calibration, non-finite activations (naming the layer and
-            task), or resumed data shorter than the checkpoint (see
+            task), or a resume from partial sums of other inputs: other fine-tuned trees,
+            options, layers or batches, or fewer batches (see
             :func:`~jaxmerge.accumulate_resumable`).
 
     Examples:
@@ -176,12 +239,24 @@ def accumulate_model_stats(
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     k_tasks = len(finetuned)
     fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)
+    source = {
+        "finetuned": [tree_fingerprint(t, "accumulate_model_stats") for t in finetuned],
+        "calibration": [],
+        "layers": _structure(plan),
+        "options": {
+            "mask_key": mask_key,
+            "dtype": dtype.name,
+            "call_kwargs": repr(sorted((call_kwargs or {}).items())),
+        },  # fmt: skip
+    }
     per_task = []
     with _progress(progress) as bar:
         job = bar.add_task("statistics", total=None)
         for k, batches in enumerate(iters):
             bar.update(job, description=f"statistics: task {k + 1}/{k_tasks} ({names[k]})")
             zero = _zero_sums(plan, plan.groups, k_tasks, dtype)
+            digest = hashlib.sha256()
+            batches = _hashed(batches, digest)
 
             def update(sums, batch, k=k):
                 bar.advance(job)
@@ -199,23 +274,34 @@ def accumulate_model_stats(
                     Path(directory) / f"task-{k}",
                     save_every=save_every,
                     keep=1,
+                    source={
+                        "task": [k, names[k]],
+                        "finetuned": source["finetuned"][k],
+                        "layers": source["layers"],
+                        **source["options"],
+                    },  # fmt: skip
                 )
                 sums = _from_state(state, zero)
             per_task.append(_finished(plan, plan.groups, sums, finetuned[k], k))
+            source["calibration"].append([digest.hexdigest()])
     out = {}
     for group in plan.groups:
         key = plan.key(group)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *(s[key] for s in per_task))
         out[key] = GroupStats(stacked, plan.group_specs(group))
-    return ModelStats(out, names)
+    return ModelStats(out, names, source)
 
 
 def combine_model_stats(*parts: ModelStats) -> ModelStats:
     """Sum the statistics of runs over disjoint calibration rows (batches, hosts or tasks).
 
     Raises:
-        ValueError: no parts, or the parts disagree on tasks, groups, layers, shapes or dtypes
-            (the first difference is named).
+        ValueError: no parts, the parts disagree on tasks, groups, layers, shapes, dtypes, the
+            fine-tuned trees or the options (the first difference is named), or two parts hold
+            the same calibration batches of a task (they would count twice).
+
+    The result's :attr:`~ModelStats.source` lists every part's calibration fingerprints; it is
+    ``None`` when a part has none.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -223,7 +309,8 @@ def combine_model_stats(*parts: ModelStats) -> ModelStats:
         >>> x = jnp.ones((3, 2))
         >>> p = model.init(jax.random.key(0), x)["params"]
         >>> a = accumulate_model_stats(model, [p], [[x]], progress=False)
-        >>> combine_model_stats(a, a).sums[""].stats.count.tolist()
+        >>> b = accumulate_model_stats(model, [p], [[2 * x]], progress=False)
+        >>> combine_model_stats(a, b).sums[""].stats.count.tolist()
         [[6.0]]
     """
     if not parts:
@@ -256,8 +343,34 @@ def combine_model_stats(*parts: ModelStats) -> ModelStats:
                     f"{i} (layers, shapes or dtypes)."
                 )
             sums[key] = GroupStats(jax.tree.map(jnp.add, a.stats, b.stats), a.layers)
-        total = ModelStats(sums, total.tasks)
+        total = ModelStats(
+            sums, total.tasks, _combined_source(total.source, part.source, i, total.tasks)
+        )
     return total
+
+
+def _combined_source(a, b, i: int, tasks) -> dict | None:
+    """The source of the sum of part ``i`` (source ``b``) and the parts before it (``a``)."""
+    if a is None or b is None:
+        return None
+    for field in ("finetuned", "layers", "options"):
+        if a[field] != b[field]:
+            raise ValueError(
+                f"combine_model_stats: part {i} was computed from other {field} than part 0 "
+                f"({'fine-tuned trees' if field == 'finetuned' else field} differ); only "
+                "statistics of the same model and fine-tunes add."
+            )
+    calibration = []
+    for name, seen, new in zip(tasks, a["calibration"], b["calibration"], strict=True):
+        twice = set(seen) & set(new)
+        if twice:
+            raise ValueError(
+                f"combine_model_stats: part {i} holds the same calibration batches of task "
+                f"{name!r} as an earlier part (fingerprint {short(twice.pop())}); they would "
+                "count twice."
+            )
+        calibration.append(seen + new)
+    return {**a, "calibration": calibration}
 
 
 def save_model_stats(
@@ -266,7 +379,7 @@ def save_model_stats(
     """Write :class:`ModelStats` as one Orbax checkpoint, atomically.
 
     The checkpoint holds every group's arrays and a JSON record: format name and version, task
-    names, and per group its key, dtype and members'
+    names, the statistics' :attr:`~ModelStats.source`, and per group its key, dtype and members'
     :class:`~jaxmerge.LayerSpec` fields.
 
     Args:
@@ -314,6 +427,7 @@ def save_model_stats(
         "version": MODEL_STATS_VERSION,
         "tasks": list(stats.tasks),
         "groups": groups,
+        "source": stats.source,
     }
     return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_model_stats")
 
@@ -362,4 +476,4 @@ def load_model_stats(path: str | os.PathLike) -> ModelStats:
     sums = {}
     for group, specs, a in zip(meta["groups"], layers, arrays, strict=True):
         sums[group["key"]] = GroupStats(kind_of(specs[0].kind).stats_type(**a), specs)
-    return ModelStats(sums, tuple(meta["tasks"]))
+    return ModelStats(sums, tuple(meta["tasks"]), meta.get("source"))

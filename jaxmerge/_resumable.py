@@ -8,16 +8,26 @@ and renamed when complete, so a run killed at any moment leaves the previous ste
 newest ``keep`` steps are kept. Run again with the same arguments and it restores the newest step,
 skips its ``n`` batches and continues: the result is bit-for-bit that of an uninterrupted run,
 provided ``batches`` yields the same sequence each time and ``update`` is deterministic.
+
+Each step also records what it was computed from: ``source`` (a JSON record the caller gives, e.g.
+fingerprints of the parameters and the options) and a fingerprint of the ``n`` batches consumed
+(:mod:`jaxmerge._provenance`). A resume whose ``source`` differs, or whose first ``n`` batches are
+not the ones the step consumed, is an error naming what differs: partial sums of other inputs are
+never continued.
 """
 
+import hashlib
 import itertools
+import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+
+from ._provenance import add_batch, differences, short
 
 __all__ = ["accumulate_resumable"]
 
@@ -60,6 +70,8 @@ def accumulate_resumable(
     *,
     save_every: int = 10,
     keep: int = 2,
+    source: Mapping[str, Any] | None = None,
+    check_data: bool = True,
 ) -> State:
     """Fold ``update`` over ``batches`` from ``init``, resuming from checkpoints in ``directory``.
 
@@ -73,15 +85,20 @@ def accumulate_resumable(
         directory: checkpoint directory (created if absent); one per accumulation.
         save_every: checkpoint after every this many batches; the final state is always saved.
         keep: number of newest checkpoints to keep (at least 1).
+        source: a JSON-serialisable record of what the state is computed from (e.g.
+            fingerprints of parameters, options); a resume with a different ``source`` fails.
+        check_data: fingerprint the batches (leaves must be arrays or numbers), so that a resume
+            whose first batches differ from those the checkpoint consumed fails.
 
     Returns:
         The final state. A rerun after completion returns it again without calling ``update``.
 
     Raises:
         ValueError: ``save_every`` or ``keep`` below 1, ``update`` changed the state's
-            structure, shapes or dtypes, or ``batches`` has fewer batches than the checkpoint
-            has consumed (the data changed).
-        TypeError: a state leaf is not a ``jax.Array``.
+            structure, shapes or dtypes, or the checkpoint was made from other inputs:
+            another ``source``, other batches, or more batches than ``batches`` yields.
+        TypeError: a state leaf is not a ``jax.Array``, or (``check_data``) a batch leaf has no
+            stable bytes.
 
     Examples:
         >>> import tempfile, jax.numpy as jnp
@@ -99,32 +116,76 @@ def accumulate_resumable(
             f"accumulate_resumable: save_every ({save_every}) and keep ({keep}) must be >= 1."
         )
     target = _target(init)
+    source = json.loads(json.dumps(dict(source or {})))  # as it reads back (tuples → lists)
+    digest = hashlib.sha256()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
     )
+
+    def save(manager, step, state, force=False):
+        record = {"source": source, "data": digest.hexdigest() if check_data else None}
+        args = ocp.args.Composite(state=ocp.args.StandardSave({"state": state}),
+                                  record=ocp.args.JsonSave(record))  # fmt: skip
+        manager.save(step, args=args, force=force)
+
     with ocp.CheckpointManager(Path(directory).absolute(), options=options) as manager:
         consumed = manager.latest_step()
+        record = None
         if consumed is None:
             consumed, state = 0, init
         else:
-            restored = manager.restore(consumed, args=ocp.args.StandardRestore({"state": target}))
-            state = restored["state"]
+            record = _restore_record(manager, consumed, directory)
+            wrong = differences(record["source"], source)
+            if wrong:
+                raise ValueError(
+                    f"accumulate_resumable: {directory} holds a state computed from other "
+                    f"inputs ({'; '.join(wrong)}); delete it to start over."
+                )
+            restored = manager.restore(
+                consumed,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore({"state": target})),
+            )
+            state = restored["state"]["state"]
         it = iter(batches)
-        skipped = sum(1 for _ in itertools.islice(it, consumed))
+        skipped = 0
+        for batch in itertools.islice(it, consumed):
+            skipped += 1
+            if check_data:
+                add_batch(digest, batch, "accumulate_resumable")
         if skipped < consumed:
             raise ValueError(
                 f"accumulate_resumable: {directory} holds a state after {consumed} batches but "
                 f"batches yields only {skipped}; the data changed. Use a new directory."
             )
+        if check_data and record is not None and record["data"] not in (None, digest.hexdigest()):
+            raise ValueError(
+                f"accumulate_resumable: the first {consumed} batches differ from those the state "
+                f"in {directory} was computed from (fingerprint {short(record['data'])}, now "
+                f"{short(digest.hexdigest())}); the data changed. Delete it to start over."
+            )
         saved = consumed
         for batch in it:
+            if check_data:
+                add_batch(digest, batch, "accumulate_resumable")
             state = update(state, batch)
             _check_like(state, target)
             consumed += 1
             if consumed % save_every == 0:
-                manager.save(consumed, args=ocp.args.StandardSave({"state": state}))
+                save(manager, consumed, state)
                 saved = consumed
         if saved != consumed or manager.latest_step() is None:
-            manager.save(consumed, args=ocp.args.StandardSave({"state": state}), force=True)
+            save(manager, consumed, state, force=True)
         manager.wait_until_finished()
     return state
+
+
+def _restore_record(manager, step: int, directory) -> dict:
+    """The record of checkpoint ``step``: ``{"source": ..., "data": ...}``."""
+    if not (Path(directory) / str(step) / "record").is_dir():
+        raise ValueError(
+            f"accumulate_resumable: {directory} holds a state without a record of its inputs "
+            "(written by an older jaxmerge, or not by accumulate_resumable); delete it to start "
+            "over."
+        )
+    restored = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return restored["record"]

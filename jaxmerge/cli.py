@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("config", metavar="CONFIG", help="the TOML configuration file")
     _add_output(merge, "the merged checkpoint and the report to")
+    merge.add_argument(
+        "--accept-other-finetunes",
+        action="store_true",
+        help="merge from saved statistics (`stats = DIR`) even when the fine-tuned checkpoints "
+        "are not those the statistics were computed from (default: refuse, naming the task)",
+    )
     stats = sub.add_parser(
         "stats",
         help="compute and save the calibration statistics of CONFIG",
@@ -106,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
             "`stats = DIR` in a configuration to merge without the data. Partial sums are saved "
             "every --save-every batches in a hidden .DIR.resume directory next to DIR: an "
             "interrupted run, started again with the same arguments and data, resumes there and "
-            "gives the same statistics as an uninterrupted run."
+            "gives the same statistics as an uninterrupted run. A resume with other "
+            "fine-tuned checkpoints, data or options is refused (delete .DIR.resume to start "
+            "over), and DIR records the fingerprints of the checkpoints and data it came from."
         ),
         epilog=CONFIG_HELP + "\n\n" + EXIT_CODES,
         formatter_class=formatter,
@@ -246,7 +254,7 @@ def _basis(name):
     return LowRank(int(name[8:])) if name.startswith("lowrank:") else name
 
 
-def _run_merge(config, *, quiet: bool):
+def _run_merge(config, *, quiet: bool, check_source: bool = True):
     import jax
 
     from . import _baselines
@@ -310,7 +318,8 @@ def _run_merge(config, *, quiet: bool):
         if heldout is not None:
             held = collect_stats(model, finetuned, heldout, mask_key=config.mask_key,
                                  call_kwargs=config.call_kwargs, progress=not quiet)  # fmt: skip
-        merged, report = solve_stats(saved.normalized(), base, finetuned, heldout=held, **common)
+        merged, report = solve_stats(saved, base, finetuned, heldout=held,
+                                     check_source=check_source, **common)  # fmt: skip
     return merged, report
 
 
@@ -323,7 +332,9 @@ def _merge_command(args) -> None:
     inputs, places = _protected(config)
     out = _check_output(args.out, args.overwrite, inputs=inputs, places=places)
     try:
-        merged, report = _run_merge(config, quiet=args.quiet)
+        merged, report = _run_merge(
+            config, quiet=args.quiet, check_source=not args.accept_other_finetunes
+        )
     except OptionPatternError as error:  # a [merge] table naming no layer: a config mistake
         raise ConfigError(f"config key 'merge.{error.option}': {error}") from None
     with atomic_directory(out, overwrite=args.overwrite, what="jaxmerge merge") as tmp:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,41 @@ def test_stats_then_merge_equals_merge_from_data(inputs, tmp_path):
     )
     stats = jm.load_model_stats(tmp_path / "stats")
     assert stats.tasks == ("task0", "task1")
+
+
+def test_statistics_are_tied_to_their_checkpoints_and_data(inputs, tmp_path, capsys):
+    """A merge from statistics with the fine-tunes swapped or repeated fails, naming the task
+    (accepted with --accept-other-finetunes); a resume of partial sums with the fine-tunes
+    swapped fails, naming what differs."""
+    config = _config(tmp_path, inputs)
+    assert main(["stats", str(config), "--out", str(tmp_path / "stats"), "--quiet"]) == 0
+    (tmp_path / "s").mkdir()
+    stats = str(tmp_path / "stats")
+    for k, fts in enumerate(([inputs / "ft1", inputs / "ft0"], [inputs / "ft0", inputs / "ft0"])):
+        bad = _config(tmp_path / "s", inputs, calibration=None, stats=stats,
+                      finetuned=[str(p) for p in fts])  # fmt: skip
+        capsys.readouterr()
+        assert main(["merge", str(bad), "--out", str(tmp_path / f"m{k}"), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "not those the statistics were computed from" in err, err
+        assert ("task 0 ('task0')" in err) == (k == 0), err
+        assert re.search(r"task 1 \('task1'\): recorded \w{12}, given \w{12} \(it is the tree "
+                         r"of task 'task0': swapped\?\)", err), err  # fmt: skip
+        assert not (tmp_path / f"m{k}").exists()
+    args = ["merge", str(bad), "--out", str(tmp_path / "m"), "--quiet", "--accept-other-finetunes"]
+    assert main(args) == 0
+
+    base, finetuned = fx.make_params()
+    partial = tmp_path / ".again.resume"
+    heads = fx.calibration_head()
+    jm.accumulate_model_stats(fx.model(), finetuned, heads, directory=partial, progress=False)
+    swapped = _config(tmp_path / "s", inputs, finetuned=[str(inputs / "ft1"), str(inputs / "ft0")])
+    before = _hashes(inputs, partial)
+    capsys.readouterr()
+    assert main(["stats", str(swapped), "--out", str(tmp_path / "again"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "task-0 holds a state computed from other inputs (finetuned: recorded" in err, err
+    assert _hashes(inputs, partial) == before and not (tmp_path / "again").exists()
 
 
 def test_merge_from_statistics_of_several_runs(inputs, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 
 import jaxmerge as jm
+from jaxmerge._provenance import tree_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,82 @@ def test_task_without_rows_is_named(setup):
         ValueError, match="'task1' has no calibration rows at layer group 'Dense_0'"
     ):
         broken.normalized()
+
+
+def test_statistics_record_their_source_and_a_solve_checks_it(setup, tmp_path):
+    model, base, finetuned, calib = setup
+    ms = jm.accumulate_model_stats(model, finetuned, calib, tasks=["a", "b"], progress=False)
+    # the source is a fingerprint of exactly these trees and batches: any bit changes it
+    assert ms.source["finetuned"] == [tree_fingerprint(t) for t in finetuned]
+    nudged = jax.tree.map(lambda a: a, finetuned[1])
+    nudged["Dense_1"]["bias"] = np.nextafter(nudged["Dense_1"]["bias"], np.float32(9))
+    assert tree_fingerprint(nudged) != ms.source["finetuned"][1]
+    again = jm.accumulate_model_stats(model, finetuned, calib, tasks=["a", "b"], progress=False)
+    assert again.source == ms.source
+    other = [[2 * x for x in c] for c in calib]
+    changed = jm.accumulate_model_stats(model, finetuned, other, progress=False)
+    pairs = zip(changed.source["calibration"], ms.source["calibration"], strict=True)
+    assert [c != d for c, d in pairs] == [True, True]
+    back = jm.load_model_stats(jm.save_model_stats(tmp_path / "s", ms))
+    assert back.source == ms.source
+
+    # a solve from the ModelStats is the solve from its normalised statistics, bit for bit
+    merged, _ = jm.solve_stats(back, base, finetuned, progress=False)
+    plain, _ = jm.solve_stats(ms.normalized(), base, finetuned, progress=False)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, merged, plain)))
+
+    swapped = finetuned[::-1]
+    with pytest.raises(ValueError, match=r"task 0 \('a'\): recorded \w{12}, given \w{12} \(it is "
+                       r"the tree of task 'b': swapped\?\)"):  # fmt: skip
+        jm.solve_stats(back, base, swapped, progress=False)
+    with pytest.raises(ValueError, match=r"task 1 \('b'\): recorded \w{12}, given \w{12}\."):
+        jm.solve_stats(back, base, [finetuned[0], nudged], progress=False)
+    with pytest.raises(ValueError, match=r"hold 2 tasks \['a', 'b'\] but 1 fine-tuned"):
+        jm.solve_stats(back, base, finetuned[:1], progress=False)
+    # accepted when asked (every layer is solved, so the solution is the statistics' alone)
+    accepted, _ = jm.solve_stats(back, base, swapped, check_source=False, progress=False)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, accepted, merged)))
+    with pytest.raises(ValueError, match="record no source"):
+        jm.solve_stats(ms._replace(source=None), base, finetuned, progress=False)
+
+
+def test_combining_checks_the_sources(setup):
+    model, _, finetuned, calib = setup
+    batches = [list(c) for c in calib]
+    first = jm.accumulate_model_stats(model, finetuned, [b[:2] for b in batches], progress=False)
+    rest = jm.accumulate_model_stats(model, finetuned, [b[2:] for b in batches], progress=False)
+    both = jm.combine_model_stats(first, rest)
+    assert both.source["calibration"] == [
+        f + r for f, r in zip(first.source["calibration"], rest.source["calibration"], strict=True)
+    ]
+    with pytest.raises(ValueError, match="same calibration batches of task 'task0'"):
+        jm.combine_model_stats(first, rest, first)
+    swapped = jm.accumulate_model_stats(
+        model, finetuned[::-1], [b[2:] for b in batches], progress=False
+    )
+    with pytest.raises(ValueError, match="part 1 was computed from other finetuned"):
+        jm.combine_model_stats(first, swapped)
+    assert jm.combine_model_stats(first, rest._replace(source=None)).source is None
+
+
+def test_a_resume_with_other_finetunes_or_data_is_refused(setup, tmp_path):
+    model, _, finetuned, calib = setup
+    batches = [list(c) for c in calib]
+    jm.accumulate_model_stats(model, finetuned, [b[:2] for b in batches], directory=tmp_path,
+                              save_every=1, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"task-0 holds a state computed from other inputs "
+                       r"\(finetuned: recorded \w{12}, now \w{12}\)"):  # fmt: skip
+        jm.accumulate_model_stats(model, finetuned[::-1], batches, directory=tmp_path,
+                                  progress=False)  # fmt: skip
+    other = [[b[0], 2 * b[1], *b[2:]] for b in batches]
+    with pytest.raises(ValueError, match="the first 2 batches differ"):
+        jm.accumulate_model_stats(model, finetuned, other, directory=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"mask_key: recorded 'mask', now None"):
+        jm.accumulate_model_stats(model, finetuned, batches, directory=tmp_path, mask_key=None,
+                                  progress=False)  # fmt: skip
+    # the same inputs resume, to the statistics of an uninterrupted run
+    resumed = jm.accumulate_model_stats(model, finetuned, batches, directory=tmp_path,
+                                        progress=False)  # fmt: skip
+    whole = jm.accumulate_model_stats(model, finetuned, batches, progress=False)
+    assert resumed.source == whole.source
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, resumed.sums, whole.sums)))

@@ -55,7 +55,8 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_result(tmp_path):
     assert steps and steps[-1] >= 12 and all(s % every == 0 for s in steps), steps
     target = {"state": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)}
     with ocp.CheckpointManager(ckpt) as manager:
-        restored = manager.restore(steps[-1], args=ocp.args.StandardRestore(target))["state"]
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        restored = manager.restore(steps[-1], args=args)["state"]["state"]
     assert _same_bits(restored, _fold(steps[-1]))
 
     rerun = subprocess.run([*cmd, "0"], capture_output=True, text=True, timeout=300)
@@ -113,3 +114,36 @@ def test_bad_arguments_are_named(tmp_path):
         )
     with pytest.raises(ValueError, match="update changed the state's structure"):
         accumulate_resumable(lambda s, b: [s], {"s": jnp.zeros(())}, [1], tmp_path / "e")
+
+
+def test_a_resume_from_other_inputs_is_refused(tmp_path):
+    def add(state, b):
+        return state + b
+
+    zero = jnp.zeros(())
+    data = [jnp.float32(i) for i in range(6)]
+    source = {"params": "a" * 64, "tasks": ("t0",)}
+    accumulate_resumable(add, zero, data[:4], tmp_path / "a", save_every=2, source=source)
+    # the same inputs (the tuple reads back as a list) resume and extend
+    assert accumulate_resumable(add, zero, data, tmp_path / "a", source=source).item() == 15.0
+    with pytest.raises(ValueError, match=r"other inputs \(params: recorded aaaaaaaaaaaa, now bbb"):
+        accumulate_resumable(add, zero, data, tmp_path / "a", source={**source, "params": "b" * 64})
+    with pytest.raises(ValueError, match=r"tasks: recorded \['t0'\], now \['t1'\]"):
+        accumulate_resumable(add, zero, data, tmp_path / "a", source={**source, "tasks": ["t1"]})
+
+    # the same number of batches, one of them different: the data changed
+    accumulate_resumable(add, zero, data[:4], tmp_path / "b", save_every=2)
+    other = [*data[:2], jnp.float32(9.0), *data[3:]]
+    with pytest.raises(ValueError, match="the first 4 batches differ from those the state"):
+        accumulate_resumable(add, zero, other, tmp_path / "b")
+    # without the data check, only the source and the batch count are compared
+    resumed = accumulate_resumable(add, zero, other, tmp_path / "b", check_data=False)
+    assert resumed.item() == 0 + 1 + 2 + 3 + 4 + 5  # the saved sum of the original four, then 4, 5
+
+    # a checkpoint without a record (an older format) is not trusted
+    with ocp.CheckpointManager(tmp_path / "c") as manager:
+        manager.save(3, args=ocp.args.StandardSave({"state": zero}))
+    with pytest.raises(ValueError, match="without a record of its inputs"):
+        accumulate_resumable(add, zero, data, tmp_path / "c")
+    with pytest.raises(TypeError, match="no stable bytes to fingerprint"):
+        accumulate_resumable(add, zero, [object()], tmp_path / "d")

@@ -234,7 +234,7 @@ def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, heldo
 
 
 def solve_stats(
-    stats: Mapping[str, GroupStats],
+    stats: Any,  # Mapping[str, GroupStats] | ModelStats
     base,
     finetuned: Sequence[Any],
     *,
@@ -247,6 +247,7 @@ def solve_stats(
     heldout: Mapping[str, GroupStats] | None = None,
     progress: bool = True,
     throw: bool = True,
+    check_source: bool = True,
 ) -> tuple[Any, MergeReport]:
     """Merge a model from collected statistics: solve every group, fall back elsewhere, fold.
 
@@ -257,7 +258,8 @@ def solve_stats(
 
     Args:
         stats: ``{group key: GroupStats}`` from :func:`collect_stats` (possibly combined over
-            devices, hosts or runs).
+            devices, hosts or runs), or a :class:`~jaxmerge.ModelStats` (per-task sums, e.g.
+            loaded with :func:`~jaxmerge.load_model_stats`), whose recorded source is checked.
         base: the base parameter tree (linen params or variables, or an NNX ``State``).
         finetuned: the ``K`` fine-tuned trees, in the statistics' task order.
         basis, prior, ridge: options of :func:`~jaxmerge.solve_layer`, each one value, a
@@ -269,9 +271,17 @@ def solve_stats(
         heldout: statistics of held-out calibration data to score the merge on.
         progress: show a progress bar.
         throw: raise :class:`~jaxmerge.SolveError` when a layer would not be finite.
+        check_source: with a :class:`~jaxmerge.ModelStats`, raise unless ``finetuned`` are the
+            trees its statistics were computed from, in its task order
+            (:meth:`~jaxmerge.ModelStats.check_source`). A dict from :func:`collect_stats`
+            records no source and is not checked.
 
     Returns:
         ``(merged tree, MergeReport)``.
+
+    Raises:
+        ValueError: statistics of another model (layers missing from the base), of another
+            number of tasks, or (``check_source``) of other fine-tuned trees.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -286,6 +296,12 @@ def solve_stats(
         ([1.0, 2.0], 1.0)
     """
     started = time.perf_counter()
+    from .._model_stats import ModelStats  # it builds on this package
+
+    if isinstance(stats, ModelStats):
+        if check_source:
+            stats.check_source(finetuned)
+        stats = stats.normalized()
     trees = _Trees(base, finetuned, fallback)
     specs = [s for g in stats.values() for s in g.layers]
     for key, group in stats.items():
