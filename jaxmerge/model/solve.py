@@ -233,6 +233,25 @@ def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, heldo
     return trees.fold(merged_flat), report
 
 
+def _check_fits(spec, base_flat) -> None:
+    """Raise unless the base's parameters of ``spec`` are a ``(n_in, n_out)`` layer."""
+    params = _layer_params(base_flat, spec)
+    shapes = {name: tuple(np.shape(a)) for name, a in params.items()}
+    try:
+        kernel, bias = jax.eval_shape(lambda p: kind_of(spec.kind).to_matrix(spec, p), params)
+        fits = kernel.shape == (spec.n_in, spec.n_out) and (
+            bias is None or bias.shape == (spec.n_out,)
+        )
+    except (TypeError, ValueError):  # e.g. a reshape of another size
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"solve_stats: the statistics of layer {spec.path!r} are for {spec.n_in} inputs and "
+            f"{spec.n_out} outputs, but the base's parameters there have shapes {shapes}: "
+            "statistics of another model?"
+        )
+
+
 def solve_stats(
     stats: Any,  # Mapping[str, GroupStats] | ModelStats
     base,
@@ -319,6 +338,7 @@ def solve_stats(
                         f"the base parameters (no {_leaf(spec.path, name)!r}): statistics of "
                         "another model?"
                     )
+            _check_fits(spec, trees.base_flat)
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options([s.path for s in specs], basis, prior, ridge, alpha, rcond)
     by_path = {s.path: s for s in specs}
