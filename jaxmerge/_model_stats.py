@@ -42,12 +42,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from ._flax.fold import to_pure
 from ._provenance import add_batch, short, tree_fingerprint
 from ._resumable import accumulate_resumable
-from .checkpoint import _checkpoint_dir, save_arrays_and_record
+from .checkpoint import read_arrays_and_record, save_arrays_and_record
 from .kinds import LayerSpec, kind_of
 from .model.collect import (
     GroupStats,
@@ -437,43 +436,29 @@ def load_model_stats(path: str | os.PathLike) -> ModelStats:
 
     Raises:
         FileNotFoundError: no directory at ``path``.
-        ValueError: not a jaxmerge model-statistics checkpoint, or a newer format version.
+        ValueError: not a jaxmerge model-statistics checkpoint, incomplete or corrupted
+            (unreadable record or arrays), or of a newer format version.
 
     Examples:
         See :func:`save_model_stats`.
     """
-    path = _checkpoint_dir(path, "load_model_stats")
-    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
-        raise ValueError(f"load_model_stats: {path} is not a jaxmerge model-statistics checkpoint.")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
-            "metadata"
-        ]
-        if meta.get("format") != MODEL_STATS_FORMAT:
-            raise ValueError(
-                f"load_model_stats: {path} is not a jaxmerge model-statistics checkpoint (format "
-                f"{meta.get('format')!r}; per-layer statistics load with load_stats)."
-            )
-        if meta.get("version", 0) > MODEL_STATS_VERSION:
-            raise ValueError(
-                f"load_model_stats: {path} has format version {meta['version']}; this jaxmerge "
-                f"reads up to version {MODEL_STATS_VERSION}. Upgrade jaxmerge."
-            )
-        k = len(meta["tasks"])
-        target, layers = [], []
+
+    def target(meta, sharding):
+        k, out = len(meta["tasks"]), []
         for group in meta["groups"]:
             specs = tuple(LayerSpec(**spec) for spec in group["layers"])
-            dtype = jnp.dtype(group["dtype"])
             shapes = kind_of(specs[0].kind).stats_shapes(specs, k)
-            target.append(
-                {f: jax.ShapeDtypeStruct(s, dtype, sharding=default) for f, s in shapes.items()}
-            )
-            layers.append(specs)
-        arrays = ckptr.restore(
-            path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
-        )["stats"]
+            dtype = jnp.dtype(group["dtype"])
+            out.append({f: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
+                        for f, s in shapes.items()})  # fmt: skip
+        return out
+
+    meta, arrays = read_arrays_and_record(
+        path, fmt=MODEL_STATS_FORMAT, name="model-statistics", version=MODEL_STATS_VERSION,
+        what="load_model_stats", target=target,
+    )  # fmt: skip
     sums = {}
-    for group, specs, a in zip(meta["groups"], layers, arrays, strict=True):
+    for group, a in zip(meta["groups"], arrays, strict=True):
+        specs = tuple(LayerSpec(**spec) for spec in group["layers"])
         sums[group["key"]] = GroupStats(kind_of(specs[0].kind).stats_type(**a), specs)
     return ModelStats(sums, tuple(meta["tasks"]), meta.get("source"))

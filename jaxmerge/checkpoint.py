@@ -357,6 +357,44 @@ def save_stats(
     return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_stats")
 
 
+def read_arrays_and_record(path: PathLike, *, fmt: str, name: str, version: int, what: str, target):
+    """``(record, arrays)`` of a checkpoint written by :func:`save_arrays_and_record`.
+
+    The record must name format ``fmt`` (``name`` in messages) at a version up to ``version``;
+    ``target(record, sharding)`` gives the abstract arrays (shapes, dtypes, the default device's
+    ``sharding``) to restore against. A missing, foreign, newer, incomplete or corrupted
+    checkpoint is a ``FileNotFoundError`` or ``ValueError`` naming ``what`` and the path.
+    """
+    path = _checkpoint_dir(path, what)
+    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
+        raise ValueError(f"{what}: {path} is not a jaxmerge {name} checkpoint.")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        try:
+            meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except (ValueError, OSError) as error:  # a torn JSON record
+            raise _unreadable(what, path, error) from error
+        meta = meta["metadata"]
+        if meta.get("format") != fmt:
+            raise ValueError(
+                f"{what}: {path} is not a jaxmerge {name} checkpoint (format "
+                f"{meta.get('format')!r})."
+            )
+        if meta.get("version", 0) > version:
+            raise ValueError(
+                f"{what}: {path} has format version {meta['version']}; this jaxmerge reads "
+                f"up to version {version}. Upgrade jaxmerge."
+            )
+        try:
+            arrays = ckptr.restore(
+                path,
+                args=ocp.args.Composite(stats=ocp.args.StandardRestore(target(meta, default))),
+            )["stats"]
+        except (ValueError, OSError) as error:
+            raise _unreadable(what, path, error) from error
+    return meta, arrays
+
+
 def load_stats(path: PathLike) -> SavedStats:
     """Read statistics written by :func:`save_stats`.
 
@@ -371,37 +409,24 @@ def load_stats(path: PathLike) -> SavedStats:
     Examples:
         See :func:`save_stats`.
     """
-    path = _checkpoint_dir(path, "load_stats")
-    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
-        raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
-            meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        except (ValueError, OSError) as error:  # a torn JSON record
-            raise _unreadable("load_stats", path, error) from error
-        meta = meta["metadata"]
-        if meta.get("format") != STATS_FORMAT:
-            raise ValueError(f"load_stats: {path} is not a jaxmerge statistics checkpoint.")
-        if meta.get("version", 0) > STATS_VERSION:
-            raise ValueError(
-                f"load_stats: {path} has format version {meta['version']}; this jaxmerge reads "
-                f"up to version {STATS_VERSION}. Upgrade jaxmerge."
-            )
-        k = len(meta["tasks"])
-        target = []
+
+    def target(meta, sharding):
+        k, out = len(meta["tasks"]), []
         for layer in meta["layers"]:
             n1, m, dtype = layer["n_in"] + 1, layer["n_out"], jnp.dtype(layer["dtype"])
             shapes = dict(gram=(n1, n1), cross=(n1, m), out_sq=(m,), task_diag=(k, n1), count=(k,))
-            target.append(
-                {f: jax.ShapeDtypeStruct(shapes[f], dtype, sharding=default) for f in shapes}
-            )
-        try:
-            arrays = ckptr.restore(
-                path, args=ocp.args.Composite(stats=ocp.args.StandardRestore(target))
-            )["stats"]
-        except (ValueError, OSError) as error:
-            raise _unreadable("load_stats", path, error) from error
+            out.append({f: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
+                        for f, s in shapes.items()})  # fmt: skip
+        return out
+
+    meta, arrays = read_arrays_and_record(
+        path,
+        fmt=STATS_FORMAT,
+        name="statistics",
+        version=STATS_VERSION,
+        what="load_stats",
+        target=target,
+    )
     stats = {}
     for layer, a in zip(meta["layers"], arrays, strict=True):
         key = layer["path"]

@@ -205,3 +205,27 @@ def test_statistics_of_another_model_with_the_same_paths_are_named(setup):
                        r"the base's parameters there have shapes \{'kernel': \(6, 4\), 'bias': "
                        r"\(4,\)\}: statistics of another model\?"):  # fmt: skip
         jm.solve_stats(stats, wider, [wider, wider], progress=False)
+
+
+# Orbax's noise on reading a corrupted checkpoint (see tests/test_bad_inputs.py)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_unreadable_model_statistics_are_named(setup, tmp_path):
+    """The loader shares load_stats' handling of torn records and missing arrays."""
+    import shutil
+
+    model, _, finetuned, calib = setup
+    ms = jm.accumulate_model_stats(model, finetuned, calib, progress=False)
+    good = jm.save_model_stats(tmp_path / "good", ms)
+    torn = shutil.copytree(good, tmp_path / "torn")
+    record = torn / "metadata" / "metadata"
+    record.write_bytes(record.read_bytes()[:10])
+    with pytest.raises(ValueError, match=r"load_model_stats: .*torn is incomplete or corrupted"):
+        jm.load_model_stats(torn)
+    partial = shutil.copytree(good, tmp_path / "partial")
+    shutil.rmtree(partial / "stats" / "d")
+    with pytest.raises(ValueError, match=r"load_model_stats: .*partial is incomplete or corr"):
+        jm.load_model_stats(partial)
+    with pytest.raises(ValueError, match=r"not a jaxmerge model-statistics checkpoint \(format "
+                       r"'jaxmerge.stats'\)"):  # fmt: skip
+        jm.load_model_stats(jm.save_stats(tmp_path / "layer", {"d": ms.normalized()["Dense_0"]
+                                          .stats}, tasks=ms.tasks))  # fmt: skip
