@@ -50,23 +50,23 @@ from .kinds.base import linen_kind as linen_kind
 from .kinds.base import nnx_kind as nnx_kind
 
 # Baselines
-from ._baselines import dare as dare
-from ._baselines import dare_masks as dare_masks
-from ._baselines import dare_task_vectors as dare_task_vectors
-from ._baselines import soup as soup
-from ._baselines import task_arithmetic as task_arithmetic
-from ._baselines import task_vectors as task_vectors
-from ._baselines import ties as ties
-from ._baselines import ties_task_vectors as ties_task_vectors
-from ._fisher import empirical_fisher as empirical_fisher
-from ._fisher import fisher_average as fisher_average
-from ._fisher import fisher_merge as fisher_merge
-from ._reweighted import BasisFactory as BasisFactory
-from ._reweighted import dare_basis as dare_basis
-from ._reweighted import dare_layer as dare_layer
-from ._reweighted import regmean_layer as regmean_layer
-from ._reweighted import ties_basis as ties_basis
-from ._reweighted import ties_layer as ties_layer
+from .methods.dare import dare as dare
+from .methods.dare import dare_masks as dare_masks
+from .methods.dare import dare_task_vectors as dare_task_vectors
+from .methods.arithmetic import soup as soup
+from .methods.arithmetic import task_arithmetic as task_arithmetic
+from .methods.arithmetic import task_vectors as task_vectors
+from .methods.ties import ties as ties
+from .methods.ties import ties_task_vectors as ties_task_vectors
+from .methods.fisher import empirical_fisher as empirical_fisher
+from .methods.fisher import fisher_average as fisher_average
+from .methods.fisher import fisher_merge as fisher_merge
+from .methods.reweighted import BasisFactory as BasisFactory
+from .methods.reweighted import dare_basis as dare_basis
+from .methods.reweighted import dare_layer as dare_layer
+from .methods.reweighted import regmean_layer as regmean_layer
+from .methods.reweighted import ties_basis as ties_basis
+from .methods.reweighted import ties_layer as ties_layer
 
 # Devices and hosts
 from ._distributed import allreduce_stats as allreduce_stats

@@ -81,8 +81,10 @@ def run_demo(*, seed: int = 0, quick: bool = False, quiet: bool = False) -> dict
     """
     from sklearn.datasets import load_digits
 
-    from ._baselines import dare, soup, task_arithmetic, ties
     from ._bases import LowRank
+    from .methods.arithmetic import soup, task_arithmetic
+    from .methods.dare import dare
+    from .methods.ties import ties
     from .model import collect_stats, merge, solve_stats
 
     start = time.perf_counter()

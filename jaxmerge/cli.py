@@ -257,25 +257,25 @@ def _basis(name):
 def _run_merge(config, *, quiet: bool, check_source: bool = True):
     import jax
 
-    from . import _baselines
     from ._model_stats import combine_model_stats, load_model_stats
-    from ._reweighted import dare_basis, ties_basis
+    from .methods import arithmetic, dare, ties
+    from .methods.reweighted import dare_basis, ties_basis
     from .model import collect_stats, merge, solve_stats
 
     opts = config.merge
     method = opts["method"]
     model, base, finetuned = _load_inputs(config)
     if method == "soup":
-        return _baselines.soup(base, finetuned), None
+        return arithmetic.soup(base, finetuned), None
     if method == "task_arithmetic":
-        return _baselines.task_arithmetic(base, finetuned, scale=opts["scale"]), None
+        return arithmetic.task_arithmetic(base, finetuned, scale=opts["scale"]), None
     ties_opts = {k: opts[k] for k in ("density", "trim", "aggregate") if k in opts}
     dare_opts = {k: opts[k] for k in ("drop_rate", "aggregate") if k in opts}
     if method == "ties":
-        return _baselines.ties(base, finetuned, scale=opts["scale"], **ties_opts), None
+        return ties.ties(base, finetuned, scale=opts["scale"], **ties_opts), None
     if method == "dare":
         key = jax.random.key(opts["seed"])
-        return _baselines.dare(base, finetuned, key, scale=opts["scale"], **dare_opts), None
+        return dare.dare(base, finetuned, key, scale=opts["scale"], **dare_opts), None
     basis, prior = opts["basis"], None
     if basis == "ties":
         basis, prior = ties_basis(base, finetuned, scale=opts["scale"], **ties_opts)

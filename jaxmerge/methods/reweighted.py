@@ -21,17 +21,12 @@ from typing import Any, NamedTuple
 import jax
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from ._baselines import (
-    Scale,
-    dare_directions,
-    key_names,
-    layer_of,
-    scale_at,
-    ties_task_vectors,
-)
-from ._bases import Custom
-from ._solve_layer import LayerSolution, solve_layer
-from ._stats import LayerStats
+from .._bases import Custom
+from .._solve_layer import LayerSolution, solve_layer
+from .._stats import LayerStats
+from .common import Scale, key_names, layer_of, scale_at
+from .dare import dare_directions
+from .ties import ties_task_vectors
 
 __all__ = [
     "BasisFactory",

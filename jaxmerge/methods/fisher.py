@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float, PyTree
 
-from ._baselines import flatten_models, flatten_params, work_dtype
+from .common import flatten_models, flatten_params, work_dtype
 
 __all__ = ["empirical_fisher", "fisher_average", "fisher_merge"]
 
