@@ -149,7 +149,7 @@ def load_minilm():
             f"{path}/model.safetensors has sha256 {digest}; expected {MINILM_SHA256_PREFIX}..."
         )
     try:
-        from jaxmerge.hf import load_bert_safetensors
+        from jaxmerge import load_bert_safetensors
         from jaxmerge.models import BertModel
     except ImportError as e:
         raise data.DataUnavailable(f"jaxmerge's Flax BERT is not available: {e}") from None

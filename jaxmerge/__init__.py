@@ -79,22 +79,22 @@ from ._memory import plan_layer_groups as plan_layer_groups
 from ._memory import stats_bytes as stats_bytes
 
 # Checkpoints and interchange
-from ._resumable import accumulate_resumable as accumulate_resumable
-from .checkpoint import SavedStats as SavedStats
-from .checkpoint import combine_saved_stats as combine_saved_stats
-from .checkpoint import load_params as load_params
-from .checkpoint import load_stats as load_stats
-from .checkpoint import save_params as save_params
-from .checkpoint import save_stats as save_stats
-from .hf import load_bert_safetensors as load_bert_safetensors
-from .hf import save_bert_safetensors as save_bert_safetensors
+from .io.resumable import accumulate_resumable as accumulate_resumable
+from .io.checkpoint import SavedStats as SavedStats
+from .io.checkpoint import combine_saved_stats as combine_saved_stats
+from .io.checkpoint import load_params as load_params
+from .io.checkpoint import load_stats as load_stats
+from .io.checkpoint import save_params as save_params
+from .io.checkpoint import save_stats as save_stats
+from .io.hf import load_bert_safetensors as load_bert_safetensors
+from .io.hf import save_bert_safetensors as save_bert_safetensors
 
 # Command line and statistics artifacts
-from ._model_stats import ModelStats as ModelStats
-from ._model_stats import accumulate_model_stats as accumulate_model_stats
-from ._model_stats import combine_model_stats as combine_model_stats
-from ._model_stats import load_model_stats as load_model_stats
-from ._model_stats import save_model_stats as save_model_stats
+from .io.model_stats import ModelStats as ModelStats
+from .io.model_stats import accumulate_model_stats as accumulate_model_stats
+from .io.model_stats import combine_model_stats as combine_model_stats
+from .io.model_stats import load_model_stats as load_model_stats
+from .io.model_stats import save_model_stats as save_model_stats
 
 # Errors (SolveError is imported above, with solve_layer); all show as jaxmerge.<name>
 from ._config import ConfigError as ConfigError

@@ -33,12 +33,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from . import _internal
 from ._flax.fold import flatten, from_pure, to_pure, unflatten
 from ._report import MergeReport
 from .kinds import kind_of
 from .model import collect_stats, solve_stats
-from .model.collect import _peek
-from .model.plan import _Plan
 
 __all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
 
@@ -316,8 +315,8 @@ def merge_in_groups(
                     f"{caller}: {name}[{k}] is a one-shot iterator; every pass reads the data "
                     "again: give a list or a re-iterable dataset."
                 )
-    _, first = _peek(calibration, len(finetuned))
-    plan = _Plan(model, call_kwargs, to_pure(base), first, mask_key)
+    _, first = _internal.peek(calibration, len(finetuned))
+    plan = _internal.Plan(model, call_kwargs, to_pure(base), first, mask_key)
     units = {plan.key(g): g for g in plan.groups}
     owner = {p: key for key, g in units.items() for p in g}
     if groups is not None:

@@ -224,7 +224,7 @@ def _write_file(path: Path, write) -> None:
 
 def _load_inputs(config, *, need_finetuned=True):
     from ._config import import_object
-    from .checkpoint import load_params
+    from .io.checkpoint import load_params
 
     for key, path in [("base", config.base)] + [
         (f"finetuned[{k}]", p) for k, p in enumerate(config.finetuned)
@@ -257,7 +257,7 @@ def _basis(name):
 def _run_merge(config, *, quiet: bool, check_source: bool = True):
     import jax
 
-    from ._model_stats import combine_model_stats, load_model_stats
+    from .io.model_stats import combine_model_stats, load_model_stats
     from .methods import arithmetic, dare, ties
     from .methods.reweighted import dare_basis, ties_basis
     from .model import collect_stats, merge, solve_stats
@@ -325,7 +325,7 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True):
 
 def _merge_command(args) -> None:
     from ._config import ConfigError, load_config
-    from .checkpoint import atomic_directory, save_params
+    from .io.checkpoint import atomic_directory, save_params
     from .model import OptionPatternError
 
     config = load_config(args.config)
@@ -353,7 +353,7 @@ def _merge_command(args) -> None:
 
 def _stats_command(args) -> None:
     from ._config import load_config
-    from ._model_stats import accumulate_model_stats, save_model_stats
+    from .io.model_stats import accumulate_model_stats, save_model_stats
 
     config = load_config(args.config)
     if config.calibration is None:

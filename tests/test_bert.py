@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxmerge.hf import load_bert_safetensors, save_bert_safetensors
+from jaxmerge import load_bert_safetensors, save_bert_safetensors
 from jaxmerge.models import BertConfig, BertModel, mean_pool
 
 # --- an independent reference: BERT in numpy, straight from Hugging Face tensor names ----------

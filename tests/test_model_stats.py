@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 
 import jaxmerge as jm
-from jaxmerge._provenance import tree_fingerprint
+from jaxmerge._internal import tree_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -315,7 +315,7 @@ def solve_stats(
         ([1.0, 2.0], 1.0)
     """
     started = time.perf_counter()
-    from .._model_stats import ModelStats  # it builds on this package
+    from ..io.model_stats import ModelStats  # it builds on this package
 
     if isinstance(stats, ModelStats):
         if check_source:

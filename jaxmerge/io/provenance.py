@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._flax.fold import flatten, to_pure
+from .._flax.fold import flatten, to_pure
 
 
 def _add_leaf(digest, name: str, leaf, what: str) -> None:

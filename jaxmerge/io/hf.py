@@ -26,8 +26,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from ..models.bert import BertConfig, BertModel
 from .checkpoint import atomic_directory
-from .models.bert import BertConfig, BertModel
 
 __all__ = ["load_bert_safetensors", "save_bert_safetensors"]
 

@@ -11,7 +11,7 @@ provided ``batches`` yields the same sequence each time and ``update`` is determ
 
 Each step also records what it was computed from: ``source`` (a JSON record the caller gives, e.g.
 fingerprints of the parameters and the options) and a fingerprint of the ``n`` batches consumed
-(:mod:`jaxmerge._provenance`). A resume whose ``source`` differs, or whose first ``n`` batches are
+(:mod:`jaxmerge.io.provenance`). A resume whose ``source`` differs, or whose first ``n`` batches are
 not the ones the step consumed, is an error naming what differs: partial sums of other inputs are
 never continued.
 """
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
-from ._provenance import add_batch, differences, short
+from .provenance import add_batch, differences, short
 
 __all__ = ["accumulate_resumable"]
 

@@ -21,12 +21,12 @@ data.
 the same arguments resumes after its last saved batch and gives the sums of an uninterrupted run
 bit for bit. :func:`save_model_stats` writes one Orbax checkpoint (the arrays and a JSON record of
 the format, task names, group keys and every member's :class:`~jaxmerge.LayerSpec`) atomically,
-with the conventions of :mod:`jaxmerge.checkpoint`: it refuses to overwrite unless asked, and a
+with the conventions of :mod:`jaxmerge.io.checkpoint`: it refuses to overwrite unless asked, and a
 kill at any moment leaves every earlier checkpoint readable.
 
 Statistics know where they came from: :attr:`ModelStats.source` holds the fingerprint of every
 fine-tuned tree, of every task's calibration batches, of the layer structure and the options
-(:mod:`jaxmerge._provenance`); it is saved with them, a resume with other inputs fails
+(:mod:`jaxmerge.io.provenance`); it is saved with them, a resume with other inputs fails
 (:func:`~jaxmerge.accumulate_resumable`), and :func:`~jaxmerge.solve_stats` checks the fine-tunes
 it is given against it (:meth:`ModelStats.check_source`).
 """
@@ -43,20 +43,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._flax.fold import to_pure
-from ._provenance import add_batch, short, tree_fingerprint
-from ._resumable import accumulate_resumable
+from .. import _internal
+from .._flax.fold import to_pure
+from ..kinds import LayerSpec, kind_of
+from ..model.collect import GroupStats
 from .checkpoint import read_arrays_and_record, save_arrays_and_record
-from .kinds import LayerSpec, kind_of
-from .model.collect import (
-    GroupStats,
-    _add_normalized,
-    _finished,
-    _peek,
-    _progress,
-    _zero_sums,
-)
-from .model.plan import _default_dtype, _plan
+from .provenance import add_batch, short, tree_fingerprint
+from .resumable import accumulate_resumable
 
 __all__ = [
     "ModelStats",
@@ -143,7 +136,7 @@ class ModelStats(NamedTuple):
                         f"ModelStats: task {name!r} has no calibration rows at layer group "
                         f"{key!r}; combine the statistics of every task before merging."
                     )
-            total = _add_normalized(total, jax.tree.map(lambda a, k=k: a[k], stats), k)
+            total = _internal.add_normalized(total, jax.tree.map(lambda a, k=k: a[k], stats), k)
         return {key: GroupStats(total[key], group.layers) for key, group in self.sums.items()}
 
 
@@ -233,9 +226,9 @@ def accumulate_model_stats(
     """
     finetuned = [to_pure(t) for t in finetuned]
     names = _task_names(tasks, len(finetuned))
-    iters, first = _peek(calibration, len(finetuned), mask_key=mask_key)
-    plan = _plan(model, call_kwargs, finetuned[0], first, mask_key)
-    dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
+    iters, first = _internal.peek(calibration, len(finetuned), mask_key=mask_key)
+    plan = _internal.plan_of(model, call_kwargs, finetuned[0], first, mask_key)
+    dtype = jnp.dtype(dtype) if dtype is not None else _internal.default_dtype()
     k_tasks = len(finetuned)
     fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)
     source = {
@@ -249,11 +242,11 @@ def accumulate_model_stats(
         },  # fmt: skip
     }
     per_task = []
-    with _progress(progress) as bar:
+    with _internal.progress_bar(progress) as bar:
         job = bar.add_task("statistics", total=None)
         for k, batches in enumerate(iters):
             bar.update(job, description=f"statistics: task {k + 1}/{k_tasks} ({names[k]})")
-            zero = _zero_sums(plan, plan.groups, k_tasks, dtype)
+            zero = _internal.zero_sums(plan, plan.groups, k_tasks, dtype)
             digest = hashlib.sha256()
             batches = _hashed(batches, digest)
 
@@ -281,7 +274,7 @@ def accumulate_model_stats(
                     },  # fmt: skip
                 )
                 sums = _from_state(state, zero)
-            per_task.append(_finished(plan, plan.groups, sums, finetuned[k], k))
+            per_task.append(_internal.finished_task(plan, plan.groups, sums, finetuned[k], k))
             source["calibration"].append([digest.hexdigest()])
     out = {}
     for group in plan.groups:

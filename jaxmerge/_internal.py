@@ -1,0 +1,28 @@
+"""The one module through which jaxmerge's subpackages reach into each other's internals.
+
+``io`` (the statistics store), ``scale`` (the merge in layer groups) and the tests use these
+pieces of the pipeline in ``model``; importing them from here, under these names, keeps every
+such crossing in one visible place.
+"""
+
+from .io.provenance import tree_fingerprint
+from .model.collect import _add_normalized as add_normalized
+from .model.collect import _finished as finished_task
+from .model.collect import _peek as peek
+from .model.collect import _progress as progress_bar
+from .model.collect import _zero_sums as zero_sums
+from .model.plan import _default_dtype as default_dtype
+from .model.plan import _Plan as Plan
+from .model.plan import _plan as plan_of
+
+__all__ = [
+    "tree_fingerprint",
+    "add_normalized",
+    "finished_task",
+    "peek",
+    "progress_bar",
+    "zero_sums",
+    "default_dtype",
+    "plan_of",
+    "Plan",
+]
