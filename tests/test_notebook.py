@@ -1,7 +1,8 @@
 """The exploration notebook executes end to end in quick mode and draws its figures.
 
-The notebook is run by a Jupyter kernel on this interpreter (``nbclient`` + ``ipykernel``) with
-``JAXMERGE_QUICK=1``; the file itself is never modified. Its own cells assert what they show
+The notebook is run by a Jupyter kernel on this interpreter (``nbclient`` + ``ipykernel``, driven
+from a subprocess that runs in the background while the other tests do) with ``JAXMERGE_QUICK=1``;
+the file itself is never modified. Its own cells assert what they show
 (nested bases, the hand-written energy formula against ``energy_fraction``, the sequential
 report's held-out ρ against an independent rescoring), so a silent wrong answer fails the run.
 """
@@ -11,6 +12,7 @@ import pathlib
 import sys
 
 import pytest
+from conftest import Job, fresh_env
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat")
 nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient")
@@ -20,29 +22,51 @@ pytest.importorskip("matplotlib", reason="the notebook draws with matplotlib")
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "explore.ipynb"
 FIGURES = {"rho_per_layer.png", "diagonal_vs_full.png", "rho_vs_accuracy.png"}
 
+# Run by a separate interpreter (a background job, see conftest.py): executes the notebook with a
+# Jupyter kernel and writes the executed copy to sys.argv[2].
+EXECUTE = """
+import sys, nbclient, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+client = nbclient.NotebookClient(nb, kernel_name="jaxmerge-test", timeout=600)
+client.execute(cwd=sys.argv[3])
+nbformat.write(nb, sys.argv[2])
+"""
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """The notebook run in quick mode: ``(notebook, folder of saved figures)``."""
-    before = NOTEBOOK.read_bytes()
-    figures = tmp_path_factory.mktemp("figures")
-    # A kernel spec of this very interpreter, so that the kernel imports the jaxmerge under test.
-    kernels = tmp_path_factory.mktemp("jupyter")
-    spec = kernels / "kernels" / "jaxmerge-test"
+
+def notebook_job(item, tmp_path_factory):
+    """The notebook run in quick mode, by a kernel of this very interpreter (so that it imports
+    the jaxmerge under test), saving its figures in a folder of their own."""
+    folder = tmp_path_factory.mktemp("notebook")
+    figures = folder / "figures"
+    figures.mkdir()
+    spec = folder / "jupyter" / "kernels" / "jaxmerge-test"
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(
         json.dumps({"argv": argv, "display_name": "jaxmerge test", "language": "python"})
     )
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JUPYTER_PATH", str(kernels))
-        env.setenv("JAXMERGE_QUICK", "1")
-        env.setenv("JAXMERGE_FIGURES", str(figures))
-        client = nbclient.NotebookClient(nb, kernel_name="jaxmerge-test", timeout=600)
-        client.execute(cwd=str(figures))
-    assert NOTEBOOK.read_bytes() == before, "executing the notebook modified its file"
-    return nb, figures
+    env = fresh_env(
+        JUPYTER_PATH=str(folder / "jupyter"),
+        JAXMERGE_QUICK="1",
+        JAXMERGE_FIGURES=str(figures),
+    )
+    executed = folder / "executed.ipynb"
+    run = [sys.executable, "-c", EXECUTE, str(NOTEBOOK), str(executed), str(figures)]
+    data = {"before": NOTEBOOK.read_bytes(), "executed": executed, "figures": figures}
+    return {"notebook": Job(run, env=env, timeout=1800, data=data)}
+
+
+pytestmark = pytest.mark.background.with_args(notebook_job)
+
+
+@pytest.fixture(scope="module")
+def executed(background):
+    """The notebook run in quick mode: ``(notebook, folder of saved figures)``."""
+    proc = background.result("notebook")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    data = background.job("notebook").data
+    assert NOTEBOOK.read_bytes() == data["before"], "executing the notebook modified its file"
+    return nbformat.read(data["executed"], as_version=4), data["figures"]
 
 
 def _outputs(nb):
