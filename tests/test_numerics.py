@@ -7,12 +7,13 @@ was singular or too ill-conditioned for the dtype and the minimum-norm truncated
 returned).
 """
 
-import subprocess
+import pathlib
 import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import Job, fresh_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -166,14 +167,30 @@ print("|".join(out))
 """
 
 
-def test_bit_identical_across_runs():
+def two_runs(name, script):
+    """Background jobs (see conftest.py): ``script`` in two fresh processes, each compiling
+    everything itself (no compilation cache shared between them)."""
+
+    def jobs(item, tmp_path_factory):
+        argv = [sys.executable, "-c", script]
+        return {f"{name}/{run}": Job(argv, env=fresh_env()) for run in range(2)}
+
+    return pytest.mark.background.with_args(jobs)
+
+
+def outputs(background, name):
+    runs = []
+    for run in range(2):
+        proc = background.result(f"{name}/{run}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs.append(proc.stdout)
+    return runs
+
+
+@two_runs("solve_layer", SCRIPT)
+def test_bit_identical_across_runs(background):
     """Same inputs, two fresh processes: bit-identical merged parameters on CPU."""
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True
-        ).stdout
-        for _ in range(2)
-    ]
+    runs = outputs(background, "solve_layer")
     assert runs[0] == runs[1] and len(runs[0]) > 1000
 
 
@@ -212,13 +229,8 @@ print("|".join(out))
 """
 
 
-def test_whole_model_merge_bit_identical_across_runs():
+@two_runs("merge", MERGE_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+def test_whole_model_merge_bit_identical_across_runs(background):
     """An MLP merged (parallel and sequential) in two fresh processes: identical bits."""
-    script = MERGE_SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent))
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True
-        ).stdout
-        for _ in range(2)
-    ]
+    runs = outputs(background, "merge")
     assert runs[0] == runs[1] and len(runs[0]) > 1000
