@@ -1,5 +1,9 @@
 """Whole-model merges: bad input gives clear errors; dtypes, shardings and collections survive."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +176,45 @@ def test_errors_of_a_callable_option_keep_the_original(mlp, kind):
         assert info.value.code == "E42"
     if kind is ValueError:
         assert isinstance(info.value.__cause__, ValueError)  # the original, chained
+
+
+def test_option_values_are_checked_before_the_model_runs(mlp):
+    model, base, fts, cal = mlp
+    wrong_width = [[jnp.ones((8, 5))], [jnp.ones((8, 5))]]  # would fail once the model runs
+    for rcond in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"merge: rcond must be None or a finite number ≥ 0"):
+            merge(model, base, fts, wrong_width, rcond=rcond, progress=False)
+    with pytest.raises(ValueError, match=r"merge: ridge for 'Dense_1' must be a number ≥ 0"):
+        merge(model, base, fts, wrong_width, ridge={"Dense_1": float("nan")}, progress=False)
+
+
+def test_a_numpy_scalar_ridge_is_a_number(mlp):
+    model, base, fts, cal = mlp
+    want, _ = merge(model, base, fts, cal, ridge={"Dense_0": 0.5}, progress=False)
+    got, _ = merge(model, base, fts, cal, ridge={"Dense_0": np.float32(0.5)}, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+_ON_TWO_DEVICES = """
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from jaxmerge import merge
+d0, d1 = jax.devices()
+model, x = nn.Dense(2), jnp.arange(12.0).reshape(4, 3)
+base = jax.device_put(model.init(jax.random.key(0), x)["params"], d0)
+fts = [jax.tree.map(lambda a, s=s: a + s, base) for s in (0.1, -0.2)]
+want, _ = merge(model, base, fts, [[x], [x + 1]], progress=False)
+got, _ = merge(model, base, [fts[0], jax.device_put(fts[1], d1)], [[x], [x + 1]], progress=False)
+assert all(a.devices() == {d0} for a in jax.tree.leaves(got)), got
+jax.tree.map(np.testing.assert_array_equal, got, want)
+print("merged on", d0)
+"""
+
+
+def test_finetunes_on_another_device_are_moved_to_the_base():
+    """A fine-tune on another device than the base is merged as if it were on the base's: the
+    merge is placed like the base (two emulated CPU devices, in a subprocess)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
+    out = subprocess.run([sys.executable, "-c", _ON_TWO_DEVICES], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "merged on" in out.stdout, out.stderr[-3000:]

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,24 +100,73 @@ def _linen_call(module, args, kwargs, next_fun):
     return _describe(kind, module, params, args, kwargs, run, default, path)
 
 
+def _observing_ids(batch, hook, found: dict):
+    """``hook``, recording in ``found`` the batch entry each embedding reads as it is:
+    ``{layer path: (the entry's key path in the batch, vocabulary size)}`` (ids computed inside
+    the model are not recorded)."""
+    entries = {id(leaf): path for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]}
+
+    def observed(call):
+        if call.kind == "embed" and id(call.x) in entries:  # the kind of jaxmerge.kinds.embed
+            found[call.path] = (entries[id(call.x)], call.n_in)
+        return hook(call)
+
+    return observed
+
+
+# linen layers that need to be told their mode: the attribute (or call argument) naming it
+_LINEN_MODES = {nn.Dropout: "deterministic", nn.BatchNorm: "use_running_average"}
+
+
+def _check_linen_mode(module, args, kwargs) -> None:
+    """A linen ``Dropout`` or ``BatchNorm`` must run in inference mode: a merge's forward passes
+    are traced, without dropout RNGs or mutable batch statistics."""
+    name = _LINEN_MODES.get(type(module))
+    if name is None:
+        return
+    value = kwargs.get(name, args[1] if len(args) > 1 else None)
+    value = getattr(module, name) if value is None else value
+    if value or (isinstance(module, nn.Dropout) and module.rate == 0):
+        return
+    path = "/".join(module.scope.path)
+    state = f"is given no {name!r}" if value is None else f"runs in training mode ({name}=False)"
+    raise ValueError(
+        f"the {type(module).__name__} layer {path!r} {state}; a merge runs the model "
+        f"in inference mode, without dropout RNGs or updates of batch statistics: pass "
+        f"{name}=True, at construction or through a call_kwargs entry the model forwards to "
+        "it (e.g. call_kwargs={'train': False})"
+    )
+
+
 class LinenModel:
     """A linen module applied to a pure variables dict with a hook on supported layers."""
 
     def __init__(self, module: nn.Module, call_kwargs: Mapping | None):
         self.module = module
         self.call_kwargs = dict(call_kwargs or {})
+        self.id_inputs: dict = {}  # see _observing_ids
 
     def apply(self, variables, batch, hook):
+        hook = _observing_ids(batch, hook, self.id_inputs)
+
         def interceptor(next_fun, args, kwargs, context):
             if getattr(_local, "bypass", False) or context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
+            _check_linen_mode(context.module, args, kwargs)
             call = _linen_call(context.module, args, kwargs, next_fun)
             return next_fun(*args, **kwargs) if call is None else hook(call)
 
-        with nn.intercept_methods(interceptor):
-            if isinstance(batch, Mapping):
-                return self.module.apply(variables, **batch, **self.call_kwargs)
-            return self.module.apply(variables, batch, **self.call_kwargs)
+        try:
+            with nn.intercept_methods(interceptor):
+                if isinstance(batch, Mapping):
+                    return self.module.apply(variables, **batch, **self.call_kwargs)
+                return self.module.apply(variables, batch, **self.call_kwargs)
+        except flax.errors.ScopeCollectionNotFound as error:
+            raise ValueError(
+                f"{error} A merge runs the model with the variables it is given: pass the base "
+                "and every fine-tune as linen variables dicts holding that collection "
+                "({'params': ..., 'batch_stats': ...}), not their params alone."
+            ) from error
 
 
 # ---- NNX ----------------------------------------------------------------------------------------
@@ -204,16 +254,33 @@ class NnxModel:
     def __init__(self, module: nnx.Module, call_kwargs: Mapping | None):
         self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
         self.call_kwargs = dict(call_kwargs or {})
+        self.id_inputs: dict = {}  # see _observing_ids
 
     def apply(self, params, batch, hook):
         state = jax.tree.map(lambda a: a, self.params)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self.graphdef, state, self.rest)
         paths = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)}
-        with _nnx_capture(paths, hook):
-            if isinstance(batch, Mapping):
-                return module(**batch, **self.call_kwargs)
-            return module(batch, **self.call_kwargs)
+        try:
+            with _nnx_capture(paths, _observing_ids(batch, hook, self.id_inputs)):
+                if isinstance(batch, Mapping):
+                    return module(**batch, **self.call_kwargs)
+                return module(batch, **self.call_kwargs)
+        except flax.errors.TraceContextError as error:
+            training = [
+                f"{'/'.join(map(str, path))!r} ({type(m).__name__}, {name}=False)"
+                for path, m in nnx.iter_modules(module)
+                for name in ("deterministic", "use_running_average")
+                if getattr(m, name, None) is False
+            ]
+            if not training:
+                raise
+            raise ValueError(
+                f"NNX modules left in training mode: {', '.join(training[:4])}; a merge runs "
+                "the model in inference mode under tracing, where it can neither draw dropout "
+                "RNGs nor update batch statistics: call model.eval() before merging (or merge "
+                f"nnx.view(model, deterministic=True, ...)). Flax: {error}"
+            ) from error
 
 
 def as_model(model, call_kwargs: Mapping | None = None):

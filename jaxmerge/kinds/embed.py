@@ -201,3 +201,39 @@ def _solve_full(stats: EmbedStats, seen, start_table, prior, opt):
 
 
 register_kind(EmbedKind(), linen=[nn.Embed], nnx=[nnx.Embed])
+
+
+# ---- token ids ----------------------------------------------------------------------------------
+
+
+def checked_ids(batches, inputs, where: str):
+    """One task's ``batches``, the token ids each embedding reads checked against its vocabulary
+    (an id outside ``[0, V)`` gives a NaN row, or wraps around when negative, and is left out of
+    the statistics). ``inputs``: ``{layer path: (key path of the batch entry it reads, V)}``.
+    Host arrays are checked before their batch is used; device arrays (reduced asynchronously)
+    once all the task's batches have been read, before its statistics are checked."""
+    pending = []
+    for i, batch in enumerate(batches):
+        if inputs:
+            entries = dict(jax.tree_util.tree_flatten_with_path(batch)[0])
+            for layer, (entry, vocab) in inputs.items():
+                ids = entries.get(entry)
+                if ids is None or np.size(ids) == 0:
+                    continue
+                at = (f"{where} batch {i}", layer, entry, vocab)
+                if isinstance(ids, jax.Array):
+                    pending.append((at, (jnp.min(ids), jnp.max(ids))))
+                else:
+                    _check_id_range(*at, np.min(ids), np.max(ids))
+        yield batch
+    for at, (low, high) in jax.device_get(pending):
+        _check_id_range(*at, low, high)
+
+
+def _check_id_range(where, layer, entry, vocab, low, high):
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"merge: {where}: the token ids in batch{jax.tree_util.keystr(entry)} range over "
+            f"[{low}, {high}], outside the vocabulary of embedding layer {layer!r} ({vocab} "
+            f"rows: ids 0 to {vocab - 1})."
+        )

@@ -53,7 +53,9 @@ fine-tune, the exact optimum of every basis.
 Options ``basis``, ``prior``, ``ridge`` and ``fallback`` each take one value, a mapping from path
 patterns (:mod:`fnmatch` globs, first match wins) to values, or a callable ``path -> value``
 (e.g. a basis factory). ``basis``, ``prior`` and ``ridge`` are looked up with the layer path,
-``fallback`` with the parameter path (``"Dense_0/kernel"``). A ``prior`` for the full and
+``fallback`` with the parameter path (``"Dense_0/kernel"``); every glob must match a path of its
+kind (a glob that matches nothing, or only paths of the other kind, is an
+:class:`~jaxmerge.OptionPatternError` naming the pattern to use). A ``prior`` for the full and
 low-rank bases is the layer's own parameter dict (``{"kernel": ..., "bias": ...}``); a
 :class:`~jaxmerge.Custom` direction may be given in that form too.
 """
@@ -63,12 +65,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .._report import MergeReport
+from ..kinds.embed import checked_ids
 from .collect import StatsCollector, _collect, _peek
-from .options import _options
+from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
 from .sequential import merge_sequential
 from .solve import _finish, _keep_base, _solve_all, _unchanged
-from .trees import _Trees
+from .trees import _Trees, check_host
 
 
 def merge(
@@ -107,7 +110,8 @@ def merge(
             is used as is).
         base: the base parameters: a linen params dict or variables dict
             (``{"params": ..., ...}``), or an NNX ``State`` of ``nnx.Param``.
-        finetuned: the ``K`` fine-tuned trees, each shaped and typed like ``base``.
+        finetuned: the ``K`` fine-tuned trees, each shaped and typed like ``base`` (leaves on
+            other devices than the base's are moved to the base's sharding).
         calibration: ``K`` iterables of batches, ``calibration[k]`` for fine-tune ``k``; a batch
             is an array (positional input) or a dict of keyword arguments, which may hold a
             padding mask under ``mask_key``.
@@ -135,7 +139,12 @@ def merge(
 
     Raises:
         ValueError, TypeError: mismatched trees, shapes or dtypes (naming the parameter path),
-            missing or empty calibration, non-finite activations (naming the layer), bad options.
+            missing or empty calibration, non-finite activations (naming the layer), token ids
+            outside an embedding's vocabulary, bad options, an NNX model left in training mode,
+            a call under ``jax.jit`` (``merge`` is a host-level driver; jit the ``update`` of
+            :func:`~jaxmerge.stats_collector` instead).
+        OptionPatternError: a glob matching no path of the kind its option applies to (layer
+            paths for ``basis``, ``prior``, ``ridge``; parameter paths for ``fallback``).
         SolveError: a layer's solve is not finite and ``throw=True``.
 
     Examples:
@@ -152,16 +161,20 @@ def merge(
         ([1.0, 2.0], 'CHOLESKY')
     """
     started = time.perf_counter()
+    check_host(base, finetuned, alpha, ridge)
     if algorithm not in ("parallel", "sequential"):
         raise ValueError(f"merge: algorithm must be 'parallel' or 'sequential', got {algorithm!r}.")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"merge: alpha must lie in [0, 1], got {alpha}.")
+    _check_options(basis=basis, prior=prior, ridge=ridge, fallback=fallback, alpha=alpha,
+                   rcond=rcond)  # fmt: skip
     trees = _Trees(base, finetuned, fallback)
     k_tasks = len(trees.ft_flats)
     iters, first = _peek(calibration, k_tasks, mask_key=mask_key)
     plan = _plan(model, call_kwargs, trees.base, first, mask_key)
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
+    _check_layer_patterns(plan.specs, basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
+    iters = [checked_ids(it, plan.model.id_inputs, f"calibration[{k}]")
+             for k, it in enumerate(iters)]  # fmt: skip
     dtype = _default_dtype()
 
     def collect(iters, *, groups, tree_in, label):
@@ -185,6 +198,8 @@ def merge(
     held = None
     if heldout is not None:
         held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout")
+        held_iters = [checked_ids(it, plan.model.id_inputs, f"heldout[{k}]")
+                      for k, it in enumerate(held_iters)]  # fmt: skip
         tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
         held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
     return _finish(trees, merged_flat, reports, specs, algorithm, started, held)

@@ -4,10 +4,12 @@ resolved and checked here for every layer (bases, priors, ridges) and parameter 
 import dataclasses
 import fnmatch
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._bases import Custom, LowRank
@@ -52,15 +54,31 @@ class OptionPatternError(ValueError):
 OptionPatternError.__module__ = "jaxmerge"  # its public path (exported by jaxmerge/__init__.py)
 
 
-def _check_patterns(option, paths, what: str) -> None:
-    """Every glob of a ``{glob: value}`` option must match one of ``paths`` (typos are errors)."""
+def _check_keys(option, what: str) -> None:
+    """The keys of a ``{glob: value}`` option are path patterns: strings."""
+    if isinstance(option, Mapping):
+        for key in option:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"merge: {what} has the key {key!r} ({type(key).__name__}); the keys of a "
+                    f"{{glob: value}} option are path patterns (str), e.g. {{'Dense_0': ...}}."
+                )
+
+
+def _check_patterns(option, what: str, paths, kind: str, hint=None) -> None:
+    """Every glob of a ``{glob: value}`` option must match one of ``paths``, the ``kind``
+    ("layer", "parameter") paths it applies to (typos are errors). ``hint(pattern)``: a sentence
+    naming what such a glob matches instead and the pattern to use, or ``None``."""
     if not isinstance(option, Mapping):
         return
+    _check_keys(option, what)
     for pattern in option:
         if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            why = hint(pattern) if hint else None
             raise OptionPatternError(
-                f"merge: the {what} pattern {pattern!r} matches no layer or parameter path of the "
-                f"model; known paths include {sorted(paths)[:8]}.",
+                f"merge: the {what} pattern {pattern!r} matches no {kind} path of the model; "
+                + (why or f"{kind} paths include {sorted(paths)[:8]}")
+                + ".",
                 what,
             )
 
@@ -93,23 +111,104 @@ def _fallback_value(rule, base, finetuned):
 _BASES = ("scalar", "diagonal", "full")
 
 
+def _real(value) -> bool:
+    """A real number: a Python or numpy number or a 0-d integer or float array, not a bool."""
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        dtype is not None
+        and np.ndim(value) == 0
+        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    )
+
+
+def _check_ridge(value, where: str) -> None:
+    if not _real(value):
+        raise TypeError(
+            f"merge: ridge{where} must be a number ≥ 0 (inf allowed), got {value!r} "
+            f"({type(value).__name__})."
+        )
+    if not value >= 0:  # also NaN
+        raise ValueError(f"merge: ridge{where} must be a number ≥ 0, got {value!r}.")
+
+
+def _check_prior(value, where: str) -> None:
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"merge: prior{where} must be coefficients (a number or an array) or the layer's "
+            f"parameter dict, got the string {value!r}; a prior is a value, not a rule (e.g. "
+            "basis='scalar' with prior=1/K pulls toward the mean of the fine-tunes)."
+        )
+
+
+def _check_scalars(alpha, rcond) -> None:
+    """``alpha`` in [0, 1] and ``rcond`` ``None`` or a finite number ≥ 0."""
+    if not _real(alpha):
+        raise TypeError(
+            f"merge: alpha must be a number in [0, 1], got {alpha!r} ({type(alpha).__name__})."
+        )
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"merge: alpha must lie in [0, 1], got {alpha}.")
+    if rcond is not None and not (_real(rcond) and 0 <= rcond < math.inf):
+        raise (ValueError if _real(rcond) else TypeError)(
+            f"merge: rcond must be None or a finite number ≥ 0 (the relative eigenvalue "
+            f"cut-off of the solver), got {rcond!r}."
+        )
+
+
+def _check_options(*, alpha, rcond, **options) -> None:
+    """The options' forms, before the model is traced: ``alpha`` and ``rcond``, the keys of every
+    ``{glob: value}`` option, and the ridges and priors given as values (callables' results are
+    checked per layer by :func:`_options`)."""
+    _check_scalars(alpha, rcond)
+    checks = {"ridge": _check_ridge, "prior": _check_prior}
+    for what, option in options.items():
+        _check_keys(option, what)
+        check = checks.get(what)
+        if check is None:
+            continue
+        if isinstance(option, Mapping):
+            for pattern, value in option.items():
+                check(value, f" for {pattern!r}")
+        elif not callable(option) or isinstance(option, str):
+            check(option, "")
+
+
+def _check_layer_patterns(layers, **options) -> None:
+    """Every glob of the layer options (``basis``, ``prior``, ``ridge``) must match one of the
+    model's ``layers`` (a glob naming only another module, or an unsupported layer, whose
+    parameters take the fallback rule, would be ignored). Not for a solve of some layers only
+    (:func:`~jaxmerge.solve_stats` of a part of the model), where the other globs apply to the
+    other parts."""
+    layers = list(layers)
+
+    def hint(pattern):
+        inside = any(fnmatch.fnmatchcase(p, f"{pattern}/*") for p in layers)
+        return f"the layers merged by output matching are {layers[:8]}" + (
+            f"; for the layers inside {pattern!r} use {pattern + '/*'!r}" if inside else ""
+        )
+
+    for what, option in options.items():
+        _check_patterns(option, what, layers, "layer", hint)
+
+
 def _options(plan_specs, basis, prior, ridge, alpha, rcond):
+    """Every layer's :class:`_Options`, each value checked."""
+    _check_scalars(alpha, rcond)
     out = {}
     for path in plan_specs:
         r = _resolve(ridge, path, 0.0, "ridge")
-        if not isinstance(r, int | float) or not r >= 0:
-            raise ValueError(f"merge: ridge for layer {path!r} must be a number ≥ 0, got {r!r}.")
+        _check_ridge(r, f" for layer {path!r}")
         b = _resolve(basis, path, "full", "basis")
         if not (isinstance(b, LowRank | Custom) or (isinstance(b, str) and b in _BASES)):
             raise ValueError(
                 f"merge: unknown basis {b!r} for layer {path!r}; use 'scalar', 'diagonal', "
                 "'full', LowRank(r) or Custom(directions)."
             )
-        out[path] = _Options(
-            basis=b,
-            prior=_resolve(prior, path, None, "prior"),
-            ridge=float(r),
-            alpha=alpha,
-            rcond=rcond,
-        )
+        p = _resolve(prior, path, None, "prior")
+        _check_prior(p, f" for layer {path!r}")
+        out[path] = _Options(basis=b, prior=p, ridge=float(r), alpha=alpha, rcond=rcond)
     return out
