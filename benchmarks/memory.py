@@ -1,4 +1,4 @@
-"""Peak memory of sharded statistics accumulation against the formula of ``jaxmerge._memory``.
+"""Peak memory of sharded statistics accumulation against the formula of ``jaxmerge.scale.memory``.
 
 ``python benchmarks/memory.py [--devices N] [--quick]``
 
@@ -80,9 +80,9 @@ def child(args) -> dict:
     # Warm up (compile, first run), and read XLA's buffer assignment of the compiled step.
     stats, batches = allocate()
     step(stats, batches)
-    from jaxmerge._distributed import _accumulate
+    from jaxmerge._internal import sharded_step
 
-    lowered = _accumulate.lower(
+    lowered = sharded_step.lower(
         [stats[p] for p in paths],
         [batches[p][0] for p in paths],
         [batches[p][1] for p in paths],

@@ -69,14 +69,14 @@ from .methods.reweighted import ties_basis as ties_basis
 from .methods.reweighted import ties_layer as ties_layer
 
 # Devices and hosts
-from ._distributed import allreduce_stats as allreduce_stats
-from ._distributed import sharded_update_stats as sharded_update_stats
-from ._distributed import sharded_update_stats_by_path as sharded_update_stats_by_path
-from ._distributed import solve_layers as solve_layers
-from ._memory import accumulation_bytes as accumulation_bytes
-from ._memory import merge_in_groups as merge_in_groups
-from ._memory import plan_layer_groups as plan_layer_groups
-from ._memory import stats_bytes as stats_bytes
+from .scale.hosts import allreduce_stats as allreduce_stats
+from .scale.sharded import sharded_update_stats as sharded_update_stats
+from .scale.sharded import sharded_update_stats_by_path as sharded_update_stats_by_path
+from .scale.devices import solve_layers as solve_layers
+from .scale.memory import accumulation_bytes as accumulation_bytes
+from .scale.memory import merge_in_groups as merge_in_groups
+from .scale.memory import plan_layer_groups as plan_layer_groups
+from .scale.memory import stats_bytes as stats_bytes
 
 # Checkpoints and interchange
 from .io.resumable import accumulate_resumable as accumulate_resumable

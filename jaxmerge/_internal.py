@@ -1,8 +1,9 @@
 """The one module through which jaxmerge's subpackages reach into each other's internals.
 
-``io`` (the statistics store), ``scale`` (the merge in layer groups) and the tests use these
-pieces of the pipeline in ``model``; importing them from here, under these names, keeps every
-such crossing in one visible place.
+``io`` (the statistics store), ``scale`` (the merge in layer groups), the tests and the
+benchmarks use these pieces of the pipeline in ``model`` (and the tests and the memory benchmark
+the compiled accumulation step of ``scale``); importing them from here, under these names, keeps
+every such crossing in one visible place.
 """
 
 from .io.provenance import tree_fingerprint
@@ -14,6 +15,8 @@ from .model.collect import _zero_sums as zero_sums
 from .model.plan import _default_dtype as default_dtype
 from .model.plan import _Plan as Plan
 from .model.plan import _plan as plan_of
+from .scale.mesh import _local_mesh as local_mesh
+from .scale.sharded import _accumulate as sharded_step
 
 __all__ = [
     "tree_fingerprint",
@@ -25,4 +28,6 @@ __all__ = [
     "default_dtype",
     "plan_of",
     "Plan",
+    "local_mesh",
+    "sharded_step",
 ]

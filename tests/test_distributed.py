@@ -261,15 +261,17 @@ def test_accumulation_bytes_bounds_the_compiled_step(shapes, rows, input_dtype, 
     the default mesh, every local device: one, or 8 under ``.ci/run``'s emulated devices. An
     upper bound always; within 2× too, except where most of the bound is rows counted for a worse
     case than the step's or the fixed allowance (see the cases' notes)."""
-    from jaxmerge._distributed import _accumulate, _local_mesh
+    from jaxmerge._internal import local_mesh, sharded_step
 
-    mesh = _local_mesh("data")
+    mesh = local_mesh("data")
     stats = [jm.init_stats(n, m, 2) for n, m in shapes.values()]
     xs = [jnp.zeros((rows, n), input_dtype) for n, _ in shapes.values()]
     ys = [jnp.zeros((rows, m), input_dtype) for _, m in shapes.values()]
     masks = [jnp.ones(rows, bool) if masked else None for _ in shapes]
     weights = [jnp.float32(1.0)] * len(shapes)
-    lowered = _accumulate.lower(stats, xs, ys, masks, jnp.int32(0), weights, mesh=mesh, axis="data")
+    lowered = sharded_step.lower(
+        stats, xs, ys, masks, jnp.int32(0), weights, mesh=mesh, axis="data"
+    )
     analysis = lowered.compile().memory_analysis()
     xla = analysis.argument_size_in_bytes + analysis.output_size_in_bytes
     xla += analysis.temp_size_in_bytes

@@ -283,7 +283,7 @@ class AffineKind(LayerKind):
         )
 
     def stats_bytes(self, specs, num_tasks, rows, dtype):
-        from .._memory import accumulation_bytes  # the formula lives with its bound's test
+        from ..scale.memory import accumulation_bytes  # the formula lives with its bound's test
 
         n_out = sum(s.n_out for s in specs)
         return accumulation_bytes(
