@@ -246,9 +246,9 @@ def _check_fits(spec, base_flat) -> None:
         fits = False
     if not fits:
         raise ValueError(
-            f"solve_stats: the statistics of layer {spec.path!r} are for {spec.n_in} inputs and "
-            f"{spec.n_out} outputs, but the base's parameters there have shapes {shapes}: "
-            "statistics of another model?"
+            f"solve_stats: the statistics of layer {spec.path!r} are for a {spec.n_in} × "
+            f"{spec.n_out} kernel {(spec.n_in, spec.n_out)}, but the base's parameters there "
+            f"have shapes {shapes}: statistics of another model?"
         )
 
 
