@@ -8,23 +8,23 @@ closed form from second-moment statistics with a Cholesky factorisation.
 # ruff: noqa: I001  (imports are grouped by section, not sorted across sections)
 
 # Statistics
-from ._stats import LayerStats as LayerStats
-from ._stats import combine_stats as combine_stats
-from ._stats import init_stats as init_stats
-from ._stats import layer_stats as layer_stats
-from ._stats import normalize_stats as normalize_stats
-from ._stats import update_stats as update_stats
+from .core.stats import LayerStats as LayerStats
+from .core.stats import combine_stats as combine_stats
+from .core.stats import init_stats as init_stats
+from .core.stats import layer_stats as layer_stats
+from .core.stats import normalize_stats as normalize_stats
+from .core.stats import update_stats as update_stats
 
 # Bases and the single-layer solve
-from ._bases import Basis as Basis
-from ._bases import Custom as Custom
-from ._bases import LowRank as LowRank
-from ._energy import energy_fraction as energy_fraction
-from ._solve import SolveStatus as SolveStatus
-from ._solve import psd_solve as psd_solve
-from ._solve_layer import LayerSolution as LayerSolution
-from ._solve_layer import SolveError as SolveError
-from ._solve_layer import solve_layer as solve_layer
+from .core.bases import Basis as Basis
+from .core.bases import Custom as Custom
+from .core.bases import LowRank as LowRank
+from .core.energy import energy_fraction as energy_fraction
+from .core.psd import SolveStatus as SolveStatus
+from .core.psd import psd_solve as psd_solve
+from .core.qp import LayerSolution as LayerSolution
+from .core.qp import SolveError as SolveError
+from .core.qp import solve_layer as solve_layer
 
 # Whole Flax models (merge, reports)
 from .kinds import EmbedStats as EmbedStats
@@ -36,8 +36,8 @@ from .model import collect_stats as collect_stats
 from .model import stats_collector as stats_collector
 from .model import merge as merge
 from .model import solve_stats as solve_stats
-from ._report import LayerReport as LayerReport
-from ._report import MergeReport as MergeReport
+from .model.report import LayerReport as LayerReport
+from .model.report import MergeReport as MergeReport
 
 # Layer kinds (what the merge knows of each kind of layer; register your own)
 from .kinds import AffineKind as AffineKind

@@ -81,7 +81,7 @@ def run_demo(*, seed: int = 0, quick: bool = False, quiet: bool = False) -> dict
     """
     from sklearn.datasets import load_digits
 
-    from ._bases import LowRank
+    from .core.bases import LowRank
     from .methods.arithmetic import soup, task_arithmetic
     from .methods.dare import dare
     from .methods.ties import ties

@@ -249,7 +249,7 @@ def _data(config, key):
 
 
 def _basis(name):
-    from ._bases import LowRank
+    from .core.bases import LowRank
 
     return LowRank(int(name[8:])) if name.startswith("lowrank:") else name
 
@@ -385,7 +385,7 @@ def _stats_command(args) -> None:
 
 
 def _report_command(args) -> None:
-    from ._report import MergeReport
+    from .model.report import MergeReport
 
     path = Path(args.report)
     if path.is_dir():

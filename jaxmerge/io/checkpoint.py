@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .._stats import LayerStats, combine_stats
+from ..core.stats import LayerStats, combine_stats
 
 __all__ = [
     "save_params",

@@ -41,12 +41,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from .._bases import Custom, LowRank
-from .._energy import energies
-from .._layers import augmented
-from .._solve import SolveStatus
-from .._solve_layer import solve_layer
-from .._stats import LayerStats, affine_targets, update_input_stats, update_stats
+from ..core.bases import Custom, LowRank
+from ..core.energy import energies
+from ..core.layers import augmented
+from ..core.psd import SolveStatus
+from ..core.qp import solve_layer
+from ..core.stats import LayerStats, affine_targets, update_input_stats, update_stats
 
 __all__ = [
     "AffineKind",
@@ -266,7 +266,7 @@ class AffineKind(LayerKind):
         return update_stats(stats, x, y, task, mask=mask, weight=weight)
 
     def own_targets(self, stats, specs, layers):
-        """``P = AW̄`` and ``s = diag(W̄ᵀAW̄)`` (:func:`~jaxmerge._stats.affine_targets`): equal
+        """``P = AW̄`` and ``s = diag(W̄ᵀAW̄)`` (:func:`~jaxmerge.core.stats.affine_targets`): equal
         to accumulating the layers' own outputs up to their rounding, without the
         ``N·(n+1)·m`` products."""
         columns = []

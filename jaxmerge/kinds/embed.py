@@ -17,11 +17,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from .._bases import Custom, LowRank, combine_directions
-from .._energy import energies
-from .._solve import SolveStatus
-from .._solve_layer import solve_layer
-from .._stats import LayerStats
+from ..core.bases import Custom, LowRank, combine_directions
+from ..core.energy import energies
+from ..core.psd import SolveStatus
+from ..core.qp import solve_layer
+from ..core.stats import LayerStats
 from .base import CallShape, LayerKind, no_ridge, register_kind
 
 __all__ = ["EmbedKind", "EmbedStats"]

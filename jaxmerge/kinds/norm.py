@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .._bases import LowRank
-from .._solve_layer import solve_layer
-from .._stats import LayerStats
+from ..core.bases import LowRank
+from ..core.qp import solve_layer
+from ..core.stats import LayerStats
 from .base import AffineKind, CallShape, register_kind
 
 __all__ = ["NormKind"]

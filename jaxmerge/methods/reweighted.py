@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import jax
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .._bases import Custom
-from .._solve_layer import LayerSolution, solve_layer
-from .._stats import LayerStats
+from ..core.bases import Custom
+from ..core.qp import LayerSolution, solve_layer
+from ..core.stats import LayerStats
 from .common import Scale, key_names, layer_of, scale_at
 from .dare import dare_directions
 from .ties import ties_task_vectors

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._flax.fold import flatten, to_pure
-from .._stats import LayerStats
+from ..core.stats import LayerStats
 from ..kinds import EmbedStats, LayerSpec, kind_of
 from .plan import _default_dtype, _describe, _layer_params, _plan
 

@@ -64,11 +64,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .._report import MergeReport
 from ..kinds.embed import checked_ids
 from .collect import StatsCollector, _collect, _peek
 from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
+from .report import MergeReport
 from .sequential import merge_sequential
 from .solve import _finish, _keep_base, _solve_all, _unchanged
 from .trees import _Trees, check_host

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._bases import Custom, LowRank
 from .._errors import with_context
+from ..core.bases import Custom, LowRank
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._bases import Custom
 from .._errors import with_context
-from .._report import LayerReport, MergeReport
-from .._solve import SolveStatus
-from .._solve_layer import SolveError, solve_layer
+from ..core.bases import Custom
+from ..core.psd import SolveStatus
+from ..core.qp import SolveError, solve_layer
 from ..kinds import kind_of
 from .collect import GroupStats, _progress, member_stats
 from .options import _basis_name, _Options, _options
 from .plan import _layer_params, _leaf
+from .report import LayerReport, MergeReport
 from .trees import _Trees
 
 # ---- solving ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Scale-out: sharded statistics, device-parallel solves, reductions across processes, and the
 merge in layer groups within a memory budget.
 
-Statistics are sums (see :mod:`jaxmerge._stats`), so spreading them is plain arithmetic:
+Statistics are sums (see :mod:`jaxmerge.core.stats`), so spreading them is plain arithmetic:
 
 * **Data parallel accumulation.** The calibration rows of a batch are split over the ``axis``
   (default ``"data"``) of a mesh; every device adds its rows to private sums with the same kernel

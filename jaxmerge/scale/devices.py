@@ -11,11 +11,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._bases import Basis, Custom, LowRank
-from .._layers import as_layer
-from .._solve import SolveStatus
-from .._solve_layer import LayerSolution, SolveError, solve_layer
-from .._stats import LayerStats
+from ..core.bases import Basis, Custom, LowRank
+from ..core.layers import as_layer
+from ..core.psd import SolveStatus
+from ..core.qp import LayerSolution, SolveError, solve_layer
+from ..core.stats import LayerStats
 from .mesh import _mesh_for, _on_mesh
 
 __all__ = ["solve_layers"]

@@ -35,9 +35,9 @@ import numpy as np
 
 from .. import _internal
 from .._flax.fold import flatten, from_pure, to_pure, unflatten
-from .._report import MergeReport
 from ..kinds import kind_of
 from ..model import collect_stats, solve_stats
+from ..model.report import MergeReport
 
 __all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
 

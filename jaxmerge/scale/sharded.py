@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import ArrayLike, Float, Real
 
 from .._errors import with_context
-from .._stats import LayerStats, _check_batch, _update
+from ..core.stats import LayerStats, _check_batch, _update
 from .mesh import _mesh_for, _on_mesh
 
 __all__ = ["sharded_update_stats", "sharded_update_stats_by_path"]

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._bases import Basis, Custom, LowRank, combine_directions, directional_system, truncate_update
-from ._energy import energies
-from ._layers import as_layer, augmented, check_layer
-from ._solve import SolveStatus, psd_solve
-from ._stats import LayerStats
+from .bases import Basis, Custom, LowRank, combine_directions, directional_system, truncate_update
+from .energy import energies
+from .layers import as_layer, augmented, check_layer
+from .psd import SolveStatus, psd_solve
+from .stats import LayerStats
 
 __all__ = ["LayerSolution", "SolveError", "solve_layer"]
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._layers import as_layer, augmented, check_layer
-from ._stats import LayerStats
+from .layers import as_layer, augmented, check_layer
+from .stats import LayerStats
 
 __all__ = ["energy_fraction"]
 
