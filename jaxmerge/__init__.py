@@ -97,7 +97,7 @@ from .io.model_stats import load_model_stats as load_model_stats
 from .io.model_stats import save_model_stats as save_model_stats
 
 # Errors (SolveError is imported above, with solve_layer); all show as jaxmerge.<name>
-from ._config import ConfigError as ConfigError
+from .cli.config import ConfigError as ConfigError
 from .model import OptionPatternError as OptionPatternError
 
 

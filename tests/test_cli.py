@@ -501,14 +501,14 @@ def test_overwriting_leaves_nothing_behind(tmp_path, monkeypatch, kind):
 def test_failed_run_prints_the_notes_of_the_error(inputs, tmp_path, monkeypatch, capsys):
     """Errors that carry jaxmerge's context as a note (their type cannot be rebuilt from one
     string) show it on stderr."""
-    import jaxmerge.cli as cli
+    from jaxmerge.cli import command
 
-    def fail(config, *, quiet):
+    def fail(config, **options):
         error = RuntimeError("the original message")
         error.add_note("merge: layer 'Dense_0'")
         raise error
 
-    monkeypatch.setattr(cli, "_run_merge", fail)
+    monkeypatch.setattr(command, "_run_merge", fail)
     config = _config(tmp_path, inputs)
     assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err

@@ -223,8 +223,8 @@ def _write_file(path: Path, write) -> None:
 
 
 def _load_inputs(config, *, need_finetuned=True):
-    from ._config import import_object
-    from .io.checkpoint import load_params
+    from ..io.checkpoint import load_params
+    from .config import import_object
 
     for key, path in [("base", config.base)] + [
         (f"finetuned[{k}]", p) for k, p in enumerate(config.finetuned)
@@ -241,7 +241,7 @@ def _load_inputs(config, *, need_finetuned=True):
 
 
 def _data(config, key):
-    from ._config import import_object
+    from .config import import_object
 
     if getattr(config, key) is None:
         return None
@@ -249,7 +249,7 @@ def _data(config, key):
 
 
 def _basis(name):
-    from .core.bases import LowRank
+    from ..core.bases import LowRank
 
     return LowRank(int(name[8:])) if name.startswith("lowrank:") else name
 
@@ -257,10 +257,10 @@ def _basis(name):
 def _run_merge(config, *, quiet: bool, check_source: bool = True):
     import jax
 
-    from .io.model_stats import combine_model_stats, load_model_stats
-    from .methods import arithmetic, dare, ties
-    from .methods.reweighted import dare_basis, ties_basis
-    from .model import collect_stats, merge, solve_stats
+    from ..io.model_stats import combine_model_stats, load_model_stats
+    from ..methods import arithmetic, dare, ties
+    from ..methods.reweighted import dare_basis, ties_basis
+    from ..model import collect_stats, merge, solve_stats
 
     opts = config.merge
     method = opts["method"]
@@ -324,9 +324,9 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True):
 
 
 def _merge_command(args) -> None:
-    from ._config import ConfigError, load_config
-    from .io.checkpoint import atomic_directory, save_params
-    from .model import OptionPatternError
+    from ..io.checkpoint import atomic_directory, save_params
+    from ..model import OptionPatternError
+    from .config import ConfigError, load_config
 
     config = load_config(args.config)
     inputs, places = _protected(config)
@@ -352,8 +352,8 @@ def _merge_command(args) -> None:
 
 
 def _stats_command(args) -> None:
-    from ._config import load_config
-    from .io.model_stats import accumulate_model_stats, save_model_stats
+    from ..io.model_stats import accumulate_model_stats, save_model_stats
+    from .config import load_config
 
     config = load_config(args.config)
     if config.calibration is None:
@@ -385,7 +385,7 @@ def _stats_command(args) -> None:
 
 
 def _report_command(args) -> None:
-    from .model.report import MergeReport
+    from ..model.report import MergeReport
 
     path = Path(args.report)
     if path.is_dir():
@@ -407,7 +407,7 @@ def _report_command(args) -> None:
 
 
 def _demo_command(args) -> None:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     places = [("working directory", Path.cwd())]
     out = _check_output(args.json, args.overwrite, places=places) if args.json else None
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) and usage errors (2)
         return int(exit_.code or 0)
-    from ._config import ConfigError
+    from .config import ConfigError
 
     commands = {
         "merge": _merge_command,

@@ -81,11 +81,11 @@ def run_demo(*, seed: int = 0, quick: bool = False, quiet: bool = False) -> dict
     """
     from sklearn.datasets import load_digits
 
-    from .core.bases import LowRank
-    from .methods.arithmetic import soup, task_arithmetic
-    from .methods.dare import dare
-    from .methods.ties import ties
-    from .model import collect_stats, merge, solve_stats
+    from ..core.bases import LowRank
+    from ..methods.arithmetic import soup, task_arithmetic
+    from ..methods.dare import dare
+    from ..methods.ties import ties
+    from ..model import collect_stats, merge, solve_stats
 
     start = time.perf_counter()
     digits = load_digits()
