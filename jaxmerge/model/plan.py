@@ -35,8 +35,9 @@ def _layer_params(flat: Mapping, spec: LayerSpec) -> dict:
 class _Plan:
     """The model, its supported layers (call order) and their shared-input groups."""
 
-    def __init__(self, model, call_kwargs, tree, batch, mask_key):
+    def __init__(self, model, call_kwargs, tree, batch, mask_key, cache=None):
         self.model = as_model(model, call_kwargs)
+        self.cache = cache
         self.linen_params_only = hasattr(self.model, "module") and not has_collections(tree)
         self.mask_key = mask_key
         flat, _ = flatten(tree)
@@ -92,16 +93,31 @@ class _Plan:
             groups.setdefault(key, []).append(call.path)
         self.groups = [tuple(g) for g in groups.values()]
         self.group_of = {p: g for g in self.groups for p in g}
-        self.fns = {}
+        self.fns = {}  # {key + (argument signature,): jitted function with one program}
+
+    def program(self, key, make):
+        """``jax.jit(make())`` as a function of its arguments, compiled once per argument
+        signature (tree structure, shapes, dtypes) and kept in :attr:`fns` under
+        ``key + (signature,)``, where the plan's :class:`PlanCache` counts and bounds it."""
+
+        def call(*args):
+            full = key + (_signature(args),)
+            fn = self.fns.get(full)
+            if fn is None:
+                fn = self.fns[full] = jax.jit(make())
+            if self.cache is not None:
+                self.cache.used(self, full)
+            return fn(*args)
+
+        return call
 
     def stats_fn(self, groups, num_tasks, dtype, own=False):
-        """The jitted :func:`_batch_stats` of ``groups``, built once per plan."""
-        key = (tuple(groups), num_tasks, jnp.dtype(dtype), own)
-        if key not in self.fns:
-            self.fns[key] = jax.jit(
-                functools.partial(_batch_stats, self, tuple(groups), num_tasks, dtype, own)
-            )
-        return self.fns[key]
+        """The jitted :func:`_batch_stats` of ``groups`` (:meth:`program`)."""
+        groups = tuple(groups)
+        return self.program(
+            (groups, num_tasks, jnp.dtype(dtype), own),
+            lambda: functools.partial(_batch_stats, self, groups, num_tasks, dtype, own),
+        )
 
     def apply(self, tree, batch, hook):
         if self.linen_params_only:
@@ -143,14 +159,25 @@ class PlanCache:
     """The plans of recent merges, each with the compiled programs it owns (:attr:`_Plan.fns`),
     kept for the next merge of the same linen module, tree and batch signatures.
 
-    Bounded: the least recently used plan (and with it its compiled programs) is dropped beyond
-    ``max_plans``. Linen modules are immutable, so a plan is keyed by the module's identity and
-    kept with it; NNX modules are mutable and always get a new plan.
+    Bounded twice, so that a process merging again and again (a sweep over calibration sizes,
+    tasks, bases, ridges) keeps its memory and its count of memory mappings bounded: each
+    compiled XLA program holds its own mappings (on CPU from about 60 for a small statistics
+    program to hundreds for a one-pass sequential merge, more for large models), and the kernel
+    stops a process at ``vm.max_map_count`` (65,530 by default). At most ``max_plans`` plans and
+    ``max_programs`` compiled programs (over all plans; one per function and argument signature)
+    are kept: beyond them the least recently used plan, or program, is dropped and its executable
+    freed (:func:`_release`), to be compiled again when needed. The solve programs shared by
+    layers of one structure (:mod:`jaxmerge.model.solve`) are not counted: there are few, one per
+    layer structure and option set. Linen modules are immutable, so a plan is keyed by the module's
+    identity and kept with it; NNX modules are mutable and always get a new plan, whose programs
+    live as long as it does (one merge).
     """
 
-    def __init__(self, max_plans: int = 8):
+    def __init__(self, max_plans: int = 8, max_programs: int = 32):
         self.max_plans = max_plans
+        self.max_programs = max_programs
         self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._programs: collections.OrderedDict = collections.OrderedDict()  # -> plan
 
     def get(self, model, call_kwargs, tree, batch, mask_key) -> "_Plan":
         """The cached plan for these arguments, or a new one (then cached)."""
@@ -167,19 +194,50 @@ class PlanCache:
         if hit is not None and hit[0] is model:
             self._plans.move_to_end(key)
             return hit[1]
-        plan = _Plan(model, call_kwargs, tree, batch, mask_key)
+        plan = _Plan(model, call_kwargs, tree, batch, mask_key, cache=self)
         self._plans[key] = (model, plan)
         while len(self._plans) > self.max_plans:
-            self._plans.popitem(last=False)
+            self._drop(self._plans.popitem(last=False)[1][1])
         return plan
+
+    def used(self, plan: "_Plan", key) -> None:
+        """Mark ``plan.fns[key]`` as just used; drop the least recently used programs beyond
+        ``max_programs``."""
+        self._programs[(id(plan), key)] = plan
+        self._programs.move_to_end((id(plan), key))
+        while len(self._programs) > self.max_programs:
+            (_, old), owner = self._programs.popitem(last=False)
+            _release(owner.fns.pop(old, None))
+
+    def _drop(self, plan: "_Plan") -> None:
+        for entry in [e for e in self._programs if e[0] == id(plan)]:
+            del self._programs[entry]
+        _release(*plan.fns.values())
+        plan.fns.clear()
 
     def plans(self) -> list["_Plan"]:
         """The cached plans, least recently used first."""
         return [plan for _, plan in self._plans.values()]
 
+    def programs(self) -> int:
+        """The number of compiled programs the cached plans hold."""
+        return len(self._programs)
+
     def clear(self) -> None:
         """Drop every plan and its compiled programs."""
+        for _, plan in self._plans.values():
+            _release(*plan.fns.values())
+            plan.fns.clear()
         self._plans.clear()
+        self._programs.clear()
+
+
+def _release(*fns) -> None:
+    """Free the executables of dropped jitted functions: JAX's tracing caches would otherwise
+    keep them (and their memory mappings) alive after the function is gone."""
+    for fn in fns:
+        if fn is not None:
+            fn.clear_cache()
 
 
 PLANS = PlanCache()

@@ -1,5 +1,12 @@
 """The sequential algorithm: each layer solved on the partially merged model's activations (see
-:mod:`jaxmerge.model.merge`)."""
+:mod:`jaxmerge.model.merge`).
+
+The one-pass path runs every task's examples through the merged model as one batch, which gives
+each task's activations only when the model treats the examples of a batch independently; a model
+that mixes them (subtracts the batch mean, normalises over the batch) would see the other tasks'
+examples. That is checked on a few examples before the path is taken (:func:`_rows_independent`);
+a model that fails gets the per-group passes over each task's own batches, the answer of either
+path for a model whose examples are independent."""
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +35,66 @@ def _concatenable(batches) -> bool:
     )
 
 
+def _same_rows(x, lead, apart):
+    """Whether a layer's input rows ``x`` (leading shape ``lead``) of a joined batch equal, to
+    ``√ε`` of their size, its rows ``apart`` (``(x, lead)`` per part) of the parts alone."""
+    sizes = [lead_k[0] if lead_k else None for _, lead_k in apart]
+    if not lead or None in sizes or lead[0] != sum(sizes):
+        return jnp.array(False)  # the examples are not on axis 0
+    ref = jnp.concatenate([xk.reshape(n, -1) for (xk, _), n in zip(apart, sizes, strict=True)])
+    eps = jnp.finfo(x.dtype).eps if jnp.issubdtype(x.dtype, jnp.inexact) else 0.0
+    err = jnp.max(jnp.abs(x.reshape(ref.shape) - ref))
+    return err <= float(np.sqrt(eps)) * jnp.max(jnp.abs(ref))
+
+
+def _rows_independent(plan, tree, batches) -> bool:
+    """Whether the model treats the examples of a batch independently, as the one-pass
+    sequential merge assumes when it runs all tasks' examples as one batch: checked on up to two
+    examples of the first and of the last task, whose inputs to every supported layer must be the
+    same (to ``√ε`` of their size) in one batch as in two (a model that subtracts the batch mean,
+    or mixes examples otherwise, fails)."""
+    if len(batches) < 2:
+        return True
+    parts = [jax.tree.map(lambda a: a[:2], b) for b in (batches[0], batches[-1])]
+
+    def make():
+        solvable = set(plan.specs)
+
+        def check(tree, parts):
+            apart = [plan.record(tree, p, solvable) for p in parts]
+            joined = plan.record(tree, jax.tree.map(lambda *a: jnp.concatenate(a), *parts),
+                                 solvable)  # fmt: skip
+            ok = [
+                _same_rows(x, lead, [rec[path][i][:2] for rec in apart])
+                for path, calls in joined.items()
+                for i, (x, lead, _) in enumerate(calls)
+            ]
+            return jnp.all(jnp.stack([jnp.array(True), *ok]))
+
+        return check
+
+    return bool(plan.program(("rows independent",), make)(tree, parts))
+
+
 def _sequential_pass(plan, options, trees, batches, embed_params, dtype):
     """The one-batch sequential merge, run as one jitted function (see the module docs).
 
-    The compiled function is kept on the plan for the next merge with the same options, tree
-    structure, number of tasks and dtype (options holding arrays, such as priors, are not
-    hashable and compile afresh).
+    The compiled function is kept on the plan (:meth:`~jaxmerge.model.plan._Plan.program`) for
+    the next merge with the same options, tree structure, number of tasks, dtype and batch
+    shapes (options holding arrays, such as priors, are not hashable and compile afresh).
     """
     k_tasks = len(trees.ft_flats)
     key = ("sequential", k_tasks, jnp.dtype(dtype), trees.treedef, tuple(trees.base_flat),
            tuple(options.items()))  # fmt: skip
+
+    def make():
+        return _sequential_fn(plan, options, trees.treedef, tuple(trees.base_flat), dtype)
+
     try:
-        fn = plan.fns.get(key)
+        hash(key)
+        fn = plan.program(key, make)
     except TypeError:
-        key, fn = None, None
-    if fn is None:
-        fn = jax.jit(_sequential_fn(plan, options, trees.treedef, tuple(trees.base_flat), dtype))
-        if key is not None:
-            plan.fns[key] = fn
+        fn = jax.jit(make())
     return fn(trees.base_flat, trees.ft_flats, trees.centre, embed_params, batches)
 
 
@@ -111,13 +160,18 @@ def _sequential_fn(plan, options, treedef, paths, dtype):
 def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *, throw, progress):
     """The sequential merge's layer reports; writes the merged leaves into ``merged_flat``.
 
-    With one batch per task (of shapes that concatenate) every layer but the non-traceable ones
-    (embeddings, solved first from their own statistics) is solved in one jitted pass
+    With one batch per task (of shapes that concatenate, and a model whose examples are
+    independent: :func:`_rows_independent`) every layer but the non-traceable ones (embeddings,
+    solved first from their own statistics) is solved in one jitted pass
     (:func:`_sequential_pass`); otherwise one pass over the calibration per layer group.
     """
     batches = [list(it) for it in iters]
     reports = []
-    single = all(len(b) == 1 for b in batches) and _concatenable([b[0] for b in batches])
+    single = (
+        all(len(b) == 1 for b in batches)
+        and _concatenable([b[0] for b in batches])
+        and _rows_independent(plan, trees.tree(trees.centre), [b[0] for b in batches])
+    )
     embeds = [g for g in plan.groups if not kind_of(plan.specs[g[0]].kind).traceable]
     passes = embeds if single else plan.groups
     with _progress(progress) as bar:
