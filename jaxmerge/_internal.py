@@ -8,6 +8,7 @@ every such crossing in one visible place.
 
 from .io.provenance import tree_fingerprint
 from .model.collect import _add_normalized as add_normalized
+from .model.collect import _checked_ids as checked_ids
 from .model.collect import _finished as finished_task
 from .model.collect import _peek as peek
 from .model.collect import _progress as progress_bar
@@ -21,6 +22,7 @@ from .scale.sharded import _accumulate as sharded_step
 __all__ = [
     "tree_fingerprint",
     "add_normalized",
+    "checked_ids",
     "finished_task",
     "peek",
     "progress_bar",

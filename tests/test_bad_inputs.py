@@ -220,12 +220,15 @@ def _nnx_stochastic(only=None, full_state=False):
     return jm.merge(model, base, finetunes(params, 2), [[x], [x + 1]], progress=False)
 
 
-def _token_merge(bad_id):
-    """A transformer merged with one token id of task 1's batch set to ``bad_id``."""
+def _token_merge(bad_id, run=jm.merge):
+    """A transformer merged (or its statistics collected, ``run``) with one token id of task 1's
+    batch set to ``bad_id``."""
     model, good = LinenTransformer(), token_batch(1)
     base = model.init(jax.random.key(0), **good)["params"]
     bad = dict(good, tokens=good["tokens"].at[0, 0].set(bad_id))
-    return jm.merge(model, base, finetunes(base, 2), [[good], [bad]], progress=False)
+    if run is jm.merge:
+        return jm.merge(model, base, finetunes(base, 2), [[good], [bad]], progress=False)
+    return run(model, finetunes(base, 2), [[good], [bad]], progress=False)
 
 
 def _other_shapes_stats(c):
@@ -532,6 +535,14 @@ CASES = [
                      rf"'embed' \({VOCAB} rows"),
     Case("merge: negative token id", lambda c, t: _token_merge(-1),
          ValueError, r"calibration\[1\] batch 0: the token ids .* range over \[-1, \d+\], "
+                     r"outside the vocabulary of embedding layer 'embed'"),
+    Case("collect_stats: token id beyond the vocabulary",
+         lambda c, t: _token_merge(VOCAB, jm.collect_stats),
+         ValueError, rf"calibration\[1\] batch 0: the token ids in batch\['tokens'\] range "
+                     rf"over \[\d+, {VOCAB}\], outside the vocabulary of embedding layer"),
+    Case("accumulate_model_stats: negative token id",
+         lambda c, t: _token_merge(-3, jm.accumulate_model_stats),
+         ValueError, r"calibration\[1\] batch 0: the token ids .* range over \[-3, \d+\], "
                      r"outside the vocabulary of embedding layer 'embed'"),
     Case("solve_stats: statistics of a model with the same paths, other shapes",
          lambda c, t: _other_shapes_stats(c),

@@ -228,6 +228,7 @@ def accumulate_model_stats(
     names = _task_names(tasks, len(finetuned))
     iters, first = _internal.peek(calibration, len(finetuned), mask_key=mask_key)
     plan = _internal.plan_of(model, call_kwargs, finetuned[0], first, mask_key)
+    iters = _internal.checked_ids(plan, iters)
     dtype = jnp.dtype(dtype) if dtype is not None else _internal.default_dtype()
     k_tasks = len(finetuned)
     fn = plan.stats_fn(plan.groups, k_tasks, dtype, own=True)

@@ -15,6 +15,7 @@ import numpy as np
 from .._flax.fold import flatten, to_pure
 from ..core.stats import LayerStats
 from ..kinds import EmbedStats, LayerSpec, kind_of
+from ..kinds.embed import checked_ids
 from .plan import _default_dtype, _describe, _layer_params, _plan
 
 
@@ -168,6 +169,12 @@ def _peek(calibration, num_tasks, *, mask_key=None, what="calibration"):
         rest = (_check_batch(b, f"{what}[{k}] batch {i}", mask_key) for i, b in enumerate(it, 1))
         iters.append(itertools.chain([head], rest))
     return iters, first
+
+
+def _checked_ids(plan, iters, what: str = "calibration") -> list:
+    """Every task's batches, the token ids its embeddings read checked against their vocabulary
+    (:func:`~jaxmerge.kinds.embed.checked_ids`)."""
+    return [checked_ids(it, plan.model.id_inputs, f"{what}[{k}]") for k, it in enumerate(iters)]
 
 
 def _check_batch(batch, where: str, mask_key):
@@ -386,4 +393,5 @@ def collect_stats(
         model, finetuned, first, inputs=inputs, paths=paths, mask_key=mask_key,
         call_kwargs=call_kwargs, dtype=dtype,
     )  # fmt: skip
+    iters = _checked_ids(collector.plan, iters)
     return _collect(collector, finetuned, iters, progress=progress, label="collecting statistics")

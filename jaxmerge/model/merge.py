@@ -64,8 +64,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..kinds.embed import checked_ids
-from .collect import StatsCollector, _collect, _peek
+from .collect import StatsCollector, _checked_ids, _collect, _peek
 from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
 from .report import MergeReport
@@ -173,8 +172,7 @@ def merge(
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     _check_layer_patterns(plan.specs, basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
-    iters = [checked_ids(it, plan.model.id_inputs, f"calibration[{k}]")
-             for k, it in enumerate(iters)]  # fmt: skip
+    iters = _checked_ids(plan, iters)
     dtype = _default_dtype()
 
     def collect(iters, *, groups, tree_in, label):
@@ -198,8 +196,7 @@ def merge(
     held = None
     if heldout is not None:
         held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout")
-        held_iters = [checked_ids(it, plan.model.id_inputs, f"heldout[{k}]")
-                      for k, it in enumerate(held_iters)]  # fmt: skip
+        held_iters = _checked_ids(plan, held_iters, "heldout")
         tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
         held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
     return _finish(trees, merged_flat, reports, specs, algorithm, started, held)
