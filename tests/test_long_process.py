@@ -8,11 +8,11 @@ the ridge and the algorithm. The plan cache keeps at most ``max_programs`` compi
 the count levels off. They run in a fresh interpreter, so other tests' programs do not count.
 """
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import Job, fresh_env
 
 MERGES = 54
 
@@ -50,11 +50,15 @@ SCRIPT = textwrap.dedent(
 ).replace("MERGES", str(MERGES))
 
 
+def _jobs(item, tmp_path_factory):
+    """A background job (see conftest.py), compiling everything itself (no compilation cache)."""
+    return {"merges": Job([sys.executable, "-c", SCRIPT], env=fresh_env(), timeout=600)}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_mapping_count_levels_off_over_many_merges():
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, check=False
-    )
+@pytest.mark.background(_jobs)
+def test_mapping_count_levels_off_over_many_merges(background):
+    run = background.result("merges")
     assert run.returncode == 0, run.stderr[-3000:]
     counts = [int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("maps")]
     assert len(counts) == MERGES

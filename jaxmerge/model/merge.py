@@ -25,7 +25,10 @@ Algorithms:
   left upstream. When every task's calibration is one batch (of matching shapes) the whole merge
   is one jitted function: one forward pass per fine-tuned model records the targets, then one
   forward pass of the merged model over all tasks' examples (concatenated along axis 0) solves
-  each layer group at the moment it is reached and continues with the merged layer. Embeddings
+  each layer group at the moment it is reached and continues with the merged layer. This needs a
+  model that treats the examples of a batch independently; it is checked on two examples of the
+  first and the last task, and a model that mixes them (subtracting the batch mean, normalising
+  over the batch) gets the per-group passes over each task's own batches instead. Embeddings
   read token ids, which do not depend on the merge, so they are solved beforehand from their own
   (cheap) statistics. With several batches the statistics of a layer need every batch before it
   can be solved, so the merge makes one pass over the calibration data per layer group (each pass
