@@ -56,7 +56,7 @@ def _jobs(item, tmp_path_factory):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-@pytest.mark.background(_jobs)
+@pytest.mark.background.with_args(_jobs)
 def test_mapping_count_levels_off_over_many_merges(background):
     run = background.result("merges")
     assert run.returncode == 0, run.stderr[-3000:]
