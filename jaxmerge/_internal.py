@@ -13,6 +13,8 @@ from .model.collect import _finished as finished_task
 from .model.collect import _peek as peek
 from .model.collect import _progress as progress_bar
 from .model.collect import _zero_sums as zero_sums
+from .model.plan import _SHARED as shared_programs
+from .model.plan import PLANS as plan_cache
 from .model.plan import _default_dtype as default_dtype
 from .model.plan import _Plan as Plan
 from .model.plan import _plan as plan_of
@@ -29,6 +31,8 @@ __all__ = [
     "zero_sums",
     "default_dtype",
     "plan_of",
+    "plan_cache",
+    "shared_programs",
     "Plan",
     "local_mesh",
     "sharded_step",

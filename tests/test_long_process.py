@@ -67,3 +67,41 @@ def test_mapping_count_levels_off_over_many_merges(background):
     # was +1,810. Bounded, it levels off at 5,100-5,730 from merge 20 on (programs dropped and
     # compiled again move it by a few hundred): +236. The margin sits between the two.
     assert max(counts[40:50]) - max(counts[20:30]) < 1000, counts
+
+
+def _moved(tree):
+    import jax
+
+    return jax.tree.map(lambda a: a + 1, tree)
+
+
+def test_dropping_a_plan_frees_the_programs_every_plan_shares():
+    """The per-task finish, the weighted sum and the group solves are module-level programs;
+    they are freed with a dropped plan, so they cannot outgrow the plan cache."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    import jaxmerge as jm
+    from jaxmerge._internal import plan_cache, shared_programs
+
+    assert len(shared_programs) == 3
+    x = np.ones((4, 3), np.float32)
+    models = [nn.Dense(n) for n in (2, 3)]
+    saved = plan_cache.max_plans
+    try:
+        plan_cache.max_plans = 1
+        base = models[0].init(jax.random.key(0), x)["params"]
+        jm.merge(models[0], base, [base, _moved(base)], [[x], [2 * x]], progress=False)
+        first = [fn._cache_size() for fn in shared_programs]
+        assert all(n > 0 for n in first), first
+        # A second model of other widths: its plan drops the first and, with it, the shared
+        # programs compiled for it; the second merge's own (as many) are compiled again.
+        base = models[1].init(jax.random.key(0), x)["params"]
+        jm.merge(models[1], base, [base, _moved(base)], [[x], [2 * x]], progress=False)
+        assert len(plan_cache.plans()) == 1
+        assert [fn._cache_size() for fn in shared_programs] == first  # not twice as many
+        plan_cache.clear()
+        assert [fn._cache_size() for fn in shared_programs] == [0, 0, 0]
+    finally:
+        plan_cache.max_plans = saved

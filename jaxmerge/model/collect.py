@@ -16,7 +16,7 @@ from .._flax.fold import flatten, to_pure
 from ..core.stats import LayerStats
 from ..kinds import EmbedStats, LayerSpec, kind_of
 from ..kinds.embed import checked_ids
-from .plan import _default_dtype, _describe, _layer_params, _plan
+from .plan import _default_dtype, _describe, _layer_params, _plan, shared_program
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["stats"], meta_fields=["layers"])
@@ -79,6 +79,7 @@ def member_stats(stats, specs, index: int):
     return stats._replace(cross=stats.cross[:, cols], out_sq=stats.out_sq[cols])
 
 
+@shared_program
 @functools.partial(jax.jit, static_argnums=0)
 def _finish_task(specs, sums, layers, k):
     """One task's plain sums, each group's finiteness and row count for :func:`_check_task`.
@@ -98,6 +99,7 @@ def _finish_task(specs, sums, layers, k):
     return out, finite, {key: s.count[k] for key, s in out.items()}
 
 
+@shared_program
 @jax.jit
 def _add_normalized(total, sums, k):
     """``total + sums/Nₖ`` over ``{group key: statistics}`` (``Nₖ``: the group's row count of

@@ -166,9 +166,10 @@ class PlanCache:
     stops a process at ``vm.max_map_count`` (65,530 by default). At most ``max_plans`` plans and
     ``max_programs`` compiled programs (over all plans; one per function and argument signature)
     are kept: beyond them the least recently used plan, or program, is dropped and its executable
-    freed (:func:`_release`), to be compiled again when needed. The solve programs shared by
-    layers of one structure (:mod:`jaxmerge.model.solve`) are not counted: there are few, one per
-    layer structure and option set. Linen modules are immutable, so a plan is keyed by the module's
+    freed (:func:`_release`), to be compiled again when needed. The programs every plan shares
+    (:func:`shared_program`: the per-task finish, the weighted sum and the group solves, one per
+    layer structure and option set) are not counted one by one; they are freed whenever a plan
+    is dropped. Linen modules are immutable, so a plan is keyed by the module's
     identity and kept with it; NNX modules are mutable and always get a new plan, whose programs
     live as long as it does (one merge).
     """
@@ -212,7 +213,7 @@ class PlanCache:
     def _drop(self, plan: "_Plan") -> None:
         for entry in [e for e in self._programs if e[0] == id(plan)]:
             del self._programs[entry]
-        _release(*plan.fns.values())
+        _release(*plan.fns.values(), *_SHARED)
         plan.fns.clear()
 
     def plans(self) -> list["_Plan"]:
@@ -228,8 +229,20 @@ class PlanCache:
         for _, plan in self._plans.values():
             _release(*plan.fns.values())
             plan.fns.clear()
+        _release(*_SHARED)
         self._plans.clear()
         self._programs.clear()
+
+
+_SHARED: list = []  # module-level compiled functions shared by every plan (see shared_program)
+
+
+def shared_program(fn):
+    """Register a module-level jitted function whose programs every plan shares (the per-task
+    finish, the weighted sum, the group solves): a plan dropped from :data:`PLANS` (and
+    :meth:`PlanCache.clear`) frees them too, so that they stay bounded with the plans."""
+    _SHARED.append(fn)
+    return fn
 
 
 def _release(*fns) -> None:

@@ -19,7 +19,7 @@ from ..core.qp import SolveError, solve_layer
 from ..kinds import kind_of
 from .collect import GroupStats, _progress, member_stats
 from .options import _basis_name, _Options, _options
-from .plan import _layer_params, _leaf
+from .plan import _layer_params, _leaf, shared_program
 from .report import LayerReport, MergeReport
 from .trees import _Trees
 
@@ -106,6 +106,7 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
     return out
 
 
+@shared_program
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _solve_layers_jit(specs, static, together, knobs, stats, bases, fts, centres):
     """:func:`_solve_layers` for options without a prior or a custom basis, given as ``static``
