@@ -248,15 +248,14 @@ def accumulate_model_stats(
         for k, batches in enumerate(iters):
             bar.update(job, description=f"statistics: task {k + 1}/{k_tasks} ({names[k]})")
             zero = _internal.zero_sums(plan, plan.groups, k_tasks, dtype)
-            digest = hashlib.sha256()
-            batches = _hashed(batches, digest)
+            digest = hashlib.sha256()  # the task's calibration fingerprint
 
             def update(sums, batch, k=k):
                 bar.advance(job)
                 return fn(sums, finetuned[k], None, batch, k)
 
             if directory is None:
-                sums = functools.reduce(update, batches, zero)
+                sums = functools.reduce(update, _hashed(batches, digest), zero)
             else:
                 state = accumulate_resumable(
                     lambda s, b, update=update, zero=zero: _as_state(
@@ -267,6 +266,7 @@ def accumulate_model_stats(
                     Path(directory) / f"task-{k}",
                     save_every=save_every,
                     keep=1,
+                    digest=digest,
                     source={
                         "task": [k, names[k]],
                         "finetuned": source["finetuned"][k],

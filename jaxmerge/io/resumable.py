@@ -72,6 +72,7 @@ def accumulate_resumable(
     keep: int = 2,
     source: Mapping[str, Any] | None = None,
     check_data: bool = True,
+    digest=None,
 ) -> State:
     """Fold ``update`` over ``batches`` from ``init``, resuming from checkpoints in ``directory``.
 
@@ -89,6 +90,9 @@ def accumulate_resumable(
             fingerprints of parameters, options); a resume with a different ``source`` fails.
         check_data: fingerprint the batches (leaves must be arrays or numbers), so that a resume
             whose first batches differ from those the checkpoint consumed fails.
+        digest: with ``check_data``, the ``hashlib`` digest to fingerprint the batches with
+            (every batch, skipped or folded, in order), so that afterwards it is the fingerprint
+            of all of them; a new ``hashlib.sha256()`` by default.
 
     Returns:
         The final state. A rerun after completion returns it again without calling ``update``.
@@ -117,7 +121,7 @@ def accumulate_resumable(
         )
     target = _target(init)
     source = json.loads(json.dumps(dict(source or {})))  # as it reads back (tuples → lists)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if digest is None else digest
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
     )
