@@ -206,13 +206,20 @@ want, _ = merge(model, base, fts, [[x], [x + 1]], progress=False)
 got, _ = merge(model, base, [fts[0], jax.device_put(fts[1], d1)], [[x], [x + 1]], progress=False)
 assert all(a.devices() == {d0} for a in jax.tree.leaves(got)), got
 jax.tree.map(np.testing.assert_array_equal, got, want)
+far = [[jax.device_put(x, d1)], [jax.device_put(x + 1, d1)]]
+for algorithm in ("parallel", "sequential"):
+    want, _ = merge(model, base, fts, [[x], [x + 1]], algorithm=algorithm, progress=False)
+    got, report = merge(model, base, fts, far, heldout=far, algorithm=algorithm, progress=False)
+    assert all(a.devices() == {d0} for a in jax.tree.leaves(got)), got
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 print("merged on", d0)
 """
 
 
-def test_finetunes_on_another_device_are_moved_to_the_base():
-    """A fine-tune on another device than the base is merged as if it were on the base's: the
-    merge is placed like the base (two emulated CPU devices, in a subprocess)."""
+def test_finetunes_and_batches_on_another_device_are_moved_to_the_base():
+    """A fine-tune, or calibration and held-out batches, on another device than the base are
+    merged as if they were on the base's: the merge is placed like the base, in both algorithms
+    (two emulated CPU devices, in a subprocess)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2")
     out = subprocess.run([sys.executable, "-c", _ON_TWO_DEVICES], env=env, capture_output=True,

@@ -226,7 +226,8 @@ def accumulate_model_stats(
     """
     finetuned = [to_pure(t) for t in finetuned]
     names = _task_names(tasks, len(finetuned))
-    iters, first = _internal.peek(calibration, len(finetuned), mask_key=mask_key)
+    like = jax.tree.leaves(finetuned[0])[0] if finetuned else None
+    iters, first = _internal.peek(calibration, len(finetuned), mask_key=mask_key, like=like)
     plan = _internal.plan_of(model, call_kwargs, finetuned[0], first, mask_key)
     iters = _internal.checked_ids(plan, iters)
     dtype = jnp.dtype(dtype) if dtype is not None else _internal.default_dtype()

@@ -142,9 +142,11 @@ def _progress(enabled: bool):
     return Progress(transient=True, disable=not enabled)
 
 
-def _peek(calibration, num_tasks, *, mask_key=None, what="calibration"):
+def _peek(calibration, num_tasks, *, mask_key=None, what="calibration", like=None):
     """Iterators over each task's batches (each batch checked by :func:`_check_batch` as it
-    comes) and the first batch, with clear errors."""
+    comes, and moved to the devices of the array ``like`` when it lies on others) and the first
+    batch, with clear errors."""
+    place = _placement(like)
     if isinstance(calibration, Mapping) or not isinstance(calibration, Sequence):
         raise TypeError(
             f"merge: {what} must be a sequence of K iterables of batches (one per "
@@ -166,9 +168,10 @@ def _peek(calibration, num_tasks, *, mask_key=None, what="calibration"):
         head = next(it, None)
         if head is None:
             raise ValueError(f"merge: {what}[{k}] is empty; every task needs a batch.")
+        head = _check_batch(head, f"{what}[{k}] batch 0", mask_key, place)  # now: before any work
         first = head if first is None else first
-        _check_batch(head, f"{what}[{k}] batch 0", mask_key)  # now: before any work
-        rest = (_check_batch(b, f"{what}[{k}] batch {i}", mask_key) for i, b in enumerate(it, 1))
+        rest = (_check_batch(b, f"{what}[{k}] batch {i}", mask_key, place)
+                for i, b in enumerate(it, 1))  # fmt: skip
         iters.append(itertools.chain([head], rest))
     return iters, first
 
@@ -179,9 +182,22 @@ def _checked_ids(plan, iters, what: str = "calibration") -> list:
     return [checked_ids(it, plan.model.id_inputs, f"{what}[{k}]") for k, it in enumerate(iters)]
 
 
-def _check_batch(batch, where: str, mask_key):
+def _placement(like):
+    """Where batches go to meet parameters like the array ``like``: its device, or replicated
+    over its mesh; ``None`` (left where they are) when ``like`` is not a JAX array."""
+    if not isinstance(like, jax.Array):
+        return None
+    sharding = like.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding if len(sharding.device_set) == 1 else None
+
+
+def _check_batch(batch, where: str, mask_key, place=None):
     """``batch``, after checking its form: an array, or a dict whose mask (under ``mask_key``)
-    has the leading shape of another entry (a mask that indexes no input would be ignored)."""
+    has the leading shape of another entry (a mask that indexes no input would be ignored).
+    Arrays on other devices than ``place``'s are moved there (a batch committed to another
+    device than the parameters' cannot meet them in one program)."""
     if isinstance(batch, Mapping):
         if mask_key is not None and mask_key in batch:
             mask = np.shape(batch[mask_key])
@@ -198,7 +214,14 @@ def _check_batch(batch, where: str, mask_key):
             "positional input) or a dict of keyword arguments (with an optional padding mask). "
             "For (inputs, labels) pairs pass the inputs alone."
         )
-    return batch
+    if place is None:
+        return batch
+    return jax.tree.map(
+        lambda a: jax.device_put(a, place)
+        if isinstance(a, jax.Array) and a.sharding.device_set != place.device_set
+        else a,
+        batch,
+    )
 
 
 class CollectorState(NamedTuple):
@@ -390,7 +413,8 @@ def collect_stats(
         ([''], (4, 4))
     """
     finetuned = [to_pure(t) for t in finetuned]
-    iters, first = _peek(calibration, len(finetuned), mask_key=mask_key)
+    like = jax.tree.leaves(finetuned[0])[0] if finetuned else None
+    iters, first = _peek(calibration, len(finetuned), mask_key=mask_key, like=like)
     collector = stats_collector(
         model, finetuned, first, inputs=inputs, paths=paths, mask_key=mask_key,
         call_kwargs=call_kwargs, dtype=dtype,

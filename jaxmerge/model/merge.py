@@ -116,7 +116,8 @@ def merge(
             other devices than the base's are moved to the base's sharding).
         calibration: ``K`` iterables of batches, ``calibration[k]`` for fine-tune ``k``; a batch
             is an array (positional input) or a dict of keyword arguments, which may hold a
-            padding mask under ``mask_key``.
+            padding mask under ``mask_key`` (arrays on other devices than the base's are moved
+            to the base's device, or replicated over its mesh).
         algorithm: ``"parallel"`` or ``"sequential"``.
         basis: ``"scalar"``, ``"diagonal"``, ``"full"``, :class:`~jaxmerge.LowRank` or
             :class:`~jaxmerge.Custom`, per layer path (one value, ``{glob: value}`` or a callable).
@@ -170,7 +171,8 @@ def merge(
                    rcond=rcond)  # fmt: skip
     trees = _Trees(base, finetuned, fallback)
     k_tasks = len(trees.ft_flats)
-    iters, first = _peek(calibration, k_tasks, mask_key=mask_key)
+    like = next(iter(trees.base_flat.values()), None)
+    iters, first = _peek(calibration, k_tasks, mask_key=mask_key, like=like)
     plan = _plan(model, call_kwargs, trees.base, first, mask_key)
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     _check_layer_patterns(plan.specs, basis=basis, prior=prior, ridge=ridge)
@@ -198,7 +200,7 @@ def merge(
 
     held = None
     if heldout is not None:
-        held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout")
+        held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout", like=like)
         held_iters = _checked_ids(plan, held_iters, "heldout")
         tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
         held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
