@@ -80,12 +80,12 @@ from .scale.memory import stats_bytes as stats_bytes
 
 # Checkpoints and interchange
 from .io.resumable import accumulate_resumable as accumulate_resumable
-from .io.checkpoint import SavedStats as SavedStats
-from .io.checkpoint import combine_saved_stats as combine_saved_stats
 from .io.checkpoint import load_params as load_params
-from .io.checkpoint import load_stats as load_stats
 from .io.checkpoint import save_params as save_params
-from .io.checkpoint import save_stats as save_stats
+from .io.store import SavedStats as SavedStats
+from .io.store import combine_saved_stats as combine_saved_stats
+from .io.store import load_stats as load_stats
+from .io.store import save_stats as save_stats
 from .io.hf import load_bert_safetensors as load_bert_safetensors
 from .io.hf import save_bert_safetensors as save_bert_safetensors
 

@@ -1,5 +1,6 @@
 """Orbax checkpoints of parameters and statistics: round trips, atomic writes, clear errors."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from reference import augment
 
+import jaxmerge as jm
 from jaxmerge import (
     LayerStats,
     combine_saved_stats,
@@ -246,8 +248,47 @@ def test_stats_round_trip_is_exact(tmp_path, request, wide):
         assert isinstance(saved.stats[key], LayerStats)
         assert _identical(saved.stats[key], stats[key])
     meta = json.loads(next((tmp_path / "s" / "metadata").rglob("*metadata*")).read_text())
-    assert meta["version"] == 1 and meta["layers"][1]["count"] == [0.0, 4.0]
-    assert meta["layers"][0]["dtype"] == ("float64" if wide else "float32")
+    assert (meta["format"], meta["version"], meta["per_task"]) == ("jaxmerge.stats", 2, False)
+    entry = meta["entries"][1]
+    assert entry["key"] == ["decoder", "layers", 0, "out"] and entry["count"] == [0.0, 4.0]
+    assert entry["container"] == "LayerStats" and entry["layers"] == []
+    assert entry["fields"]["cross"] == {"shape": [3, 6], "dtype": "float64" if wide else "float32"}
+
+
+def _write_record(path, arrays, meta):
+    """A statistics checkpoint with this record, as jaxmerge 0.1 wrote them (Orbax Composite)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(path, args=ocp.args.Composite(stats=ocp.args.StandardSave(arrays),
+                                                 metadata=ocp.args.JsonSave(meta)))  # fmt: skip
+    return path
+
+
+def test_statistics_of_the_earlier_formats_still_load(tmp_path):
+    """The per-layer format version 1 and the whole-model format "jaxmerge.model_stats" (both
+    replaced by the one format of jaxmerge.io.store) are read, each by its own loader."""
+    import flax.linen as nn
+
+    a, _ = _stats([5, 3])
+    layer = {"path": ["enc", 0], "n_in": a.n_in, "n_out": a.n_out, "dtype": "float32",
+             "count": [5.0, 3.0]}  # fmt: skip
+    old = _write_record(tmp_path / "v1", [a._asdict()], {"format": "jaxmerge.stats", "version": 1,
+                        "tasks": ["a", "b"], "layers": [layer]})  # fmt: skip
+    saved = load_stats(old)
+    assert saved.tasks == ("a", "b") and _identical(saved.stats[("enc", 0)], a)
+
+    model, x = nn.Dense(2), jnp.arange(6.0).reshape(2, 3)
+    params = model.init(jax.random.key(0), x)["params"]
+    ms = jm.accumulate_model_stats(model, [params, params], [[x], [x + 1]], progress=False)
+    group = ms.sums[""]
+    record = {"format": "jaxmerge.model_stats", "version": 2, "tasks": list(ms.tasks),
+              "source": ms.source, "groups": [{"key": "", "dtype": "float32",
+              "layers": [dataclasses.asdict(spec) for spec in group.layers]}]}  # fmt: skip
+    old = _write_record(tmp_path / "model", [group.stats._asdict()], record)
+    back = jm.load_model_stats(old)
+    assert back.tasks == ms.tasks and back.source == ms.source
+    assert back.sums[""].layers == group.layers and _identical(back.sums[""].stats, group.stats)
+    with pytest.raises(ValueError, match="holds the per-task sums of a whole model"):
+        load_stats(old)
 
 
 def test_stats_from_two_hosts_combine_to_the_stats_of_all_rows(tmp_path):

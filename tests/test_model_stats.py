@@ -65,7 +65,7 @@ def test_save_load_roundtrip_and_refuse_overwrite(setup, tmp_path):
     with pytest.raises(FileExistsError, match="exists"):
         jm.save_model_stats(tmp_path / "s", ms)
     jm.save_model_stats(tmp_path / "s", ms, overwrite=True)
-    with pytest.raises(ValueError, match="not a jaxmerge model-statistics checkpoint"):
+    with pytest.raises(ValueError, match="not a jaxmerge statistics checkpoint"):
         jm.load_model_stats(jm.save_params(tmp_path / "p", {"w": jnp.ones(2)}))
 
 
@@ -213,7 +213,11 @@ def test_unreadable_model_statistics_are_named(setup, tmp_path):
     shutil.rmtree(partial / "stats" / "d")
     with pytest.raises(ValueError, match=r"load_model_stats: .*partial is incomplete or corr"):
         jm.load_model_stats(partial)
-    with pytest.raises(ValueError, match=r"not a jaxmerge model-statistics checkpoint \(format "
-                       r"'jaxmerge.stats'\)"):  # fmt: skip
-        jm.load_model_stats(jm.save_stats(tmp_path / "layer", {"d": ms.normalized()["Dense_0"]
-                                          .stats}, tasks=ms.tasks))  # fmt: skip
+    layer = jm.save_stats(tmp_path / "layer", {"d": ms.normalized()["Dense_0"].stats},
+                          tasks=ms.tasks)  # fmt: skip
+    with pytest.raises(ValueError, match=r"layer holds per-layer statistics; read it with "
+                       r"jaxmerge.load_stats"):  # fmt: skip
+        jm.load_model_stats(layer)
+    with pytest.raises(ValueError, match=r"good holds the per-task sums of a whole model; read "
+                       r"it with jaxmerge.load_model_stats"):  # fmt: skip
+        jm.load_stats(good)

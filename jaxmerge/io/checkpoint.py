@@ -1,4 +1,4 @@
-"""Orbax checkpoints of parameters and of calibration statistics, written atomically.
+"""Orbax checkpoints of parameters, and the atomic writes of every checkpoint jaxmerge writes.
 
 Parameters are stored as a plain Orbax ``StandardCheckpointer`` checkpoint, so checkpoints written
 by other Orbax users (or by a ``CheckpointManager``: pass the item directory, e.g.
@@ -6,10 +6,8 @@ by other Orbax users (or by a ``CheckpointManager``: pass the item directory, e.
 abstract target: shapes, dtypes and shardings come from a template pytree, or from the
 checkpoint's own metadata (on the default device) when no template is given.
 
-Statistics (a ``{layer path: LayerStats}`` mapping) are stored with a JSON record of the format
-version, task names, layer paths, shapes, dtype and per-task row counts, so a later run can merge
-without the calibration data, and statistics saved by several runs or hosts can be summed
-(:func:`combine_saved_stats`; the statistics are a monoid).
+Statistics are stored in the one format of :mod:`jaxmerge.io.store`, with the conventions
+below.
 
 Every writer refuses to replace an existing path unless ``overwrite=True`` and never writes into
 the destination: the checkpoint is completed in a hidden sibling directory and renamed into place,
@@ -24,28 +22,15 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..core.stats import LayerStats, combine_stats
-
-__all__ = [
-    "save_params",
-    "load_params",
-    "SavedStats",
-    "save_stats",
-    "load_stats",
-    "combine_saved_stats",
-]
-
-STATS_FORMAT = "jaxmerge.stats"
-STATS_VERSION = 1
+__all__ = ["save_params", "load_params"]
 
 PathLike = str | os.PathLike
 
@@ -246,232 +231,3 @@ def _compare(stored: dict, target: dict, path: Path) -> None:
     if problems:
         shown = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
         raise ValueError(f"load_params: {path} does not match the template: {shown}.")
-
-
-class SavedStats(NamedTuple):
-    """Statistics read back from disk.
-
-    Attributes:
-        stats: ``{layer path: LayerStats}`` in the saved order.
-        tasks: the task names, one per row of ``count``/``task_diag``.
-
-    Examples:
-        See :func:`save_stats` (a save and load round trip).
-    """
-
-    stats: dict[Any, LayerStats]
-    tasks: tuple[str, ...]
-
-
-def _encode_key(key) -> str | list:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, tuple) and all(isinstance(k, str | int) for k in key):
-        return list(key)
-    raise TypeError(
-        f"save_stats: layer path {key!r} must be a str or a tuple of str/int (JSON-storable)."
-    )
-
-
-def save_arrays_and_record(path: PathLike, arrays, meta, *, overwrite: bool, what: str) -> Path:
-    """Write a pytree of arrays (item ``stats``) and a JSON record (``metadata``) atomically."""
-    with atomic_directory(path, overwrite=overwrite, what=what) as tmp:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            ckptr.save(
-                tmp,
-                args=ocp.args.Composite(
-                    stats=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
-                ),
-            )
-    return Path(path).absolute()
-
-
-def save_stats(
-    path: PathLike,
-    stats: Mapping[Any, Any],
-    *,
-    tasks: Sequence[Any],
-    overwrite: bool = False,
-) -> Path:
-    """Write per-layer statistics and their metadata as one Orbax checkpoint, atomically.
-
-    The checkpoint holds the arrays of every :class:`LayerStats` and a JSON record: format name
-    and version, ``tasks``, and per layer its path, ``n_in``, ``n_out``, dtype and the row count
-    of every task.
-
-    Args:
-        path: destination directory; must not exist unless ``overwrite``.
-        stats: ``{layer path: LayerStats}``; a path is a string or a tuple of strings/ints.
-        tasks: one name per task (``num_tasks`` of every layer).
-        overwrite: replace an existing checkpoint at ``path``.
-
-    Returns:
-        The absolute path written.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        TypeError: a value is not a ``LayerStats`` or a layer path is not storable.
-        ValueError: empty ``stats``, duplicate task names, or a layer's ``num_tasks`` differs
-            from ``len(tasks)``.
-
-    Examples:
-        >>> import tempfile, jax.numpy as jnp
-        >>> from jaxmerge import init_stats, update_stats
-        >>> s = update_stats(init_stats(2, 1, 2), jnp.ones((3, 2)), jnp.ones((3, 1)), 1)
-        >>> d = tempfile.mkdtemp()
-        >>> _ = save_stats(f"{d}/stats", {"dense": s}, tasks=["sst2", "mnli"])
-        >>> saved = load_stats(f"{d}/stats")
-        >>> saved.tasks, saved.stats["dense"].count.tolist()
-        (('sst2', 'mnli'), [0.0, 3.0])
-    """
-    tasks = tuple(tasks)
-    if not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
-        raise ValueError(f"save_stats: tasks must be distinct strings, got {list(tasks)}.")
-    if not stats:
-        raise ValueError("save_stats: no layers given (stats is empty).")
-    layers, arrays = [], []
-    for key, s in stats.items():
-        if not isinstance(s, LayerStats):
-            raise TypeError(f"save_stats: stats[{key!r}] is a {type(s).__name__}, not LayerStats.")
-        if s.num_tasks != len(tasks):
-            raise ValueError(
-                f"save_stats: stats[{key!r}] has {s.num_tasks} tasks but {len(tasks)} task names "
-                "were given."
-            )
-        layers.append(
-            {
-                "path": _encode_key(key),
-                "n_in": s.n_in,
-                "n_out": s.n_out,
-                "dtype": str(jnp.dtype(s.gram.dtype)),
-                "count": np.asarray(s.count).tolist(),
-            }
-        )
-        arrays.append(s._asdict())
-    meta = {
-        "format": STATS_FORMAT,
-        "version": STATS_VERSION,
-        "tasks": list(tasks),
-        "layers": layers,
-    }
-    return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_stats")
-
-
-def read_arrays_and_record(path: PathLike, *, fmt: str, name: str, version: int, what: str, target):
-    """``(record, arrays)`` of a checkpoint written by :func:`save_arrays_and_record`.
-
-    The record must name format ``fmt`` (``name`` in messages) at a version up to ``version``;
-    ``target(record, sharding)`` gives the abstract arrays (shapes, dtypes, the default device's
-    ``sharding``) to restore against. A missing, foreign, newer, incomplete or corrupted
-    checkpoint is a ``FileNotFoundError`` or ``ValueError`` naming ``what`` and the path.
-    """
-    path = _checkpoint_dir(path, what)
-    if not (path / "metadata").is_dir() or not (path / "stats").is_dir():
-        raise ValueError(f"{what}: {path} is not a jaxmerge {name} checkpoint.")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
-            meta = ckptr.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        except (ValueError, OSError) as error:  # a torn JSON record
-            raise _unreadable(what, path, error) from error
-        meta = meta["metadata"]
-        if meta.get("format") != fmt:
-            raise ValueError(
-                f"{what}: {path} is not a jaxmerge {name} checkpoint (format "
-                f"{meta.get('format')!r})."
-            )
-        if meta.get("version", 0) > version:
-            raise ValueError(
-                f"{what}: {path} has format version {meta['version']}; this jaxmerge reads "
-                f"up to version {version}. Upgrade jaxmerge."
-            )
-        try:
-            arrays = ckptr.restore(
-                path,
-                args=ocp.args.Composite(stats=ocp.args.StandardRestore(target(meta, default))),
-            )["stats"]
-        except (ValueError, OSError) as error:
-            raise _unreadable(what, path, error) from error
-    return meta, arrays
-
-
-def load_stats(path: PathLike) -> SavedStats:
-    """Read statistics written by :func:`save_stats`.
-
-    The arrays are restored against abstract targets built from the saved record (shapes and
-    dtypes), on the default device.
-
-    Raises:
-        FileNotFoundError: no directory at ``path``.
-        ValueError: the directory is not a jaxmerge statistics checkpoint, is incomplete or
-            corrupted (unreadable record or arrays), or is of a newer format version.
-
-    Examples:
-        See :func:`save_stats`.
-    """
-
-    def target(meta, sharding):
-        k, out = len(meta["tasks"]), []
-        for layer in meta["layers"]:
-            n1, m, dtype = layer["n_in"] + 1, layer["n_out"], jnp.dtype(layer["dtype"])
-            shapes = dict(gram=(n1, n1), cross=(n1, m), out_sq=(m,), task_diag=(k, n1), count=(k,))
-            out.append({f: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
-                        for f, s in shapes.items()})  # fmt: skip
-        return out
-
-    meta, arrays = read_arrays_and_record(
-        path,
-        fmt=STATS_FORMAT,
-        name="statistics",
-        version=STATS_VERSION,
-        what="load_stats",
-        target=target,
-    )
-    stats = {}
-    for layer, a in zip(meta["layers"], arrays, strict=True):
-        key = layer["path"]
-        stats[tuple(key) if isinstance(key, list) else key] = LayerStats(**a)
-    return SavedStats(stats, tuple(meta["tasks"]))
-
-
-def combine_saved_stats(paths: Sequence[PathLike]) -> SavedStats:
-    """Sum statistics saved by several runs or hosts (each over disjoint calibration rows).
-
-    Every file must have the same task names, layer paths, shapes and dtypes. Plain sums add to
-    the statistics of the union; per-task normalised statistics (weight ``1/Nₖ``) add correctly
-    when each file holds different tasks.
-
-    Raises:
-        ValueError: no paths, or the files disagree (the first difference is named).
-
-    Examples:
-        >>> import tempfile, jax.numpy as jnp
-        >>> from jaxmerge import init_stats, update_stats
-        >>> d = tempfile.mkdtemp()
-        >>> s = update_stats(init_stats(1, 1, 1), jnp.ones((2, 1)), jnp.ones((2, 1)), 0)
-        >>> for host in range(2):
-        ...     _ = save_stats(f"{d}/host{host}", {"fc": s}, tasks=["a"])
-        >>> combine_saved_stats([f"{d}/host0", f"{d}/host1"]).stats["fc"].count.tolist()
-        [4.0]
-    """
-    if not paths:
-        raise ValueError("combine_saved_stats: no paths given.")
-    total = load_stats(paths[0])
-    for p in paths[1:]:
-        part = load_stats(p)
-        if part.tasks != total.tasks:
-            raise ValueError(
-                f"combine_saved_stats: {p} has tasks {list(part.tasks)}, {paths[0]} has "
-                f"{list(total.tasks)}."
-            )
-        if list(part.stats) != list(total.stats):
-            raise ValueError(
-                f"combine_saved_stats: {p} has layers {list(part.stats)}, {paths[0]} has "
-                f"{list(total.stats)}."
-            )
-        try:
-            combined = {k: combine_stats(total.stats[k], part.stats[k]) for k in total.stats}
-        except ValueError as e:
-            raise ValueError(f"combine_saved_stats: {p}: {e}") from None
-        total = SavedStats(combined, total.tasks)
-    return total

@@ -19,10 +19,11 @@ data.
 ``directory``, checkpoints every ``save_every`` batches through
 :func:`~jaxmerge.accumulate_resumable` (one sub-directory per task): a killed run restarted with
 the same arguments resumes after its last saved batch and gives the sums of an uninterrupted run
-bit for bit. :func:`save_model_stats` writes one Orbax checkpoint (the arrays and a JSON record of
-the format, task names, group keys and every member's :class:`~jaxmerge.LayerSpec`) atomically,
-with the conventions of :mod:`jaxmerge.io.checkpoint`: it refuses to overwrite unless asked, and a
-kill at any moment leaves every earlier checkpoint readable.
+bit for bit. :func:`save_model_stats` writes one checkpoint in the one statistics format of
+:mod:`jaxmerge.io.store` (the arrays and a JSON record of the task names, group keys, fields and
+every member's :class:`~jaxmerge.LayerSpec`) atomically, with the conventions of
+:mod:`jaxmerge.io.checkpoint`: it refuses to overwrite unless asked, and a kill at any moment
+leaves every earlier checkpoint readable.
 
 Statistics know where they came from: :attr:`ModelStats.source` holds the fingerprint of every
 fine-tuned tree, of every task's calibration batches, of the layer structure and the options
@@ -45,9 +46,8 @@ import jax.numpy as jnp
 
 from .. import _internal
 from .._flax.fold import to_pure
-from ..kinds import LayerSpec, kind_of
 from ..model.collect import GroupStats
-from .checkpoint import read_arrays_and_record, save_arrays_and_record
+from . import store
 from .provenance import add_batch, short, tree_fingerprint
 from .resumable import accumulate_resumable
 
@@ -58,9 +58,6 @@ __all__ = [
     "save_model_stats",
     "load_model_stats",
 ]
-
-MODEL_STATS_FORMAT = "jaxmerge.model_stats"
-MODEL_STATS_VERSION = 2  # 2: the record holds the statistics' source
 
 
 class ModelStats(NamedTuple):
@@ -372,8 +369,9 @@ def save_model_stats(
 ) -> Path:
     """Write :class:`ModelStats` as one Orbax checkpoint, atomically.
 
-    The checkpoint holds every group's arrays and a JSON record: format name and version, task
-    names, the statistics' :attr:`~ModelStats.source`, and per group its key, dtype and members'
+    The checkpoint (the one statistics format of :mod:`jaxmerge.io.store`) holds every group's
+    arrays and a JSON record: format name and version, task names, the statistics'
+    :attr:`~ModelStats.source`, and per group its key, fields' shapes and dtypes and members'
     :class:`~jaxmerge.LayerSpec` fields.
 
     Args:
@@ -406,24 +404,9 @@ def save_model_stats(
         )
     if not stats.sums:
         raise ValueError("save_model_stats: no layer groups (stats.sums is empty).")
-    groups, arrays = [], []
-    for key, group in stats.sums.items():
-        groups.append(
-            {
-                "key": key,
-                "dtype": str(jnp.dtype(group.stats.count.dtype)),
-                "layers": [dataclasses.asdict(spec) for spec in group.layers],
-            }
-        )
-        arrays.append(group.stats._asdict())
-    meta = {
-        "format": MODEL_STATS_FORMAT,
-        "version": MODEL_STATS_VERSION,
-        "tasks": list(stats.tasks),
-        "groups": groups,
-        "source": stats.source,
-    }
-    return save_arrays_and_record(path, arrays, meta, overwrite=overwrite, what="save_model_stats")
+    entries = [store.Entry(key, group.stats, group.layers) for key, group in stats.sums.items()]
+    return store.write(path, entries, tasks=stats.tasks, per_task=True, source=stats.source,
+                       overwrite=overwrite, what="save_model_stats")  # fmt: skip
 
 
 def load_model_stats(path: str | os.PathLike) -> ModelStats:
@@ -431,29 +414,14 @@ def load_model_stats(path: str | os.PathLike) -> ModelStats:
 
     Raises:
         FileNotFoundError: no directory at ``path``.
-        ValueError: not a jaxmerge model-statistics checkpoint, incomplete or corrupted
-            (unreadable record or arrays), or of a newer format version.
+        ValueError: not a jaxmerge statistics checkpoint, per-layer statistics
+            (:func:`~jaxmerge.load_stats` reads those), incomplete or corrupted (unreadable
+            record or arrays), or of a newer format version.
 
     Examples:
         See :func:`save_model_stats`.
     """
 
-    def target(meta, sharding):
-        k, out = len(meta["tasks"]), []
-        for group in meta["groups"]:
-            specs = tuple(LayerSpec(**spec) for spec in group["layers"])
-            shapes = kind_of(specs[0].kind).stats_shapes(specs, k)
-            dtype = jnp.dtype(group["dtype"])
-            out.append({f: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
-                        for f, s in shapes.items()})  # fmt: skip
-        return out
-
-    meta, arrays = read_arrays_and_record(
-        path, fmt=MODEL_STATS_FORMAT, name="model-statistics", version=MODEL_STATS_VERSION,
-        what="load_model_stats", target=target,
-    )  # fmt: skip
-    sums = {}
-    for group, a in zip(meta["groups"], arrays, strict=True):
-        specs = tuple(LayerSpec(**spec) for spec in group["layers"])
-        sums[group["key"]] = GroupStats(kind_of(specs[0].kind).stats_type(**a), specs)
-    return ModelStats(sums, tuple(meta["tasks"]), meta.get("source"))
+    stored = store.read(path, per_task=True, what="load_model_stats")
+    sums = {e.key: GroupStats(e.stats, e.layers) for e in stored.entries}
+    return ModelStats(sums, stored.tasks, stored.source)

@@ -11,8 +11,9 @@ bias column) and ``W̄ = [W; b]`` its parameters as an augmented ``(n_in + 1, n_
 * **parameters ↔ W̄**: :meth:`LayerKind.to_matrix` and :meth:`LayerKind.from_matrix`;
 * **statistics**: their container, zeros, the update with one batch of rows, and the targets of
   the parallel merge from the Gram matrix (:meth:`LayerKind.init_stats`,
-  :meth:`LayerKind.update_stats`, :meth:`LayerKind.own_targets`), their stored shapes and their
-  memory cost (:meth:`LayerKind.stats_shapes`, :meth:`LayerKind.stats_bytes`);
+  :meth:`LayerKind.update_stats`, :meth:`LayerKind.own_targets`) and their memory cost
+  (:meth:`LayerKind.stats_bytes`); the statistics store records the container's fields, so a
+  kind says nothing about how it is stored;
 * **solve and score**: the merged parameters of one layer in a basis, and the residual energy of
   a merge (:meth:`LayerKind.solve`, :meth:`LayerKind.energy`).
 
@@ -189,10 +190,6 @@ class LayerKind:
         parameter dicts of that task."""
         raise NotImplementedError
 
-    def stats_shapes(self, specs: Sequence[LayerSpec], k: int) -> dict[str, tuple[int, ...]]:
-        """Field shapes of stored per-task sums (a leading task axis ``k``)."""
-        raise NotImplementedError
-
     def stats_bytes(self, specs: Sequence[LayerSpec], num_tasks: int, rows: int, dtype) -> int:
         """An upper bound of the bytes one accumulation step of a group holds."""
         raise NotImplementedError
@@ -275,12 +272,6 @@ class AffineKind(LayerKind):
             bias = jnp.zeros(spec.n_out, kernel.dtype) if bias is None else bias
             columns.append(jnp.concatenate([kernel, bias.astype(kernel.dtype)[None]], axis=0))
         return affine_targets(stats, jnp.concatenate(columns, axis=1))
-
-    def stats_shapes(self, specs, k):
-        n1, m = specs[0].n_in + 1, sum(s.n_out for s in specs)
-        return dict(
-            gram=(k, n1, n1), cross=(k, n1, m), out_sq=(k, m), task_diag=(k, k, n1), count=(k, k)
-        )
 
     def stats_bytes(self, specs, num_tasks, rows, dtype):
         from ..scale.memory import accumulation_bytes  # the formula lives with its bound's test

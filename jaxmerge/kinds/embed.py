@@ -120,10 +120,6 @@ class EmbedKind(LayerKind):
             count=stats.count.at[task].add(jnp.sum(m)),
         )
 
-    def stats_shapes(self, specs, k):
-        n, m = specs[0].n_in, sum(s.n_out for s in specs)
-        return dict(diag=(k, n), cross=(k, n, m), out_sq=(k, m), task_diag=(k, k, n), count=(k, k))
-
     def stats_bytes(self, specs, num_tasks, rows, dtype):
         """Diagonal Gram: ``V`` counts, ``V × m`` sums, per-task counts (held three times: the
         sums, a batch's update and the result), plus a batch's ids and targets."""
