@@ -13,6 +13,7 @@ from .model.collect import _finished as finished_task
 from .model.collect import _peek as peek
 from .model.collect import _progress as progress_bar
 from .model.collect import _zero_sums as zero_sums
+from .model.merge import _run as merge_in_passes
 from .model.plan import _SHARED as shared_programs
 from .model.plan import PLANS as plan_cache
 from .model.plan import _default_dtype as default_dtype
@@ -27,6 +28,7 @@ __all__ = [
     "checked_ids",
     "finished_task",
     "peek",
+    "merge_in_passes",
     "progress_bar",
     "zero_sums",
     "default_dtype",

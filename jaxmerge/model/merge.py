@@ -72,7 +72,7 @@ from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
 from .report import MergeReport
 from .sequential import merge_sequential
-from .solve import _finish, _keep_base, _solve_all, _unchanged
+from .solve import _finish, _keep_base, _score, _solve_all, _unchanged
 from .trees import _Trees, check_host
 
 
@@ -163,6 +163,17 @@ def merge(
         >>> merged["kernel"].ravel().round(4).tolist(), report.layers[0].status
         ([1.0, 2.0], 'CHOLESKY')
     """
+    return _run(model, base, finetuned, calibration, algorithm=algorithm, basis=basis,
+                prior=prior, ridge=ridge, alpha=alpha, fallback=fallback, heldout=heldout,
+                mask_key=mask_key, call_kwargs=call_kwargs, rcond=rcond, progress=progress,
+                throw=throw)  # fmt: skip
+
+
+def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge, alpha, fallback,
+         heldout, mask_key, call_kwargs, rcond, progress, throw, passes=None):  # fmt: skip
+    """:func:`merge`; ``passes``: ``None``, or (parallel only) a function of the plan giving
+    lists of group keys, the groups collected and solved together in one pass over the data
+    (:func:`~jaxmerge.merge_in_groups`)."""
     started = time.perf_counter()
     check_host(base, finetuned, alpha, ridge)
     if algorithm not in ("parallel", "sequential"):
@@ -180,40 +191,52 @@ def merge(
     iters = _checked_ids(plan, iters)
     dtype = _default_dtype()
 
-    def collect(iters, *, groups, tree_in, label):
+    def batches(data, what):
+        """Fresh checked iterators over ``data`` (the first pass reuses the peeked ones)."""
+        nonlocal iters
+        if what == "calibration" and iters is not None:
+            out, iters = iters, None
+            return out
+        fresh, _ = _peek(data, k_tasks, mask_key=mask_key, what=what, like=like)
+        return _checked_ids(plan, fresh, what)
+
+    def collect_iters(iters, *, groups, tree_in, label):
         collector = StatsCollector(plan, tuple(groups), k_tasks, dtype, tree_in)
         return _collect(collector, trees.finetuned, iters, progress=progress, label=label)
 
+    def collect(data, what, *, groups, tree_in):
+        label = "collecting statistics" if what == "calibration" else "held-out"
+        return collect_iters(batches(data, what), groups=groups, tree_in=tree_in, label=label)
+
     merged_flat = dict(trees.centre)
     specs = list(plan.specs.values())
-
+    scored = {}
     if algorithm == "parallel":
-        groups, reports = _merge_parallel(plan, trees, options, iters, collect, merged_flat,
-                                          throw=throw, progress=progress,
-                                          heldout=heldout is not None)  # fmt: skip
+        keys = [[plan.key(g) for g in plan.groups]] if passes is None else passes(plan)
+        reports = []
+        skip = _unchanged(trees, plan.groups, plan.specs, options)
+        for wanted in keys:
+            groups = [g for g in plan.groups if plan.key(g) in wanted and g not in skip]
+            if not groups:
+                continue
+            stats = collect(calibration, "calibration", groups=groups, tree_in=None)
+            reports += _solve_all(stats, trees, options, throw=throw, progress=progress,
+                                  merged_flat=merged_flat)  # fmt: skip
+            del stats
+            if heldout is not None:  # scored now: a pass's layers are final
+                held = collect(heldout, "heldout", groups=groups, tree_in=None)
+                scored.update(_score(held, trees, merged_flat))
+        reports += _keep_base(skip, plan.specs, trees, options, heldout is not None, merged_flat)
     else:
-        groups = plan.groups
-        reports = merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype,
-                                   throw=throw, progress=progress)  # fmt: skip
+        if passes is not None:
+            raise ValueError("merge: layer-group passes need the parallel algorithm.")
+        reports = merge_sequential(plan, trees, options, batches(calibration, "calibration"),
+                                   collect_iters, merged_flat, dtype, throw=throw,
+                                   progress=progress)  # fmt: skip
+        if heldout is not None:
+            held = collect(heldout, "heldout", groups=plan.groups, tree_in=trees.tree(merged_flat))
+            scored = _score(held, trees, merged_flat)
     order = {p: i for i, p in enumerate(plan.specs)}
     reports.sort(key=lambda r: order[r.path])
-
-    held = None
-    if heldout is not None:
-        held_iters, _ = _peek(heldout, k_tasks, mask_key=mask_key, what="heldout", like=like)
-        held_iters = _checked_ids(plan, held_iters, "heldout")
-        tree_in = trees.tree(merged_flat) if algorithm == "sequential" else None
-        held = collect(held_iters, groups=groups, tree_in=tree_in, label="held-out")
-    return _finish(trees, merged_flat, reports, specs, algorithm, started, held)
-
-
-def _merge_parallel(plan, trees, options, iters, collect, merged_flat, *, throw, progress, heldout):
-    """Collect every changed group's statistics on each fine-tune's own activations, then solve
-    them; unchanged groups keep the base. Returns the collected groups and the layer reports."""
-    skip = _unchanged(trees, plan.groups, plan.specs, options)
-    groups = [g for g in plan.groups if g not in skip]
-    stats = collect(iters, groups=groups, tree_in=None, label="collecting statistics")
-    reports = _solve_all(stats, trees, options, throw=throw, progress=progress,
-                         merged_flat=merged_flat)  # fmt: skip
-    reports += _keep_base(skip, plan.specs, trees, options, heldout, merged_flat)
-    return groups, reports
+    return _finish(trees, merged_flat, reports, specs, algorithm, started,
+                   scored if heldout is not None else None)  # fmt: skip

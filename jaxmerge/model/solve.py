@@ -118,17 +118,6 @@ def _solve_layers_jit(specs, static, together, knobs, stats, bases, fts, centres
     return _solve_layers(specs, opts, together, stats, bases, fts, centres)
 
 
-def _heldout_metrics(group: GroupStats, base_flat, merged_flat):
-    """``{path: (E₀, ρ)}`` of the merged layers on held-out statistics."""
-    out = {}
-    for i, spec in enumerate(group.layers):
-        b0, b1 = _layer_params(base_flat, spec), _layer_params(merged_flat, spec)
-        st = member_stats(group.stats, group.layers, i)
-        e0, _, rho = kind_of(spec.kind).energy(spec, st, b0, b1)
-        out[spec.path] = (float(e0), float(rho))
-    return out
-
-
 def _layer_report(spec, opt, metrics, seconds, group):
     e0, loss, rho, status, cond = (np.asarray(m).item() for m in metrics)
     return LayerReport(
@@ -211,15 +200,27 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
     return reports
 
 
-def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, heldout):
+def _score(heldout, trees: _Trees, merged_flat):
+    """``{path: (E₀, ρ)}`` of the merged layers of every group of ``heldout`` statistics."""
+    scored = {}
+    for group in heldout.values():
+        for i, spec in enumerate(group.layers):
+            b0 = _layer_params(trees.base_flat, spec)
+            b1 = _layer_params(merged_flat, spec)
+            st = member_stats(group.stats, group.layers, i)
+            e0, _, rho = kind_of(spec.kind).energy(spec, st, b0, b1)
+            scored[spec.path] = (float(e0), float(rho))
+    return scored
+
+
+def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, scored):
+    """The merged tree and its report; ``scored``: ``None``, or the held-out metrics
+    (:func:`_score`) added to the reports."""
     solved_leaves = set()
     for spec in solved_paths:
         solved_leaves.update(_leaf(spec.path, n) for n in spec.param_names)
     fallbacks = {p: r for p, r in trees.rules.items() if p not in solved_leaves}
-    if heldout is not None:
-        scored = {}
-        for group in heldout.values():
-            scored.update(_heldout_metrics(group, trees.base_flat, merged_flat))
+    if scored is not None:
         reports = [
             dataclasses.replace(
                 r, energy_base_heldout=scored[r.path][0], rho_heldout=scored[r.path][1]
@@ -351,4 +352,5 @@ def solve_stats(
     reports += _keep_base(skip, by_path, trees, options, heldout is not None, merged_flat)
     order = {s.path: i for i, s in enumerate(specs)}
     reports.sort(key=lambda r: order[r.path])
-    return _finish(trees, merged_flat, reports, specs, "parallel", started, heldout)
+    scored = None if heldout is None else _score(heldout, trees, merged_flat)
+    return _finish(trees, merged_flat, reports, specs, "parallel", started, scored)

@@ -26,7 +26,6 @@ per pass (:func:`plan_layer_groups`), solving each group before the next
 (:func:`merge_in_groups`).
 """
 
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,9 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _internal
-from .._flax.fold import flatten, from_pure, to_pure, unflatten
 from ..kinds import kind_of
-from ..model import collect_stats, solve_stats
 from ..model.report import MergeReport
 
 __all__ = ["stats_bytes", "accumulation_bytes", "plan_layer_groups", "merge_in_groups"]
@@ -262,11 +259,12 @@ def merge_in_groups(
     """The parallel :func:`merge`, with statistics held for one group of layers at a time.
 
     Each pass reads all the calibration data once, collects the statistics of one group of
-    layers (:func:`collect_stats` with ``paths``), solves them (:func:`solve_stats`), keeps only
-    their merged parameters and drops the statistics. In the parallel algorithm a layer's
+    layers, solves them, keeps their merged parameters and drops the statistics, with the very
+    stages (collect, solve, fold, report) of :func:`merge`. In the parallel algorithm a layer's
     statistics depend only on the fine-tuned models and the data, so the result is the merge of
-    :func:`merge` with ``algorithm="parallel"``, whatever the grouping; peak memory is that of the
-    largest group instead of the whole model, for one forward pass per task, batch and group.
+    :func:`merge` with ``algorithm="parallel"`` bit for bit, whatever the grouping; peak memory is
+    that of the largest group instead of the whole model, for one forward pass per task, batch
+    and group.
 
     Groups are given (``groups``, lists of layer paths; layers sharing an input are always
     collected together) or planned in call order under ``budget_bytes`` per device with the
@@ -303,7 +301,6 @@ def merge_in_groups(
         ['layers_0', 'layers_2']
     """
     caller = "merge_in_groups"
-    started = time.perf_counter()
     if (groups is None) == (budget_bytes is None):
         raise ValueError(f"{caller}: give exactly one of groups= and budget_bytes= (with rows=).")
     if not isinstance(finetuned, Sequence) or isinstance(finetuned, Mapping) or not finetuned:
@@ -315,25 +312,28 @@ def merge_in_groups(
                     f"{caller}: {name}[{k}] is a one-shot iterator; every pass reads the data "
                     "again: give a list or a re-iterable dataset."
                 )
-    _, first = _internal.peek(calibration, len(finetuned))
-    plan = _internal.Plan(model, call_kwargs, to_pure(base), first, mask_key)
-    units = {plan.key(g): g for g in plan.groups}
-    owner = {p: key for key, g in units.items() for p in g}
-    if groups is not None:
-        passes: list[list[str]] = []
-        for i, group in enumerate(groups):
-            unknown = [p for p in group if p not in owner]
-            if isinstance(group, str) or unknown:
+
+    def passes(plan):
+        """The passes' group keys: ``groups`` checked, or planned under the budget."""
+        units = {plan.key(g): g for g in plan.groups}
+        owner = {p: key for key, g in units.items() for p in g}
+        if groups is not None:
+            out: list[list[str]] = []
+            for i, group in enumerate(groups):
+                unknown = [p for p in group if p not in owner]
+                if isinstance(group, str) or unknown:
+                    raise ValueError(
+                        f"{caller}: groups[{i}] must be a list of layer paths; unknown: "
+                        f"{unknown or group!r}. Layers: {list(owner)}."
+                    )
+                keys = list(dict.fromkeys(owner[p] for p in group))
+                out.append([k for k in keys if not any(k in done for done in out)])
+            missing = [p for p in owner if not any(owner[p] in done for done in out)]
+            if missing:
                 raise ValueError(
-                    f"{caller}: groups[{i}] must be a list of layer paths; unknown: "
-                    f"{unknown or group!r}. Layers: {list(owner)}."
+                    f"{caller}: layers in no group: {missing}; every layer needs a pass."
                 )
-            keys = list(dict.fromkeys(owner[p] for p in group))
-            passes.append([k for k in keys if not any(k in done for done in passes)])
-        missing = [p for p in owner if not any(owner[p] in done for done in passes)]
-        if missing:
-            raise ValueError(f"{caller}: layers in no group: {missing}; every layer needs a pass.")
-    else:
+            return out
         if rows is None:
             raise ValueError(f"{caller}: budget_bytes needs rows= (rows per layer and batch).")
         k = len(finetuned)
@@ -343,39 +343,10 @@ def merge_in_groups(
         }
         shapes = {key: (plan.specs[g[0]].n_in, sum(plan.specs[p].n_out for p in g))
                   for key, g in units.items()}  # fmt: skip
-        passes = _greedy(costs, _positive("budget_bytes", budget_bytes, caller), shapes, caller)
+        return _greedy(costs, _positive("budget_bytes", budget_bytes, caller), shapes, caller)
 
-    merged_flat, like, treedef, reports = None, None, None, []
-    for keys in passes:
-        if not keys:
-            continue
-        paths = [p for key in keys for p in units[key]]
-        options = dict(paths=paths, mask_key=mask_key, call_kwargs=call_kwargs, progress=progress)
-        stats = collect_stats(model, finetuned, calibration, **options)
-        held = None if heldout is None else collect_stats(model, finetuned, heldout, **options)
-        merged, report = solve_stats(
-            stats, base, finetuned, basis=basis, prior=prior, ridge=ridge, alpha=alpha,
-            fallback=fallback, rcond=rcond, heldout=held, progress=progress, throw=throw,
-        )  # fmt: skip
-        flat, tdef = flatten(to_pure(merged))
-        if merged_flat is None:
-            merged_flat, like, treedef = dict(flat), merged, tdef
-        for group in stats.values():
-            for spec in group.layers:
-                for name in spec.param_names:
-                    leaf = f"{spec.path}/{name}" if spec.path else name
-                    merged_flat[leaf] = flat[leaf]
-        reports.append(report)
-        del stats, held
-    order = list(plan.specs)
-    layers = sorted((r for rep in reports for r in rep.layers), key=lambda r: order.index(r.path))
-    fallbacks = {
-        p: rule
-        for p, rule in reports[0].fallbacks.items()
-        if all(p in r.fallbacks for r in reports)
-    }
-    report = MergeReport(
-        "parallel", len(finetuned), tuple(layers), fallbacks, time.perf_counter() - started
-    )
-    merged = from_pure(like, unflatten(treedef, merged_flat, list(merged_flat)))
-    return merged, report
+    return _internal.merge_in_passes(
+        model, base, finetuned, calibration, algorithm="parallel", basis=basis, prior=prior,
+        ridge=ridge, alpha=alpha, fallback=fallback, heldout=heldout, mask_key=mask_key,
+        call_kwargs=call_kwargs, rcond=rcond, progress=progress, throw=throw, passes=passes,
+    )  # fmt: skip
