@@ -294,13 +294,16 @@ def normalize_stats(stats: LayerStats) -> LayerStats:
             f"{np.flatnonzero(seen).tolist()}. Accumulate each task separately, normalise, then "
             "combine_stats."
         )
-    scale = 1.0 / jnp.sum(stats.count)
-    return stats._replace(
-        gram=stats.gram * scale,
-        cross=stats.cross * scale,
-        out_sq=stats.out_sq * scale,
-        task_diag=stats.task_diag * scale,
-    )
+    return per_row(stats, jnp.sum(stats.count))
+
+
+def per_row(stats, rows):
+    """The one ``1/Nₖ`` finalize: every sum of ``stats`` (any statistics container with a
+    ``count`` field, e.g. an :class:`~jaxmerge.EmbedStats`) divided by ``rows``, ``count`` kept.
+    Used by :func:`normalize_stats` and by the whole-model collection and saved statistics."""
+    scale = 1.0 / rows
+    scaled = jax.tree.map(lambda a: a * scale, stats)
+    return scaled._replace(count=stats.count)
 
 
 def layer_stats(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._flax.fold import flatten, to_pure
-from ..core.stats import LayerStats
+from ..core.stats import LayerStats, per_row
 from ..kinds import EmbedStats, LayerSpec, kind_of
 from ..kinds.embed import checked_ids
 from .plan import _default_dtype, _describe, _layer_params, _plan, shared_program
@@ -66,12 +66,6 @@ def _init_stats(specs, num_tasks, dtype):
     return kind_of(specs[0].kind).init_stats(specs, num_tasks, dtype)
 
 
-def scale_stats(stats, scale):
-    """Multiply every sum but ``count`` by ``scale`` (task weight ``1/Nₖ``)."""
-    scaled = jax.tree.map(lambda a: a * scale, stats)
-    return scaled._replace(count=stats.count)
-
-
 def member_stats(stats, specs, index: int):
     """The statistics of one member of a shared-input group (its output columns)."""
     start = sum(s.n_out for s in specs[:index])
@@ -104,7 +98,7 @@ def _finish_task(specs, sums, layers, k):
 def _add_normalized(total, sums, k):
     """``total + sums/Nₖ`` over ``{group key: statistics}`` (``Nₖ``: the group's row count of
     task ``k``; ``total`` zeros at first). One compiled program, so every caller rounds alike."""
-    part = {key: scale_stats(s, 1.0 / s.count[k]) for key, s in sums.items()}
+    part = {key: per_row(s, s.count[k]) for key, s in sums.items()}
     return jax.tree.map(jnp.add, total, part)
 
 
@@ -217,9 +211,11 @@ def _check_batch(batch, where: str, mask_key, place=None):
     if place is None:
         return batch
     return jax.tree.map(
-        lambda a: jax.device_put(a, place)
-        if isinstance(a, jax.Array) and a.sharding.device_set != place.device_set
-        else a,
+        lambda a: (
+            jax.device_put(a, place)
+            if isinstance(a, jax.Array) and a.sharding.device_set != place.device_set
+            else a
+        ),
         batch,
     )
 
