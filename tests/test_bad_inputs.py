@@ -419,7 +419,8 @@ CASES = [
     Case("merge: negative ridge for a layer", lambda c, t: _merge(c, ridge={"Dense_1": -2.0}),
          ValueError, r"ridge for (layer )?'Dense_1' must be a number ≥ 0, got -2\.0"),
     Case("merge: prior of the wrong shape for a layer",
-         lambda c, t: _merge(c, basis="scalar", prior={"Dense_0": np.ones(3)}),
+         lambda c, t: _merge(c, basis="scalar", prior={"Dense_0": np.ones(3)},
+                             ridge={"Dense_0": 1.0}),
          ValueError, r"layer 'Dense_0': solve_layer: prior has shape \(3,\); the scalar basis"),
     Case("merge: unknown fallback rule", lambda c, t: _merge(c, fallback="median"),
          ValueError, r"merge: fallback must be 'mean', 'base' or a number .* got 'median'"),
@@ -485,6 +486,30 @@ CASES = [
          lambda c, t: _nested_merge(basis="scalar", ridge=1.0, prior={"Block_0": 0.5}),
          jm.OptionPatternError, r"prior pattern 'Block_0' matches no layer path.*"
                                 r"\['Block_0/Dense_0'\].*use 'Block_0/\*'"),
+    Case("merge: basis glob shadowed by an earlier glob",
+         lambda c, t: _merge(c, basis={"*": "full", "Dense_0": "scalar"}),
+         jm.OptionPatternError, r"basis pattern 'Dense_0' is never used: every layer path it "
+                                r"matches \('Dense_0'\) is matched first by the earlier "
+                                r"pattern '\*'.*put the more specific pattern first"),
+    Case("merge: fallback glob shadowed by an earlier glob",
+         lambda c, t: _merge(c, fallback={"Dense_*": 0.5, "Dense_1/bias": "base"}),
+         jm.OptionPatternError, r"fallback pattern 'Dense_1/bias' is never used: .*"
+                                r"\('Dense_1/bias'\) is matched first by the earlier pattern "
+                                r"'Dense_\*'"),
+    Case("solve_stats: ridge glob shadowed by an earlier glob",
+         lambda c, t: jm.solve_stats(c.merge_stats, c.params, c.model_fts, progress=False,
+                                     ridge={"Dense_?": 1.0, "Dense_1": 0.0}),
+         jm.OptionPatternError, r"ridge pattern 'Dense_1' is never used: .*earlier pattern "
+                                r"'Dense_\?'"),
+    Case("merge: prior without a ridge", lambda c, t: _merge(c, basis="scalar", prior=0.5),
+         ValueError, r"merge: prior is given but ridge is 0 for every layer, so the prior has "
+                     r"no effect"),
+    Case("solve_stats: prior glob on layers without a ridge",
+         lambda c, t: jm.solve_stats(c.merge_stats, c.params, c.model_fts, progress=False,
+                                     basis="scalar", prior={"Dense_0": 0.5, "Dense_1": 0.2},
+                                     ridge={"Dense_1": 1.0}),
+         ValueError, r"merge: the prior pattern 'Dense_0' has no effect: ridge is 0 for every "
+                     r"layer it applies to \('Dense_0'\)"),
     Case("merge: prior a string", lambda c, t: _merge(c, prior="mean"),
          TypeError, r"merge: prior must be coefficients .* got the string 'mean'"),
     Case("merge: glob key not a string", lambda c, t: _merge(c, basis={0: "scalar"}),
@@ -581,6 +606,54 @@ CASES = [
              [c.model_fts[0], _set(c.model_fts[1], "Dense_0/kernel", jnp.ones((2, 2)))],
              drop_rate=0.5),
          ValueError, r"masks\[1\] at 'Dense_0/kernel' has shape \(2, 2\); .* \(4, 6\)"),
+    Case("task_arithmetic: per-layer scale naming no layer",
+         lambda c, t: jm.task_arithmetic(c.params, c.model_fts,
+                                         scale={"Dense_0": 0.5, "Dense_1": 1.0, "Dense_9": 2.0}),
+         ValueError, r"task_arithmetic: scale has entries for no layer of the parameters: "
+                     r"\['Dense_9'\].*\['Dense_0', 'Dense_1'\]"),
+    Case("ties: per-layer scale naming a parameter path",
+         lambda c, t: jm.ties(c.params, c.model_fts,
+                              scale={"Dense_0": 0.5, "Dense_1": 1.0, "Dense_1/kernel": 2.0}),
+         ValueError, r"ties: scale has entries for no layer .*\['Dense_1/kernel'\]"),
+    Case("ties_basis: per-layer scale naming no layer",
+         lambda c, t: jm.ties_basis(c.params, c.model_fts, scale={"Dense_0": 1.0, "dense_1": 1.0}),
+         ValueError, r"ties_basis: scale has entries for no layer .*\['dense_1'\]"),
+    Case("task_arithmetic: NaN scale",
+         lambda c, t: jm.task_arithmetic(c.params, c.model_fts, scale=NAN),
+         ValueError, r"task_arithmetic: scale for layer 'Dense_0' is nan; it must be finite"),
+    Case("dare: infinite scale for one task",
+         lambda c, t: jm.dare(c.params, c.model_fts, jax.random.key(0), drop_rate=0.5,
+                              scale=[1.0, INF]),
+         ValueError, r"dare: scale for layer 'Dense_0' is \[1\.0, inf\]; it must be finite"),
+    Case("task_arithmetic: a per-layer scale callable returning a string",
+         lambda c, t: jm.task_arithmetic(c.params, c.model_fts, scale=lambda path: "0.5"),
+         TypeError, r"task_arithmetic: scale for layer 'Dense_0' is '0\.5'; give numbers"),
+    Case("soup: infinite weight", lambda c, t: jm.soup(c.params, c.model_fts, weights=[INF, 1.0]),
+         ValueError, r"soup: weights must be nonnegative and finite"),
+    Case("fisher_average: infinite epsilon",
+         lambda c, t: jm.fisher_average(c.model_fts, [jax.tree.map(jnp.ones_like, c.params)] * 2,
+                                        epsilon=INF),
+         ValueError, r"fisher_average: epsilon must be positive and finite, got inf"),
+    Case("ties: density a bool", lambda c, t: jm.ties(c.params, c.model_fts, density=True),
+         TypeError, r"ties_task_vectors: density must be a Python number .* got True"),
+    Case("dare: aggregate without merge='ties'",
+         lambda c, t: jm.dare(c.params, c.model_fts, jax.random.key(0), drop_rate=0.5,
+                              aggregate="sum"),
+         ValueError, r"dare_task_vectors: aggregate='sum' applies to merge='ties' only"),
+    Case("dare_masks: an array of keys",
+         lambda c, t: jm.dare_masks(jax.random.split(jax.random.key(0)), c.params, 2,
+                                    drop_rate=0.5),
+         ValueError, r"dare_masks: key must be one jax\.random key, got an array of keys of "
+                     r"shape \(2,\)"),
+    Case("dare_masks: num_tasks a bool",
+         lambda c, t: jm.dare_masks(jax.random.key(0), c.params, True, drop_rate=0.5),
+         ValueError, r"dare_masks: num_tasks must be a positive integer, got True"),
+    Case("dare_task_vectors: keep probabilities as masks",
+         lambda c, t: jm.dare_task_vectors(
+             c.params, c.model_fts, [jax.tree.map(lambda a: jnp.full(a.shape, 0.5), c.params)] * 2,
+             drop_rate=0.5),
+         ValueError, r"dare_task_vectors: masks\[0\] at 'Dense_0/bias' holds values other than "
+                     r"0 and 1"),
     Case("fisher_average: negative Fisher",
          lambda c, t: jm.fisher_average(
              c.model_fts, [jax.tree.map(jnp.ones_like, c.params),
@@ -723,7 +796,8 @@ def cli_inputs(tmp_path_factory):
 
 
 def _toml(d: Path, merge: str = "", **top) -> str:
-    """A configuration over the checkpoints in ``d``; ``top`` overrides top-level keys."""
+    """A configuration over the checkpoints in ``d``; ``top`` overrides top-level keys (None
+    drops one)."""
     keys = {
         "pythonpath": [str(Path(__file__).parent)],
         "model": "cli_fixtures:model",
@@ -732,7 +806,8 @@ def _toml(d: Path, merge: str = "", **top) -> str:
         "calibration": "cli_fixtures:calibration",
     }
     keys.update(top)
-    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items()) + "\n[merge]\n" + merge
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items()
+                     if v is not None) + "\n[merge]\n" + merge  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -768,6 +843,44 @@ CLI_CASES = [
             lambda d: _toml(d, 'basis = { "Dense_0/kernel" = "scalar", "*" = "full" }\n'),
             2, r"config key 'merge\.basis': .*pattern 'Dense_0/kernel' matches no layer path.*"
                r"parameter path 'Dense_0/kernel'.*use 'Dense_0'"),
+    CliCase("basis glob shadowed by an earlier glob", _merge_args,
+            lambda d: _toml(d, 'basis = { "Dense_*" = "full", "Dense_1" = "scalar" }\n'),
+            2, r"config key 'merge\.basis': .*pattern 'Dense_1' is never used.*earlier pattern "
+               r"'Dense_\*'"),
+    CliCase("aggregate for DARE, which merges by task arithmetic", _merge_args,
+            lambda d: _toml(d, 'method = "dare"\ndrop_rate = 0.5\naggregate = "sum"\n',
+                            calibration=None),
+            2, r"config key 'merge\.aggregate': applies to method ties, not 'dare'"),
+    CliCase("scale of a ties basis without a ridge", _merge_args,
+            lambda d: _toml(d, 'basis = "ties"\nscale = 0.5\n'),
+            2, r"config key 'merge\.scale': with basis 'ties', scale is the prior .* ridge is 0 "
+               r"for every layer, so it has no effect"),
+    CliCase("calibration beside saved statistics", _merge_args,
+            lambda d: _toml(d, stats=str(d / "empty")),
+            2, r"config key 'calibration': a merge from saved statistics \('stats'\) reads no "
+               r"calibration"),
+    CliCase("mask_key for a merge from statistics without held-out data", _merge_args,
+            lambda d: _toml(d, calibration=None, stats=str(d / "empty"), mask_key="attn_mask"),
+            2, r"config key 'mask_key': a merge from saved statistics .* runs no batches"),
+    CliCase("calibration for a method without data", _merge_args,
+            lambda d: _toml(d, 'method = "soup"\n'),
+            2, r"config key 'calibration': method 'soup' uses no calibration data"),
+    CliCase("call_kwargs for a method without data", _merge_args,
+            lambda d: "call_kwargs = { train = false }\n"
+                      + _toml(d, 'method = "task_arithmetic"\n', calibration=None),
+            2, r"config key 'call_kwargs': method 'task_arithmetic' uses no calibration data"),
+    CliCase("pythonpath directory missing", _merge_args,
+            lambda d: _toml(d, pythonpath=[str(Path(__file__).parent), str(d / "src")]),
+            2, r"config key 'pythonpath\[1\]': no directory at .*src"),
+    CliCase("--accept-other-finetunes for a merge from calibration",
+            lambda d, c: [*_merge_args(d, c), "--accept-other-finetunes"], lambda d: _toml(d),
+            2, r"--accept-other-finetunes applies to a merge from saved statistics .*'stats'"),
+    CliCase("report --overwrite without --png",
+            lambda d, c: ["report", str(d / "report.json"), "--overwrite"], None,
+            2, r"--overwrite applies to --png"),
+    CliCase("demo --overwrite without --json",
+            lambda d, c: ["demo", "--quick", "--quiet", "--overwrite"], None,
+            2, r"--overwrite applies to --json"),
     CliCase("missing fine-tune checkpoint", _merge_args,
             lambda d: _toml(d, finetuned=[str(d / "ft0"), str(d / "nowhere")]),
             2, r"config key 'finetuned\[1\]': no checkpoint directory at .*nowhere"),

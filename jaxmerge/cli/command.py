@@ -35,11 +35,12 @@ CONFIG_HELP = """configuration file (TOML; paths relative to it):
   model = "pkg.module:factory"   callable() -> flax.linen or flax.nnx Module
   base = "DIR"                   Orbax parameter checkpoint (jaxmerge.save_params)
   finetuned = ["DIR", ...]       one checkpoint per fine-tuned model
-  tasks = ["name", ...]          optional task names
+  tasks = ["name", ...]          optional task names (of the statistics; checked against
+                                 `stats`)
   calibration = "pkg.mod:fn"     fn() -> K iterables of batches, one per fine-tune
   heldout = "pkg.mod:fn"         optional held-out batches, same form (scores the merge)
   stats = ["DIR", ...]           merge from `jaxmerge stats` outputs (summed: runs over
-                                 disjoint data) instead of calibration
+                                 disjoint data) instead of calibration (not both)
   pythonpath = ["DIR", ...]      directories searched for the modules above
   mask_key = "mask"              padding-mask key of dict batches
   call_kwargs = {...}            static keyword arguments of every forward call
@@ -53,8 +54,10 @@ CONFIG_HELP = """configuration file (TOML; paths relative to it):
   fallback = "mean"              mean | base | λ: parameters not solved by output matching
   scale = 1.0                    λ of task_arithmetic, ties, dare (and the ties/dare bases)
   density = 0.2, trim = "tensor", aggregate = "mean"   ties options
-  drop_rate = P, seed = 0, aggregate = "mean"          dare options (drop_rate required)
-Unknown keys, and options of another method, are errors."""
+  drop_rate = P, seed = 0                              dare options (drop_rate required)
+Unknown keys, options of another method, and keys that would have no effect (calibration
+beside stats, mask_key or call_kwargs where no batch is run, scale of a ties/dare basis
+without a ridge) are errors. `jaxmerge stats` ignores [merge] and heldout."""
 
 
 class UsageError(Exception):
@@ -270,7 +273,7 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True):
     if method == "task_arithmetic":
         return arithmetic.task_arithmetic(base, finetuned, scale=opts["scale"]), None
     ties_opts = {k: opts[k] for k in ("density", "trim", "aggregate") if k in opts}
-    dare_opts = {k: opts[k] for k in ("drop_rate", "aggregate") if k in opts}
+    dare_opts = {"drop_rate": opts["drop_rate"]} if "drop_rate" in opts else {}
     if method == "ties":
         return ties.ties(base, finetuned, scale=opts["scale"], **ties_opts), None
     if method == "dare":
@@ -329,6 +332,11 @@ def _merge_command(args) -> None:
     from .config import ConfigError, load_config
 
     config = load_config(args.config)
+    if args.accept_other_finetunes and config.stats is None:
+        raise UsageError(
+            "--accept-other-finetunes applies to a merge from saved statistics (config key "
+            "'stats'); this configuration merges from calibration data, so it has no effect."
+        )
     inputs, places = _protected(config)
     out = _check_output(args.out, args.overwrite, inputs=inputs, places=places)
     try:
@@ -392,6 +400,9 @@ def _report_command(args) -> None:
         path = path / "report.json"
     if not path.is_file():
         raise UsageError(f"no report at {path}.")
+    if args.overwrite and not args.png:
+        raise UsageError("--overwrite applies to --png (the only file `report` writes); give "
+                         "--png PATH or drop --overwrite.")  # fmt: skip
     png = None
     if args.png:
         png = _check_output(args.png, args.overwrite, inputs=[("report", path)],
@@ -409,6 +420,9 @@ def _report_command(args) -> None:
 def _demo_command(args) -> None:
     from .demo import run_demo
 
+    if args.overwrite and not args.json:
+        raise UsageError("--overwrite applies to --json (the only file `demo` writes); give "
+                         "--json PATH or drop --overwrite.")  # fmt: skip
     places = [("working directory", Path.cwd())]
     out = _check_output(args.json, args.overwrite, places=places) if args.json else None
     result = run_demo(seed=args.seed, quick=args.quick, quiet=args.quiet)

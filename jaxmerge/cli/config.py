@@ -24,7 +24,7 @@ Example (paths are relative to the configuration file)::
     scale = 1.0            # task_arithmetic/ties/dare, and basis ties/dare: λ
     density = 0.2          # ties: fraction of entries kept
     trim = "tensor"        # ties: "tensor" | "model"
-    aggregate = "mean"     # ties/dare: "mean" | "sum"
+    aggregate = "mean"     # ties (and basis ties): "mean" | "sum"
     drop_rate = 0.9        # dare (required): drop probability p
     seed = 0               # dare: seed of the drop masks
 
@@ -32,7 +32,14 @@ Example (paths are relative to the configuration file)::
 ``K`` iterables of batches, one per fine-tuned model in order; a batch is an array (the model's
 positional input) or a dict of keyword arguments (with an optional 0/1 mask under ``mask_key``).
 Every key is checked: an unknown key, a wrong type or an option of another method is an error
-naming the key.
+naming the key, and so is a key that would have no effect: ``calibration`` beside ``stats`` (a
+merge from saved statistics reads no calibration), ``mask_key`` or ``call_kwargs`` where no
+batch is run (a merge from ``stats`` without ``heldout``, or a method without data), and
+``scale`` of a ``ties``/``dare`` basis with ridge 0 everywhere (``scale`` is the ridge's prior).
+``tasks`` name the statistics ``jaxmerge stats`` writes and are checked against ``stats``; a
+merge from ``calibration`` does not use them. ``jaxmerge stats`` reads the model, the
+fine-tunes, ``tasks``, ``calibration``, ``mask_key``, ``call_kwargs`` and ``pythonpath``; the
+``[merge]`` table and ``heldout`` are for ``jaxmerge merge``.
 """
 
 import dataclasses
@@ -66,7 +73,7 @@ OPTIONS = {
     "soup": (),
     "task_arithmetic": ("scale",),
     "ties": ("scale", "density", "trim", "aggregate"),
-    "dare": ("scale", "aggregate", "drop_rate", "seed"),
+    "dare": ("scale", "drop_rate", "seed"),  # DARE by task arithmetic: no aggregate
 }
 KNOWN = ("method", *dict.fromkeys(o for opts in OPTIONS.values() for o in opts))
 BASIS_NAMES = ("scalar", "diagonal", "full")
@@ -206,7 +213,7 @@ def _merge_table(raw) -> dict[str, Any]:
         out["trim"] = raw.get("trim", "tensor")
         if out["trim"] not in ("tensor", "model"):
             _fail("merge.trim", f"expected 'tensor' or 'model', got {out['trim']!r}")
-    if method in ("ties", "dare") or special:
+    if method == "ties" or special == "ties":
         out["aggregate"] = raw.get("aggregate", "mean")
         if out["aggregate"] not in ("mean", "sum"):
             _fail("merge.aggregate", f"expected 'mean' or 'sum', got {out['aggregate']!r}")
@@ -217,6 +224,12 @@ def _merge_table(raw) -> dict[str, Any]:
         if not out["drop_rate"] < 1:
             _fail("merge.drop_rate", f"expected a number in [0, 1), got {out['drop_rate']!r}")
         out["seed"] = _number(raw, "seed", integer=True, low=0, default=0)
+    if special and "scale" in raw:
+        ridges = out["ridge"].values() if isinstance(out["ridge"], dict) else [out["ridge"]]
+        if not any(ridges):
+            _fail("merge.scale", f"with basis {special!r}, scale is the prior the ridge pulls "
+                  "toward, and ridge is 0 for every layer, so it has no effect: give a ridge "
+                  f"> 0 (ridge = inf is {special} itself) or drop scale")  # fmt: skip
     return out
 
 
@@ -308,9 +321,19 @@ def load_config(path) -> MergeConfig:
         if stats is not None and merge["algorithm"] == "sequential":
             _fail("stats", "saved statistics are parallel statistics; the sequential algorithm "
                   "needs 'calibration' (drop 'stats' or use algorithm = 'parallel')")  # fmt: skip
-    elif stats is not None or heldout is not None:
-        key = "stats" if stats is not None else "heldout"
-        _fail(key, f"method {merge['method']!r} uses no calibration data")
+        if stats is not None and calibration is not None:
+            _fail("calibration", "a merge from saved statistics ('stats') reads no calibration "
+                  "data (the statistics were computed from it before); give one of "
+                  "'calibration' and 'stats'")  # fmt: skip
+        if stats is not None and heldout is None:
+            for key in ("mask_key", "call_kwargs"):
+                if key in data:
+                    _fail(key, "a merge from saved statistics ('stats') without 'heldout' runs "
+                          "no batches, so it has no effect")  # fmt: skip
+    else:
+        for key in ("stats", "heldout", "calibration", "mask_key", "call_kwargs"):
+            if key in data:
+                _fail(key, f"method {merge['method']!r} uses no calibration data")
     return MergeConfig(
         source=source,
         model=model,
@@ -331,9 +354,13 @@ def import_object(config: MergeConfig, key: str):
     """Import the ``module:attribute`` named by ``config.<key>``, after ``config.pythonpath``.
 
     Raises:
-        ConfigError: the module or attribute does not exist, or is not callable (naming the key).
+        ConfigError: a ``pythonpath`` directory does not exist, or the module or attribute does
+            not exist or is not callable (naming the key).
     """
     target = getattr(config, key)
+    for k, directory in enumerate(config.pythonpath):
+        if not directory.is_dir():
+            _fail(f"pythonpath[{k}]", f"no directory at {directory}")
     for directory in reversed(config.pythonpath):
         if str(directory) not in sys.path:
             sys.path.insert(0, str(directory))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PyTree
 
-from .common import Scale, _combine, _deltas, flatten_models, work_dtype
+from .common import Scale, _combine, _deltas, check_weights, flatten_models, work_dtype
 
 __all__ = ["task_vectors", "soup", "task_arithmetic"]
 
@@ -50,14 +50,14 @@ def soup(
     Args:
         base: base parameters ``θ₀``.
         finetuned: the ``K`` fine-tuned parameter pytrees.
-        weights: nonnegative ``wₖ`` (normalised to sum 1); default uniform.
+        weights: finite nonnegative ``wₖ`` (normalised to sum 1); default uniform.
 
     Returns:
         The merged parameters, with the base's structure and dtypes.
 
     Raises:
         ValueError: structures or shapes differ; weights have the wrong length, are negative or
-            sum to zero.
+            not finite, or sum to zero.
 
     References:
         Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
@@ -71,12 +71,7 @@ def soup(
         ([2.0, 2.0], [1.5, 1.0])
     """
     paths, base_leaves, models, treedef = flatten_models("soup", base, finetuned)
-    k = len(models)
-    w = jnp.ones(k) if weights is None else jnp.asarray(weights)
-    if w.shape != (k,):
-        raise ValueError(f"soup: weights have shape {w.shape}; expected one per task, ({k},).")
-    if not isinstance(w, jax.core.Tracer) and not (bool(jnp.all(w >= 0)) and float(w.sum()) > 0):
-        raise ValueError(f"soup: weights must be nonnegative with a positive sum; got {w}.")
+    w = check_weights("soup", weights, len(models))
     w = w / jnp.sum(w)
     out = []
     for i, b in enumerate(base_leaves):
@@ -106,8 +101,8 @@ def task_arithmetic(
         The merged parameters, with the base's structure and dtypes.
 
     Raises:
-        ValueError: structures or shapes differ, or a scale has the wrong shape or a layer has no
-            scale.
+        ValueError: structures or shapes differ, or a scale has the wrong shape, is not finite,
+            a layer has no scale or a per-layer mapping names no layer.
 
     References:
         Ilharco et al., "Editing models with task arithmetic", ICLR 2023.

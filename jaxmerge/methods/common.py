@@ -97,6 +97,20 @@ def layer_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def check_scale_keys(fn: str, scale: Scale, layers) -> None:
+    """Every key of a per-layer ``scale`` mapping must be a layer path of the tree (an entry
+    naming no layer would be ignored)."""
+    if not isinstance(scale, Mapping):
+        return
+    layers = sorted(set(layers))
+    unknown = [key for key in scale if key not in layers]
+    if unknown:
+        raise ValueError(
+            f"{fn}: scale has entries for no layer of the parameters: {unknown[:5]}; its keys "
+            f"are layer paths (a leaf path without its last key), here {layers[:8]}."
+        )
+
+
 def scale_at(fn: str, scale: Scale, layer: str, num_tasks: int):
     """``λ`` for one layer, broadcast to ``(num_tasks,)``."""
     if isinstance(scale, Mapping):
@@ -110,7 +124,12 @@ def scale_at(fn: str, scale: Scale, layer: str, num_tasks: int):
         value = scale(layer)
     else:
         value = scale
-    value = jnp.asarray(value)
+    try:
+        value = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{fn}: scale for layer '{layer}' is {value!r:.60}; give numbers."
+        ) from None
     if value.shape not in ((), (num_tasks,)):
         raise ValueError(
             f"{fn}: scale for layer '{layer}' has shape {value.shape}; expected a number or one "
@@ -118,11 +137,17 @@ def scale_at(fn: str, scale: Scale, layer: str, num_tasks: int):
         )
     if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
         raise TypeError(f"{fn}: scale for layer '{layer}' has dtype {value.dtype}; give numbers.")
+    if not isinstance(value, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(value))):
+        raise ValueError(
+            f"{fn}: scale for layer '{layer}' is {value.tolist()}; it must be finite (a NaN or "
+            "infinite λ makes the merged parameters NaN or infinite)."
+        )
     return jnp.broadcast_to(value, (num_tasks,))
 
 
 def _combine(fn, paths, base_leaves, directions, scale, treedef):
     """``θ₀ + Σₖ λₖ Bₖ`` leaf by leaf, cast back to the base dtypes."""
+    check_scale_keys(fn, scale, [layer_of(p) for p in paths])
     out = []
     for i, (path, b) in enumerate(zip(paths, base_leaves, strict=True)):
         lam = scale_at(fn, scale, layer_of(path), len(directions))
@@ -130,6 +155,23 @@ def _combine(fn, paths, base_leaves, directions, scale, treedef):
         update = sum(lam[k].astype(dtype) * d[i] for k, d in enumerate(directions))
         out.append((b.astype(dtype) + update).astype(b.dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+def check_weights(fn: str, weights, num_tasks: int):
+    """Model weights ``wₖ``: ``(K,)``, finite, nonnegative, a positive sum (unless traced);
+    default uniform."""
+    w = jnp.ones(num_tasks) if weights is None else jnp.asarray(weights)
+    if w.shape != (num_tasks,):
+        raise ValueError(
+            f"{fn}: weights have shape {w.shape}; expected one per task, ({num_tasks},)."
+        )
+    if not isinstance(w, jax.core.Tracer) and not (
+        bool(jnp.all(jnp.isfinite(w) & (w >= 0))) and float(w.sum()) > 0
+    ):
+        raise ValueError(
+            f"{fn}: weights must be nonnegative and finite with a positive sum; got {w}."
+        )
+    return w
 
 
 def _check_option(fn: str, name: str, value, allowed) -> None:

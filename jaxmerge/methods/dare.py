@@ -60,7 +60,12 @@ def dare_masks(
         raise TypeError(
             f"dare_masks: key must be a jax.random key (jax.random.key(seed)); got {key!r:.60}."
         )
-    if not isinstance(num_tasks, int) or num_tasks < 1:
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape != ():
+        raise ValueError(
+            f"dare_masks: key must be one jax.random key, got an array of keys of shape "
+            f"{key.shape}; the masks of every task are drawn from the one key."
+        )
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"dare_masks: num_tasks must be a positive integer, got {num_tasks!r}.")
     _check_drop_rate("dare_masks", drop_rate)
     paths, leaves, treedef = flatten_params("dare_masks", base, "base")
@@ -105,13 +110,15 @@ def dare_task_vectors(
             :func:`dare_masks`.
         drop_rate: the drop probability ``p ∈ [0, 1)`` the masks were drawn with.
         merge: ``"task_arithmetic"`` or ``"ties"`` (static).
-        aggregate: ``"mean"`` or ``"sum"``, for ``merge="ties"`` (static).
+        aggregate: ``"mean"`` or ``"sum"``, for ``merge="ties"`` only (static; ``"sum"`` with
+            ``merge="task_arithmetic"`` is an error).
 
     Returns:
         ``K`` pytrees ``Bₖ`` with the base's structure, in at least float32.
 
     Raises:
-        ValueError: structures or shapes of the models or masks differ, or an option is invalid.
+        ValueError: structures or shapes of the models or masks differ, a mask holds values
+            other than 0 and 1, or an option is invalid (or, ``aggregate``, has no effect).
 
     References:
         Yu et al., "Language models are Super Mario: absorbing abilities from homologous models as
@@ -127,29 +134,46 @@ def dare_task_vectors(
     fn = "dare_task_vectors"
     _check_option(fn, "merge", merge, ("task_arithmetic", "ties"))
     _check_option(fn, "aggregate", aggregate, ("mean", "sum"))
+    if merge != "ties" and aggregate != "mean":
+        raise ValueError(
+            f"{fn}: aggregate={aggregate!r} applies to merge='ties' only (the disjoint merge "
+            f"after the sign election); merge={merge!r} adds the rescaled task vectors, so "
+            "aggregate would be ignored."
+        )
     _check_drop_rate(fn, drop_rate)
     paths, base_leaves, models, treedef = flatten_models(fn, base, finetuned)
     if isinstance(masks, Mapping) or not isinstance(masks, Sequence) or len(masks) != len(models):
         raise ValueError(f"{fn}: give one mask pytree per fine-tune ({len(models)} of them).")
-    rescaled = []
-    for k, (delta, mask) in enumerate(zip(_deltas(base_leaves, models), masks, strict=True)):
+    flats = []
+    for k, mask in enumerate(masks):
         flat, mask_def = jax.tree.flatten(mask)
         if mask_def != treedef:
             raise ValueError(
                 f"{fn}: masks[{k}] does not have the base's structure ({mask_def} vs {treedef})."
             )
-        for path, m, d in zip(paths, flat, delta, strict=True):
-            if jnp.shape(m) != d.shape:
+        for path, m, b in zip(paths, flat, base_leaves, strict=True):
+            if jnp.shape(m) != b.shape:
                 raise ValueError(
                     f"{fn}: masks[{k}] at '{path}' has shape {jnp.shape(m)}; the parameter's is "
-                    f"{d.shape}."
+                    f"{b.shape}."
                 )
-        rescaled.append(
-            [
-                jnp.where(jnp.asarray(m).astype(bool), d / (1 - jnp.asarray(drop_rate, d.dtype)), 0)
-                for m, d in zip(flat, delta, strict=True)
-            ]
-        )
+        flats.append(flat)
+    for k, flat in enumerate(flats):  # values after every shape: a mask of another model first
+        for path, m in zip(paths, flat, strict=True):
+            if isinstance(m, jax.core.Tracer) or jnp.result_type(m) == jnp.bool_:
+                continue
+            if not bool(jnp.all((jnp.asarray(m) == 0) | (jnp.asarray(m) == 1))):
+                raise ValueError(
+                    f"{fn}: masks[{k}] at '{path}' holds values other than 0 and 1; a keep mask "
+                    "is boolean or 0/1 (every nonzero entry would be kept, not weighted)."
+                )
+    rescaled = [
+        [
+            jnp.where(jnp.asarray(m).astype(bool), d / (1 - jnp.asarray(drop_rate, d.dtype)), 0)
+            for m, d in zip(flat, delta, strict=True)
+        ]
+        for flat, delta in zip(flats, _deltas(base_leaves, models), strict=True)
+    ]
     if merge == "ties":
         rescaled = _disjoint(rescaled, aggregate)
     return [jax.tree.unflatten(treedef, b) for b in rescaled]

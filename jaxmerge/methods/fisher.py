@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float, PyTree
 
-from .common import flatten_models, flatten_params, work_dtype
+from .common import check_weights, flatten_models, flatten_params, work_dtype
 
 __all__ = ["empirical_fisher", "fisher_average", "fisher_merge"]
 
@@ -126,7 +126,8 @@ def fisher_average(
 
     Raises:
         ValueError: structures, shapes or the number of weights differ; weights are negative or
-            sum to zero; ``epsilon ≤ 0``; a Fisher holds a negative or non-finite entry.
+            not finite, or sum to zero; ``epsilon`` is not in ``(0, ∞)``; a Fisher holds a
+            negative or non-finite entry.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -143,13 +144,9 @@ def fisher_average(
         raise ValueError(f"{fn}: give one Fisher pytree per fine-tune ({len(models)} of them).")
     _, _, fisher_leaves, _ = flatten_models(fn, finetuned[0], fishers)
     k = len(models)
-    w = jnp.ones(k) if weights is None else jnp.asarray(weights)
-    if w.shape != (k,):
-        raise ValueError(f"{fn}: weights have shape {w.shape}; expected one per task, ({k},).")
-    if not isinstance(w, jax.core.Tracer) and not (bool(jnp.all(w >= 0)) and float(w.sum()) > 0):
-        raise ValueError(f"{fn}: weights must be nonnegative with a positive sum; got {w}.")
-    if not isinstance(epsilon, jax.core.Tracer) and not float(epsilon) > 0:
-        raise ValueError(f"{fn}: epsilon must be positive, got {epsilon}.")
+    w = check_weights(fn, weights, k)
+    if not isinstance(epsilon, jax.core.Tracer) and not 0 < float(epsilon) < float("inf"):
+        raise ValueError(f"{fn}: epsilon must be positive and finite, got {epsilon}.")
     for j, leaves in enumerate(fisher_leaves):
         for path, f in zip(paths, leaves, strict=True):
             if not isinstance(f, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(f) & (f >= 0))):

@@ -24,7 +24,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from ..core.bases import Custom
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .common import Scale, key_names, layer_of, scale_at
+from .common import Scale, check_scale_keys, key_names, layer_of, scale_at
 from .dare import dare_directions
 from .ties import ties_task_vectors
 
@@ -253,6 +253,8 @@ def _subtree(fn: str, tree, path: str):
 
 
 def _factory(fn: str, directions, scale: Scale, per_output: bool) -> BasisFactory:
+    check_scale_keys(fn, scale, _layer_paths(directions[0]))
+
     def basis(path: str) -> Custom:
         return Custom([_subtree(fn, d, path) for d in directions], per_output=per_output)
 

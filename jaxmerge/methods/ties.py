@@ -70,7 +70,7 @@ def _disjoint(vectors, aggregate: str):
 def _check_ties(fn, density, trim, aggregate):
     _check_option(fn, "trim", trim, ("tensor", "model"))
     _check_option(fn, "aggregate", aggregate, ("mean", "sum"))
-    if isinstance(density, jax.core.Tracer) or not isinstance(density, float | int):
+    if isinstance(density, jax.core.Tracer | bool) or not isinstance(density, float | int):
         raise TypeError(f"{fn}: density must be a Python number (it is static), got {density!r}.")
     if not 0 < density <= 1:
         raise ValueError(f"{fn}: density (the fraction of entries kept) must lie in (0, 1].")

@@ -72,8 +72,10 @@ def _check_patterns(option, what: str, paths, kind: str, hint=None) -> None:
     if not isinstance(option, Mapping):
         return
     _check_keys(option, what)
+    earlier: list[str] = []
     for pattern in option:
-        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+        matched = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
+        if not matched:
             why = hint(pattern) if hint else None
             raise OptionPatternError(
                 f"merge: the {what} pattern {pattern!r} matches no {kind} path of the model; "
@@ -81,6 +83,18 @@ def _check_patterns(option, what: str, paths, kind: str, hint=None) -> None:
                 + ".",
                 what,
             )
+        # first match wins: a glob whose every path an earlier glob takes is never used
+        first = {p: next((e for e in earlier if fnmatch.fnmatchcase(p, e)), None) for p in matched}
+        if all(first.values()):
+            shown = sorted(matched)[:3]
+            raise OptionPatternError(
+                f"merge: the {what} pattern {pattern!r} is never used: every {kind} path it "
+                f"matches ({', '.join(map(repr, shown))}{', ...' if len(matched) > 3 else ''}) "
+                f"is matched first by the earlier pattern {first[shown[0]]!r} (the first "
+                "matching pattern wins); put the more specific pattern first.",
+                what,
+            )
+        earlier.append(pattern)
 
 
 def _basis_name(basis) -> str:
@@ -195,6 +209,38 @@ def _check_layer_patterns(layers, **options) -> None:
         _check_patterns(option, what, layers, "layer", hint)
 
 
+def _check_prior_has_effect(prior, ridges) -> None:
+    """A prior given as a value, or a glob of a ``{glob: value}`` prior, whose layers (``ridges``:
+    each layer's resolved ridge) all have ridge 0 is never used: the ridge is what pulls toward
+    it. A callable prior (a basis factory's, such as :func:`~jaxmerge.ties_basis`'s, unpacked
+    beside its basis) is exempt."""
+    if prior is None or (callable(prior) and not isinstance(prior, Mapping)):
+        return
+    fix = (
+        "the ridge pulls the merge toward the prior (ridge=λ > 0; ridge=inf returns it): give "
+        "those layers a ridge, or drop"
+    )
+    if not isinstance(prior, Mapping):
+        if ridges and not any(ridges.values()):
+            raise ValueError(
+                f"merge: prior is given but ridge is 0 for every layer, so the prior has no "
+                f"effect; {fix} prior."
+            )
+        return
+    won: dict[str, list[str]] = {}
+    for path in ridges:
+        pattern = next((g for g in prior if fnmatch.fnmatchcase(path, g)), None)
+        if pattern is not None:
+            won.setdefault(pattern, []).append(path)
+    for pattern, paths in won.items():
+        if not any(ridges[p] for p in paths):
+            raise ValueError(
+                f"merge: the prior pattern {pattern!r} has no effect: ridge is 0 for every layer "
+                f"it applies to ({', '.join(map(repr, paths[:3]))}"
+                f"{', ...' if len(paths) > 3 else ''}); {fix} the pattern."
+            )
+
+
 def _options(plan_specs, basis, prior, ridge, alpha, rcond):
     """Every layer's :class:`_Options`, each value checked."""
     _check_scalars(alpha, rcond)
@@ -211,4 +257,5 @@ def _options(plan_specs, basis, prior, ridge, alpha, rcond):
         p = _resolve(prior, path, None, "prior")
         _check_prior(p, f" for layer {path!r}")
         out[path] = _Options(basis=b, prior=p, ridge=float(r), alpha=alpha, rcond=rcond)
+    _check_prior_has_effect(prior, {path: o.ridge for path, o in out.items()})
     return out
