@@ -132,7 +132,8 @@ def ties_layer(
         base: the base layer (kernel, ``(kernel, bias)`` or ``{"kernel", "bias"}``).
         finetuned: the ``K`` fine-tuned layers, in the same form.
         density, trim, aggregate: TIES' options (see :func:`ties_task_vectors`).
-        scale: TIES' ``λ`` (a number or ``(K,)``): the prior of the ridge.
+        scale: TIES' ``λ`` (a number or ``(K,)``): the prior of the ridge (with ``ridge=0``
+            it has no effect).
         per_output: one coefficient per direction (``False``) or per direction and output unit.
         ridge: ``≥ 0``, pull toward ``λ`` (see :func:`solve_layer`).
         rcond, throw: as in :func:`solve_layer`.
@@ -193,7 +194,8 @@ def dare_layer(
         finetuned: the ``K`` fine-tuned layers, in the same form.
         key: a ``jax.random`` key.
         drop_rate, merge, aggregate: DARE's options (see :func:`dare_task_vectors`).
-        scale: DARE's ``λ`` (a number or ``(K,)``): the prior of the ridge.
+        scale: DARE's ``λ`` (a number or ``(K,)``): the prior of the ridge (with ``ridge=0``
+            it has no effect).
         per_output: one coefficient per direction (``False``) or per direction and output unit.
         ridge: ``≥ 0``, pull toward ``λ``.
         rcond, throw: as in :func:`solve_layer`.
@@ -285,7 +287,8 @@ def ties_basis(
         base: base parameters (a Flax-style nested dict; a leading ``"params"`` key is skipped).
         finetuned: the ``K`` fine-tuned parameter pytrees.
         density, trim, aggregate: TIES' options (see :func:`ties_task_vectors`).
-        scale: ``λ``, as in :func:`task_arithmetic` (per-layer mappings and callables allowed).
+        scale: ``λ``, as in :func:`task_arithmetic` (per-layer mappings and callables allowed;
+            a mapping's keys must be layer paths of ``base``): the prior of the merge's ridge.
         per_output: one coefficient per direction, or per direction and output unit.
 
     Returns:
