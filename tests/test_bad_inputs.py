@@ -132,6 +132,11 @@ def _masked_problem(mask_shape=(4,), second=0.0):
     return base, finetunes(base, 2), [[b] for b in batches]
 
 
+def _masked_merge(**kw):
+    base, fts, cal = _masked_problem()
+    return jm.merge(_MaskedDense(), base, fts, cal, progress=False, **kw)
+
+
 class _Branchy(nn.Module):
     """A model with a Python ``if`` on a value computed from its input."""
 
@@ -461,6 +466,35 @@ CASES = [
     Case("collect_stats: calibration for more tasks",
          lambda c, t: jm.collect_stats(c.model, c.model_fts, c.cal * 2, progress=False),
          ValueError, r"4 calibration iterables for 2 fine-tuned models"),
+    Case("collect_stats: paths naming no layer",
+         lambda c, t: jm.collect_stats(c.model, c.model_fts, c.cal, paths=["Dense_9"],
+                                       progress=False),
+         ValueError, r"collect_stats: paths \['Dense_9'\] name no layer .*'Dense_0', 'Dense_1'"),
+    Case("collect_stats: paths a string",
+         lambda c, t: jm.collect_stats(c.model, c.model_fts, c.cal, paths="Dense_0",
+                                       progress=False),
+         TypeError, r"paths must be an iterable of layer paths, got 'Dense_0'; wrap one"),
+    Case("merge: mask_key with array batches",
+         lambda c, t: _merge(c, mask_key="attention_mask"),
+         ValueError, r"mask_key='attention_mask', but no task's first calibration batch holds it "
+                     r"\(arrays\)"),
+    Case("merge: mask_key absent from dict batches",
+         lambda c, t: _masked_merge(mask_key="attention_mask"),
+         ValueError, r"mask_key='attention_mask', but no task's first calibration batch holds it "
+                     r"\(keys \['mask', 'x'\]\)"),
+    Case("merge_in_groups: rows with groups",
+         lambda c, t: jm.merge_in_groups(c.model, c.params, c.model_fts, c.cal,
+                                         groups=[["Dense_0"], ["Dense_1"]], rows=8,
+                                         progress=False),
+         ValueError, r"merge_in_groups: rows= sizes the budget; with groups= it has no effect"),
+    Case("solve_layers: a basis for a path without statistics",
+         lambda c, t: jm.solve_layers({"a": c.stats}, {"a": c.base}, [{"a": f} for f in c.fts],
+                                      basis={"a": "scalar", "zz": "full"}),
+         ValueError, r"solve_layers: basis has entries for paths without statistics: \['zz'\]"),
+    Case("solve_layers: a prior for a path without statistics",
+         lambda c, t: jm.solve_layers({"a": c.stats}, {"a": c.base}, [{"a": f} for f in c.fts],
+                                      basis="scalar", ridge=1.0, prior={"c": 0.5}),
+         ValueError, r"solve_layers: prior has entries for paths without statistics: \['c'\]"),
     Case("solve_stats: statistics of another number of tasks",
          lambda c, t: jm.solve_stats(c.merge_stats, c.params, c.model_fts[:1], progress=False),
          ValueError, r"2 tasks.*1 fine-tune|1 fine-tune.*2 tasks"),

@@ -151,7 +151,7 @@ def _peek(calibration, num_tasks, *, mask_key=None, what="calibration", like=Non
             f"merge: {len(calibration)} {what} iterables for {num_tasks} fine-tuned models; "
             "give one per model, in the same order."
         )
-    iters, first = [], None
+    iters, heads, first = [], [], None
     for k, batches in enumerate(calibration):
         if not isinstance(batches, Iterable) or hasattr(batches, "shape"):
             raise TypeError(
@@ -167,6 +167,16 @@ def _peek(calibration, num_tasks, *, mask_key=None, what="calibration", like=Non
         rest = (_check_batch(b, f"{what}[{k}] batch {i}", mask_key, place)
                 for i, b in enumerate(it, 1))  # fmt: skip
         iters.append(itertools.chain([head], rest))
+        heads.append(head)
+    if mask_key not in (None, "mask") and not any(
+        isinstance(h, Mapping) and mask_key in h for h in heads
+    ):
+        raise ValueError(
+            f"merge: mask_key={mask_key!r}, but no task's first {what} batch holds it "
+            f"({'arrays' if not isinstance(first, Mapping) else 'keys ' + str(list(first))}), so "
+            "no row would be masked; give dict batches with the mask under that key, or "
+            "mask_key=None."
+        )
     return iters, first
 
 
@@ -323,8 +333,19 @@ def stats_collector(
     plan = _plan(model, call_kwargs, finetuned[0], batch, mask_key)
     groups = plan.groups
     if paths is not None:
-        wanted = set(paths)
-        groups = [g for g in groups if wanted & set(g)]
+        if isinstance(paths, str) or not isinstance(paths, Iterable):
+            raise TypeError(
+                f"collect_stats: paths must be an iterable of layer paths, got {paths!r}; wrap "
+                "one path in a list."
+            )
+        wanted = list(paths)
+        unknown = [p for p in wanted if p not in plan.specs]
+        if unknown:
+            raise ValueError(
+                f"collect_stats: paths {unknown} name no layer merged by output matching; the "
+                f"layers are {list(plan.specs)[:8]}{' ...' if len(plan.specs) > 8 else ''}."
+            )
+        groups = [g for g in groups if set(wanted) & set(g)]
     dtype = jnp.dtype(dtype) if dtype is not None else _default_dtype()
     return StatsCollector(plan, tuple(groups), len(finetuned), dtype,
                           None if inputs is None else to_pure(inputs))  # fmt: skip
@@ -397,7 +418,9 @@ def collect_stats(
 
     Raises:
         ValueError: an empty or missing calibration iterable, non-finite activations (naming the
-            layer), or a layer without unmasked rows.
+            layer), a layer without unmasked rows, ``paths`` naming no layer, or a ``mask_key``
+            other than ``"mask"`` that no task's first batch holds.
+        TypeError: ``paths`` a single string.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn

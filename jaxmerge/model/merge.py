@@ -145,9 +145,11 @@ def merge(
             missing or empty calibration, non-finite activations (naming the layer), token ids
             outside an embedding's vocabulary, bad options, an NNX model left in training mode,
             a call under ``jax.jit`` (``merge`` is a host-level driver; jit the ``update`` of
-            :func:`~jaxmerge.stats_collector` instead).
+            :func:`~jaxmerge.stats_collector` instead), a ``prior`` where every ridge is 0 (it
+            would have no effect), a ``mask_key`` other than ``"mask"`` that no first batch holds.
         OptionPatternError: a glob matching no path of the kind its option applies to (layer
-            paths for ``basis``, ``prior``, ``ridge``; parameter paths for ``fallback``).
+            paths for ``basis``, ``prior``, ``ridge``; parameter paths for ``fallback``), or one
+            never used because an earlier glob matches all its paths.
         SolveError: a layer's solve is not finite and ``throw=True``.
 
     Examples:
@@ -171,9 +173,9 @@ def merge(
 
 def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge, alpha, fallback,
          heldout, mask_key, call_kwargs, rcond, progress, throw, passes=None):  # fmt: skip
-    """:func:`merge`; ``passes``: ``None``, or (parallel only) a function of the plan giving
-    lists of group keys, the groups collected and solved together in one pass over the data
-    (:func:`~jaxmerge.merge_in_groups`)."""
+    """:func:`merge`; ``passes``: ``None``, or (for the parallel algorithm) a function of the
+    plan giving lists of group keys, the groups collected and solved together in one pass over
+    the data (:func:`~jaxmerge.merge_in_groups`)."""
     started = time.perf_counter()
     check_host(base, finetuned, alpha, ridge)
     if algorithm not in ("parallel", "sequential"):
@@ -200,9 +202,9 @@ def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge,
         fresh, _ = _peek(data, k_tasks, mask_key=mask_key, what=what, like=like)
         return _checked_ids(plan, fresh, what)
 
-    def collect_iters(iters, *, groups, tree_in, label):
+    def collect_iters(task_batches, *, groups, tree_in, label):
         collector = StatsCollector(plan, tuple(groups), k_tasks, dtype, tree_in)
-        return _collect(collector, trees.finetuned, iters, progress=progress, label=label)
+        return _collect(collector, trees.finetuned, task_batches, progress=progress, label=label)
 
     def collect(data, what, *, groups, tree_in):
         label = "collecting statistics" if what == "calibration" else "held-out"
@@ -228,8 +230,6 @@ def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge,
                 scored.update(_score(held, trees, merged_flat))
         reports += _keep_base(skip, plan.specs, trees, options, heldout is not None, merged_flat)
     else:
-        if passes is not None:
-            raise ValueError("merge: layer-group passes need the parallel algorithm.")
         reports = merge_sequential(plan, trees, options, batches(calibration, "calibration"),
                                    collect_iters, merged_flat, dtype, throw=throw,
                                    progress=progress)  # fmt: skip

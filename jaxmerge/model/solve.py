@@ -302,7 +302,10 @@ def solve_stats(
 
     Raises:
         ValueError: statistics of another model (layers missing from the base), of another
-            number of tasks, or (``check_source``) of other fine-tuned trees.
+            number of tasks, or (``check_source``) of other fine-tuned trees; a ``prior`` where
+            every ridge is 0.
+        OptionPatternError: a glob matching no path of its kind, or one never used because an
+            earlier glob matches all its paths.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn

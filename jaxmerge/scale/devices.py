@@ -171,7 +171,8 @@ def solve_layers(
         ``{path: LayerSolution}`` in the order of ``stats``.
 
     Raises:
-        ValueError, TypeError: a path is missing or its shapes, dtypes or options do not fit.
+        ValueError, TypeError: a path is missing or its shapes, dtypes or options do not fit, or
+            ``basis`` or ``prior`` has entries for paths without statistics.
         SolveError: ``throw=True`` and a layer's inputs hold NaN or Inf.
 
     Examples:
@@ -199,6 +200,13 @@ def solve_layers(
         )
     if prior is not None and not isinstance(prior, Mapping):
         raise TypeError("solve_layers: prior must be None or a mapping {path: prior}.")
+    for name, option in (("basis", basis), ("prior", prior)):
+        unknown = [p for p in option if p not in stats] if isinstance(option, Mapping) else []
+        if unknown:
+            raise ValueError(
+                f"solve_layers: {name} has entries for paths without statistics: {unknown}; "
+                f"its keys are the paths of stats ({list(stats)[:8]})."
+            )
     ridge, alpha, jitter = float(ridge), float(alpha), float(jitter)
     groups: dict[Any, list[tuple[str, Any]]] = {}
     for path in stats:

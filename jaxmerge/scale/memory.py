@@ -286,8 +286,9 @@ def merge_in_groups(
         order.
 
     Raises:
-        ValueError, TypeError: neither or both of ``groups`` and ``budget_bytes``, unknown or
-            missing layer paths, a one-shot iterator as calibration, or what :func:`merge` raises.
+        ValueError, TypeError: neither or both of ``groups`` and ``budget_bytes``, ``rows``
+            with ``groups``, unknown or missing layer paths, a one-shot iterator as calibration,
+            or what :func:`merge` raises.
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -303,6 +304,8 @@ def merge_in_groups(
     caller = "merge_in_groups"
     if (groups is None) == (budget_bytes is None):
         raise ValueError(f"{caller}: give exactly one of groups= and budget_bytes= (with rows=).")
+    if groups is not None and rows is not None:
+        raise ValueError(f"{caller}: rows= sizes the budget; with groups= it has no effect.")
     if not isinstance(finetuned, Sequence) or isinstance(finetuned, Mapping) or not finetuned:
         raise ValueError(f"{caller}: finetuned must be a non-empty sequence of parameter trees.")
     for name, data in (("calibration", calibration), ("heldout", heldout or ())):
