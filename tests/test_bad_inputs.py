@@ -514,8 +514,14 @@ CASES = [
                                 r"path 'Dense_0/(kernel|bias)'.*use 'Dense_0'"),
     Case("merge: fallback glob matching a layer path",
          lambda c, t: _merge(c, fallback={"Dense_0": "base"}),
-         jm.OptionPatternError, r"fallback pattern 'Dense_0' matches no parameter path.*layer "
-                                r"or module path 'Dense_0'.*use 'Dense_0/\*'"),
+         jm.OptionPatternError, r"fallback pattern 'Dense_0' matches no floating-point parameter "
+                                r"path.*layer or module path 'Dense_0'.*use 'Dense_0/\*'"),
+    Case("merge: fallback glob matching only an integer parameter",
+         lambda c, t: _merge(c, base={**c.params, "step": jnp.int32(3)},
+                             fts=[{**f, "step": jnp.int32(3)} for f in c.model_fts],
+                             fallback={"step": "mean"}),
+         jm.OptionPatternError, r"fallback pattern 'step' matches no floating-point parameter "
+                                r"path.*only integer parameters \('step'\), which always keep"),
     Case("merge: prior glob naming a module that is no layer",
          lambda c, t: _nested_merge(basis="scalar", ridge=1.0, prior={"Block_0": 0.5}),
          jm.OptionPatternError, r"prior pattern 'Block_0' matches no layer path.*"

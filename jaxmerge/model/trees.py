@@ -87,7 +87,10 @@ class _Trees:
         # layer and module paths: every proper prefix of a parameter path ("" the root)
         self.modules = {"/".join(p.split("/")[:i]) for p in self.base_flat
                         for i in range(p.count("/") + 1)}  # fmt: skip
-        _check_patterns(fallback, "fallback", self.base_flat, "parameter", self._fallback_hint)
+        floating = [p for p, leaf in self.base_flat.items()
+                    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]  # fmt: skip
+        _check_patterns(fallback, "fallback", floating, "floating-point parameter",
+                        self._fallback_hint)  # fmt: skip
         same = jax.device_get(
             {p: [f[p] is leaf or jnp.array_equal(f[p], leaf) for f in self.ft_flats]
              for p, leaf in self.base_flat.items()}
@@ -103,6 +106,12 @@ class _Trees:
             self.centre[path] = _fallback_value(rule, leaf, tuned)
 
     def _fallback_hint(self, pattern):
+        integer = [p for p in self.base_flat if fnmatch.fnmatchcase(p, pattern)]
+        if integer:  # only integer parameters, which always keep the base's value
+            return (
+                f"it matches only integer parameters ({integer[0]!r}), which always keep the "
+                "base's value"
+            )
         modules = sorted(m for m in self.modules if fnmatch.fnmatchcase(m, pattern))
         if not modules:
             return None
