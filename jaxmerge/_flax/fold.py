@@ -31,23 +31,32 @@ def has_collections(tree) -> bool:
     return "params" in tree and isinstance(tree["params"], Mapping)
 
 
+def path_of(keys, *, params: bool = False) -> str:
+    """The one tree-path convention: a pytree key path as its dict keys, attribute names and
+    sequence indices joined by ``/``, a leading ``"params"`` dropped unless ``params``."""
+    names = []
+    for key in keys:
+        if isinstance(key, jax.tree_util.SequenceKey):
+            names.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            names.append(key.name)
+        else:
+            names.append(str(getattr(key, "key", key)))
+    return "/".join(names[1:] if names[:1] == ["params"] and not params else names)
+
+
 def flatten(tree, what: str = "base"):
-    """``({path: leaf}, treedef)`` of a pure tree."""
+    """``({path: leaf}, treedef)`` of a pure tree (nested mappings only)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    strip = has_collections(tree)
     flat = {}
     for keys, leaf in leaves:
-        names = []
         for key in keys:
             if not isinstance(key, jax.tree_util.DictKey):
                 raise TypeError(
                     f"merge: {what} holds a {type(key).__name__} container at "
                     f"{jax.tree_util.keystr(keys)}; parameter trees must be nested mappings."
                 )
-            names.append(str(key.key))
-        if strip and names[0] == "params":
-            names = names[1:]
-        flat["/".join(names)] = leaf
+        flat[path_of(keys, params=not has_collections(tree))] = leaf
     return flat, treedef
 
 

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .._flax.fold import path_of
+
 __all__ = ["save_params", "load_params"]
 
 PathLike = str | os.PathLike
@@ -81,17 +83,10 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _flat(tree) -> dict[str, Any]:
     """``{"a/b/0": leaf}`` for any pytree (dict keys, attributes and indices as path parts)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+    return {path_of(path, params=True): leaf for path, leaf in leaves}
 
 
 def _abstract(leaf, default_sharding):

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike
 
+from .._flax.fold import path_of
+
 Scale = float | ArrayLike | Sequence[float | int] | Mapping[str, Any] | Callable[[str], Any]
 """``λ``: a number, one per task ``(K,)``, or per layer: a mapping or callable from layer path
 to a number or ``(K,)`` array."""
@@ -16,25 +18,10 @@ to a number or ``(K,)`` array."""
 # ---- pytree plumbing -----------------------------------------------------------------------
 
 
-def key_names(keypath) -> list[str]:
-    """The keys of a pytree key path as strings, a leading ``"params"`` dropped."""
-    names = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            names.append(key.name)
-        else:
-            names.append(str(getattr(key, "key", key)))
-    return names[1:] if names[:1] == ["params"] else names
-
-
 def flatten_params(fn: str, tree, what: str):
     """``(paths, leaves, treedef)`` of a parameter pytree whose leaves are floating arrays."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    paths = ["/".join(key_names(kp)) for kp, _ in flat]
+    paths = [path_of(kp) for kp, _ in flat]
     leaves = []
     for path, (_, leaf) in zip(paths, flat, strict=True):
         leaf = jnp.asarray(leaf)

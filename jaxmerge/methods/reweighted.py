@@ -21,10 +21,11 @@ from typing import Any, NamedTuple
 import jax
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from .._flax.fold import path_of
 from ..core.bases import Custom
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .common import Scale, check_scale_keys, key_names, layer_of, scale_at
+from .common import Scale, check_scale_keys, layer_of, scale_at
 from .dare import dare_directions
 from .ties import ties_task_vectors
 
@@ -233,7 +234,7 @@ def dare_layer(
 
 def _layer_paths(tree) -> list[str]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return sorted({layer_of("/".join(key_names(kp))) for kp, _ in flat})
+    return sorted({layer_of(path_of(kp)) for kp, _ in flat})
 
 
 def _subtree(fn: str, tree, path: str):
