@@ -420,7 +420,7 @@ CASES = [
          ValueError, r"layer 'Dense_1'.*LowRank\(5\) exceeds the largest possible rank 2"),
     Case("merge: unknown basis for a layer",
          lambda c, t: _merge(c, basis={"Dense_*": "spectral"}),
-         ValueError, r"unknown basis 'spectral' for layer 'Dense_0'"),
+         ValueError, r"layer 'Dense_0': unknown basis 'spectral'"),
     Case("merge: negative ridge for a layer", lambda c, t: _merge(c, ridge={"Dense_1": -2.0}),
          ValueError, r"ridge for (layer )?'Dense_1' must be a number ≥ 0, got -2\.0"),
     Case("merge: prior of the wrong shape for a layer",

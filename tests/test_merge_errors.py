@@ -89,7 +89,7 @@ def test_bad_options(mlp):
         merge(model, base, fts, cal, algorithm="greedy", progress=False)
     with pytest.raises(ValueError, match="fallback must be"):
         merge(model, base, fts, cal, fallback="median", progress=False)
-    with pytest.raises(ValueError, match="unknown basis 'spectral' for layer 'Dense_1'"):
+    with pytest.raises(ValueError, match="layer 'Dense_1': unknown basis 'spectral'"):
         merge(model, base, fts, cal, basis={"Dense_1": "spectral"}, progress=False)
     with pytest.raises(TypeError, match="flax.linen.Module or a flax.nnx.Module"):
         merge(lambda x: x, base, fts, cal, progress=False)

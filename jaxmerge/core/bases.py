@@ -86,6 +86,19 @@ Basis = Literal["scalar", "diagonal", "full"] | LowRank | Custom
 :class:`Custom`."""
 
 
+def check_basis(basis, where: str):
+    """``basis`` if it is one (the one check of basis values, used by every solve entry point);
+    otherwise a ``ValueError`` naming ``where`` (e.g. ``"merge: layer 'Dense_0'"``)."""
+    if isinstance(basis, LowRank | Custom) or (
+        isinstance(basis, str) and basis in ("scalar", "diagonal", "full")
+    ):
+        return basis
+    raise ValueError(
+        f"{where}: unknown basis {basis!r}; use 'scalar', 'diagonal', 'full', LowRank(r) or "
+        "Custom(directions)."
+    )
+
+
 # ---- building the QP (private; shapes: B (J, p, m), A (p, p), R (p, m)) -------------------------
 
 

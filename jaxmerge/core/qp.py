@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from .bases import Basis, Custom, LowRank, combine_directions, directional_system, truncate_update
+from .bases import (
+    Basis,
+    Custom,
+    LowRank,
+    check_basis,
+    combine_directions,
+    directional_system,
+    truncate_update,
+)
 from .energy import energies
 from .layers import as_layer, augmented, check_layer
 from .psd import SolveStatus, psd_solve
@@ -334,13 +342,8 @@ def solve_layer(
     elif basis in ("scalar", "diagonal"):
         per_output = basis == "diagonal"
         dirs = wk - w0
-    elif basis == "full":
-        full = True
     else:
-        raise ValueError(
-            f"solve_layer: unknown basis {basis!r}; use 'scalar', 'diagonal', 'full', "
-            "LowRank(r) or Custom(directions)."
-        )
+        full = check_basis(basis, "solve_layer") == "full"
 
     if full:
         if prior is None:

@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._errors import with_context
-from ..core.bases import Custom, LowRank
+from ..core.bases import Custom, LowRank, check_basis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +120,6 @@ def _fallback_value(rule, base, finetuned):
         return jnp.mean(stack, axis=0)
     b = jnp.asarray(base, dtype)
     return b + rule * jnp.sum(stack - b, axis=0)
-
-
-_BASES = ("scalar", "diagonal", "full")
 
 
 def _real(value) -> bool:
@@ -248,12 +245,7 @@ def _options(plan_specs, basis, prior, ridge, alpha, rcond):
     for path in plan_specs:
         r = _resolve(ridge, path, 0.0, "ridge")
         _check_ridge(r, f" for layer {path!r}")
-        b = _resolve(basis, path, "full", "basis")
-        if not (isinstance(b, LowRank | Custom) or (isinstance(b, str) and b in _BASES)):
-            raise ValueError(
-                f"merge: unknown basis {b!r} for layer {path!r}; use 'scalar', 'diagonal', "
-                "'full', LowRank(r) or Custom(directions)."
-            )
+        b = check_basis(_resolve(basis, path, "full", "basis"), f"merge: layer {path!r}")
         p = _resolve(prior, path, None, "prior")
         _check_prior(p, f" for layer {path!r}")
         out[path] = _Options(basis=b, prior=p, ridge=float(r), alpha=alpha, rcond=rcond)

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..core.bases import Basis, Custom, LowRank
+from ..core.bases import Basis, Custom, LowRank, check_basis
 from ..core.layers import as_layer
 from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, SolveError, solve_layer
@@ -33,12 +33,7 @@ def _basis_key(basis, path: str):
             for j, d in enumerate(basis.directions)
         ]
         return ("custom", bool(basis.per_output)), dirs
-    if isinstance(basis, LowRank) or basis in ("scalar", "diagonal", "full"):
-        return basis, None
-    raise ValueError(
-        f"solve_layers: layer {path!r}: unknown basis {basis!r}; use 'scalar', 'diagonal', "
-        "'full', LowRank(r) or Custom(directions)."
-    )
+    return check_basis(basis, f"solve_layers: layer {path!r}"), None
 
 
 def _layer_inputs(path, stats, base, finetuned, basis, prior):
