@@ -87,9 +87,14 @@ class LayerSolution(NamedTuple):
 
 
 def _broadcast_prior(prior, shape, what):
+    given = prior
     prior = jnp.asarray(prior)
     try:
-        return jnp.broadcast_to(prior, shape)
+        if isinstance(given, jax.Array) or isinstance(prior, jax.core.Tracer):
+            # Traced (also a constant under jit), or placed by the caller: keep it there.
+            return jnp.broadcast_to(prior, shape)
+        # A number or a host array: broadcast on the host (no XLA program for each shape).
+        return jnp.asarray(np.broadcast_to(np.asarray(prior), shape))
     except ValueError:
         raise ValueError(
             f"solve_layer: prior has shape {prior.shape}; the {what} basis needs coefficients "
@@ -168,6 +173,20 @@ def _is_scalar(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _all_finite(a) -> bool:
+    """Whether a concrete array holds no NaN or Inf: with numpy for arrays on the host CPU (no XLA
+    program for each shape), with JAX otherwise."""
+    if isinstance(a, np.ndarray) or (
+        isinstance(a, jax.Array)
+        and a.is_fully_addressable
+        and all(d.platform == "cpu" for d in a.devices())
+    ):
+        host = np.asarray(a)
+        if host.dtype.kind in "fiub":
+            return bool(np.isfinite(host).all())
+    return bool(jnp.all(jnp.isfinite(a)))
 
 
 def _named_inputs(stats, w0, wk, dirs) -> list[tuple[str, Any]]:
@@ -376,16 +395,17 @@ def solve_layer(
         jitter=float(jitter),
     )
     if throw:
-        named = _named_inputs(stats, w0, wk, dirs)
         if isinstance(status, jax.core.Tracer) or isinstance(merged, jax.core.Tracer):
             # Traced (jit, vmap, scan, grad): Python cannot read the status, so the check runs
             # on the host when the computation does; see ``throw`` in the docstring.
+            named = _named_inputs(stats, w0, wk, dirs)
             failed = (status == SolveStatus.NONFINITE) | ~jnp.all(jnp.isfinite(merged))
             finite = jnp.stack([jnp.all(jnp.isfinite(a)) for _, a in named])
             names = tuple(n for n, _ in named)
             jax.debug.callback(lambda f, ok: _raise_if_failed(f, ok, names), failed, finite)
-        elif int(status) == SolveStatus.NONFINITE or not bool(jnp.all(jnp.isfinite(merged))):
-            raise _solve_error([n for n, a in named if not bool(jnp.all(jnp.isfinite(a)))])
+        elif int(status) == SolveStatus.NONFINITE or not _all_finite(merged):
+            named = _named_inputs(stats, w0, wk, dirs)  # only now: naming costs a program each
+            raise _solve_error([n for n, a in named if not _all_finite(a)])
     kernel = merged[: k0.shape[0]].astype(k0.dtype)
     bias = merged[-1].astype(b0.dtype) if has_bias else None
     return LayerSolution(kernel, bias, coeff, e0, loss, rho, status, cond, spectrum)
