@@ -43,13 +43,32 @@ def problems(draw):
     return k, n, m, basis, seed, log_cond
 
 
+def numpy_stats(xs, ys, dtype):
+    """``jm.layer_stats(xs, ys)`` (one task per pair, weights 1/Nₖ), summed in float64 numpy and
+    cast to ``dtype``. The properties below are of the solve given statistics (``layer_stats``
+    is checked against numpy in test_stats.py); numpy spares an XLA program for every row count
+    drawn (about 30 s of compilation per test)."""
+    k, n, m = len(xs), xs[0].shape[1], ys[0].shape[1]
+    gram, cross, out_sq = np.zeros((n + 1, n + 1)), np.zeros((n + 1, m)), np.zeros(m)
+    task_diag, count = np.zeros((k, n + 1)), np.zeros(k)
+    for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        xa = np.hstack([np.asarray(x, np.float64), np.ones((len(x), 1))])
+        y = np.asarray(y, np.float64)
+        g = xa.T @ xa / len(x)
+        gram, cross = gram + g, cross + xa.T @ y / len(x)
+        out_sq = out_sq + (y**2).sum(0) / len(x)
+        task_diag[t], count[t] = np.diag(g), len(x)
+    fields = (gram, cross, out_sq, task_diag, count)
+    return jm.LayerStats(*(jax.numpy.asarray(a.astype(dtype)) for a in fields))
+
+
 def build(k, n, m, seed, cond, dtype):
     rng = np.random.default_rng(seed)
     w0 = rng.normal(size=(n, m)).astype(dtype)
     fts = [(w0 + 0.5 * rng.normal(size=(n, m))).astype(dtype) for _ in range(k)]
     xs = [conditioned_inputs(rng, n + 3 + t, n, cond, dtype) for t in range(k)]
     ys = [(x @ w).astype(dtype) for x, w in zip(xs, fts, strict=True)]
-    return rng, w0, fts, jm.layer_stats(xs, ys)
+    return rng, w0, fts, numpy_stats(xs, ys, dtype)
 
 
 def check(sol, stats, w0, fts, basis_obj, tol_grad, tol_rho):
