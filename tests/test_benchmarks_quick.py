@@ -48,6 +48,10 @@ MISSING = {
 }
 
 
+# Seconds each run took on a loaded 2-core machine (so that the longest starts first; conftest.py).
+EXPECTED = {"accuracy_text": 700.0, "accuracy_images": 180.0, "speed": 120.0}
+
+
 def _job(name: str, script: str, *args: str):
     """The benchmark's ``--quick`` run as a background job (see ``conftest.py``) writing into a
     folder of its own, as a user would run it: no compilation cache from the test session."""
@@ -57,7 +61,8 @@ def _job(name: str, script: str, *args: str):
             return None  # the test skips with the reason
         out = tmp_path_factory.mktemp(name)
         argv = [sys.executable, str(BENCH / script), "--quick", *args, "--out", str(out)]
-        return {name: Job(argv, cwd=str(ROOT), env=fresh_env(), timeout=900, data={"out": out})}
+        return {name: Job(argv, cwd=str(ROOT), env=fresh_env(), timeout=900,
+                          data={"out": out}, expected=EXPECTED[name])}  # fmt: skip
 
     return pytest.mark.background.with_args(jobs)
 

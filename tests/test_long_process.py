@@ -52,7 +52,8 @@ SCRIPT = textwrap.dedent(
 
 def _jobs(item, tmp_path_factory):
     """A background job (see conftest.py), compiling everything itself (no compilation cache)."""
-    return {"merges": Job([sys.executable, "-c", SCRIPT], env=fresh_env(), timeout=600)}
+    return {"merges": Job([sys.executable, "-c", SCRIPT], env=fresh_env(), timeout=600,
+                          expected=240.0)}  # fmt: skip
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")

@@ -8,6 +8,7 @@ report's held-out ρ against an independent rescoring), so a silent wrong answer
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -38,13 +39,15 @@ def notebook_job(item, tmp_path_factory):
     the jaxmerge under test), saving its figures in a folder of their own."""
     folder = tmp_path_factory.mktemp("notebook")
     figures = folder / "figures"
-    figures.mkdir()
+    figures.mkdir(exist_ok=True)  # every worker of a parallel run builds the same job
     spec = folder / "jupyter" / "kernels" / "jaxmerge-test"
-    spec.mkdir(parents=True)
+    spec.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
+    written = spec / f"kernel.json.{os.getpid()}"  # then renamed: never read half written
+    written.write_text(
         json.dumps({"argv": argv, "display_name": "jaxmerge test", "language": "python"})
     )
+    written.replace(spec / "kernel.json")
     env = fresh_env(
         JUPYTER_PATH=str(folder / "jupyter"),
         JAXMERGE_QUICK="1",
@@ -53,7 +56,7 @@ def notebook_job(item, tmp_path_factory):
     executed = folder / "executed.ipynb"
     run = [sys.executable, "-c", EXECUTE, str(NOTEBOOK), str(executed), str(figures)]
     data = {"before": NOTEBOOK.read_bytes(), "executed": executed, "figures": figures}
-    return {"notebook": Job(run, env=env, timeout=1800, data=data)}
+    return {"notebook": Job(run, env=env, timeout=1800, data=data, expected=120.0)}
 
 
 pytestmark = pytest.mark.background.with_args(notebook_job)
