@@ -177,8 +177,12 @@ def image_models(trunk_name: str, *, seed: int, quick: bool):
 
 
 TEXT_START = {False: 4, True: 5}  # first fine-tuned block (``quick``: the top one only)
-TEXT_LENGTH = 32
+TEXT_LENGTH = {False: 32, True: 16}  # tokens per text, truncated and padded
 TEXT_STEPS = {False: 120, True: 8}
+# ``quick`` (a smoke test): every part a multiple of ``models.bottom_hidden``'s batch of 64 (no
+# second program for a shorter last batch), the evaluation splits of one size (one compiled
+# prediction per head), 128 training rows for the 8 × 32 examples a fine-tune draws.
+TEXT_QUICK_SIZES = data.Sizes(val=64, test=64, calib=64, heldout=64, max_train=128)
 
 
 def text_models(*, seed: int, quick: bool):
@@ -190,7 +194,7 @@ def text_models(*, seed: int, quick: bool):
     (``base["head"]`` is ``None``); the tasks' inputs are replaced by dicts ``{"hidden",
     "attention_mask"}`` of the frozen bottom blocks' outputs (computed once, cached).
     """
-    sizes = data.QUICK_SIZES if quick else data.Sizes(val=250, test=800, max_train=1024)
+    sizes = TEXT_QUICK_SIZES if quick else data.Sizes(val=250, test=800, max_train=1024)
     module, params = models.load_minilm()
     tok = models.tokenizer()
     start = TEXT_START[quick]
@@ -208,13 +212,13 @@ def text_models(*, seed: int, quick: bool):
                 "part": part,
                 "seed": seed,
                 "data": data_fingerprint(texts, labels),
-                "length": TEXT_LENGTH,
+                "length": TEXT_LENGTH[quick],
                 "start": start,
                 "quick": quick,
             }
 
             def compute(texts=texts):
-                ids, mask = models.tokenize(texts, tok, TEXT_LENGTH)
+                ids, mask = models.tokenize(texts, tok, TEXT_LENGTH[quick])
                 hidden = models.bottom_hidden(module, params, ids, mask, start)
                 return {"hidden": hidden, "attention_mask": mask}
 
