@@ -11,7 +11,8 @@ Background jobs: a test marked ``@pytest.mark.background(jobs)`` checks the resu
 one at a time from the session's start, while the in-process tests run (mostly single-threaded XLA
 compilation, which leaves the second core idle). Those tests run last; the ``background`` fixture
 waits for a job's result. Jobs start longest first (``Job.expected``, seconds), so that the longest
-one does not finish last.
+one does not finish last; a job a test waits for starts next in that process (unless a worker has
+already claimed it), so that the test's process does not run longer jobs first.
 
 Parallel runs (``pytest -n 2``, pytest-xdist): every worker collects the same jobs; each job runs
 once, in the worker that claims it first (a file in the session's shared temporary folder), and its
@@ -192,6 +193,8 @@ class Background:
         """The finished job's process (returncode, stdout, stderr as text)."""
         job, stem = self.jobs[name], self._stem[name]
         path = self.folder / "results" / f"{stem}.json"
+        with self._lock:  # the job waited for starts next here, if no worker has claimed it
+            self._queue.sort(key=lambda entry: entry[0] != stem)  # stable: the rest keep order
         self._waiting.set()
         started = time.monotonic()
         while not job.done.wait(1.0) and not path.exists():

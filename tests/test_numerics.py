@@ -182,31 +182,33 @@ out = []
 for basis in ["scalar", "diagonal", "full", jm.LowRank(3)]:
     sol = jm.solve_layer(stats, (w0, np.zeros(8, np.float32)), fts, basis=basis)
     out.append(np.asarray(sol.kernel).tobytes().hex() + np.asarray(sol.bias).tobytes().hex())
-print("|".join(out))
+print("solve_layer", "|".join(out))
 """
 
 
-def two_runs(name, script):
-    """Background jobs (see conftest.py): ``script`` in two fresh processes, each compiling
-    everything itself (no compilation cache shared between them)."""
+def _determinism_jobs(item, tmp_path_factory):
+    """Background jobs (see conftest.py): :data:`DETERMINISM` in two fresh processes, each
+    compiling everything itself (no compilation cache shared between them)."""
+    argv = [sys.executable, "-c", DETERMINISM]
+    return {f"determinism/{run}": Job(argv, env=fresh_env(), expected=30.0) for run in range(2)}
 
-    def jobs(item, tmp_path_factory):
-        argv = [sys.executable, "-c", script]
-        return {f"{name}/{run}": Job(argv, env=fresh_env()) for run in range(2)}
 
-    return pytest.mark.background.with_args(jobs)
+two_runs = pytest.mark.background.with_args(_determinism_jobs)
 
 
 def outputs(background, name):
+    """The line ``name`` printed, of each of the two processes."""
     runs = []
     for run in range(2):
-        proc = background.result(f"{name}/{run}")
+        proc = background.result(f"determinism/{run}")
         assert proc.returncode == 0, proc.stderr[-4000:]
-        runs.append(proc.stdout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{name} ")]
+        assert len(lines) == 1, proc.stdout[-2000:]
+        runs.append(lines[0].split(" ", 1)[1])
     return runs
 
 
-@two_runs("solve_layer", SCRIPT)
+@two_runs
 def test_bit_identical_across_runs(background):
     """Same inputs, two fresh processes: bit-identical merged parameters on CPU."""
     runs = outputs(background, "solve_layer")
@@ -244,11 +246,14 @@ out = []
 for algorithm in ("parallel", "sequential"):
     merged, _ = jm.merge(model, base, fts, cal, algorithm=algorithm, progress=False)
     out += [np.asarray(leaf).tobytes().hex() for leaf in jax.tree.leaves(merged)]
-print("|".join(out))
+print("merge", "|".join(out))
 """
+# Both scripts in one process, each printing one line ``NAME HEX``: two fresh processes in all,
+# not four (a JAX start-up and the shared programs' compilation each).
+DETERMINISM = SCRIPT + MERGE_SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
 
 
-@two_runs("merge", MERGE_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+@two_runs
 def test_whole_model_merge_bit_identical_across_runs(background):
     """An MLP merged (parallel and sequential) in two fresh processes: identical bits."""
     runs = outputs(background, "merge")
