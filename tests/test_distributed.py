@@ -148,6 +148,37 @@ def test_solve_layers_mixed_bases_and_priors(rng):
             assert got[path].spectrum is None
 
 
+def test_solve_layers_gives_the_merges_layers_on_its_statistics():
+    """``solve_layers`` runs the merge's own group solve: on the statistics ``collect_stats``
+    takes of a linen MLP it returns the layers ``solve_stats`` merges (the scalar and diagonal
+    bases, which both start from the base), their ρ included, to float32 rounding (the stack
+    is vmapped, the merge's solve is not, so the last bits may differ)."""
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(jnp.tanh(nn.Dense(3)(x)))
+
+    rng = np.random.default_rng(7)
+    xs = [jnp.asarray(rng.normal(size=(12, 4)), jnp.float32) for _ in range(3)]
+    model = MLP()
+    base = model.init(jax.random.key(0), xs[0])["params"]
+    leaves, treedef = jax.tree.flatten(base)
+    fts = [treedef.unflatten([a + 0.3 * rng.normal(size=a.shape).astype(np.float32)
+                              for a in leaves]) for _ in range(3)]  # fmt: skip
+    groups = jm.collect_stats(model, fts, [[x] for x in xs], progress=False)
+    stats = {g.layers[0].path: g.stats for g in groups.values()}
+    layers = [{p: dict(t[p]) for p in stats} for t in (base, *fts)]
+    for basis in ("scalar", "diagonal"):
+        merged, report = jm.solve_stats(groups, base, fts, basis=basis, progress=False)
+        sols = jm.solve_layers(stats, layers[0], layers[1:], basis=basis)
+        rhos = {r.path: r.rho for r in report.layers}
+        for path, sol in sols.items():
+            close(sol.kernel, merged[path]["kernel"], 1e-4)
+            close(sol.bias, merged[path]["bias"], 1e-4)
+            close(sol.energy_fraction, rhos[path], 1e-4)
+
+
 def test_sharded_update_under_jit_with_traced_task():
     x, y, mask = worker.batch_data(5, seed=1)
     init = jm.init_stats(worker.N_IN, worker.N_OUT, worker.K)

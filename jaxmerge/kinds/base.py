@@ -14,8 +14,9 @@ bias column) and ``W̄ = [W; b]`` its parameters as an augmented ``(n_in + 1, n_
   :meth:`LayerKind.update_stats`, :meth:`LayerKind.own_targets`) and their memory cost
   (:meth:`LayerKind.stats_bytes`); the statistics store records the container's fields, so a
   kind says nothing about how it is stored;
-* **solve and score**: the merged parameters of one layer in a basis, and the residual energy of
-  a merge (:meth:`LayerKind.solve`, :meth:`LayerKind.energy`).
+* **solve and score**: the merged parameters of one layer in a basis, with its
+  :class:`~jaxmerge.LayerSolution`, and the residual energy of a merge (:meth:`LayerKind.solve`,
+  :meth:`LayerKind.energy`).
 
 :class:`AffineKind` implements all of it for layers whose rows are a reshape of their input and
 whose statistics are dense :class:`~jaxmerge.LayerStats` (``Dense``, ``DenseGeneral``, ``Conv``,
@@ -39,13 +40,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from ..core.bases import Custom, LowRank
 from ..core.energy import energies
 from ..core.layers import augmented
-from ..core.psd import SolveStatus
 from ..core.qp import solve_layer
 from ..core.stats import LayerStats, affine_targets, update_input_stats, update_stats
 
@@ -196,22 +195,21 @@ class LayerKind:
 
     # -- solve and score --
     def solve(self, spec: LayerSpec, stats, base, finetuned, centre, opt):
-        """``(merged parameter dict, (E₀, L, ρ, status, condition))`` of one layer.
+        """``(merged parameter dict, LayerSolution)`` of one layer, for two or more fine-tunes
+        or a ridge (the merge takes a single fine-tune without a ridge as it is).
 
         ``base``, ``finetuned`` and ``centre`` (the fallback merge, the full basis' start) are
-        the layer's parameter dicts; ``opt`` has ``basis``, ``prior``, ``ridge``, ``alpha`` and
-        ``rcond``.
+        the layer's parameter dicts; ``opt`` has ``basis``, ``prior``, ``ridge``, ``alpha``,
+        ``rcond`` and ``jitter``. The :class:`~jaxmerge.LayerSolution` holds the merge as
+        ``(kernel, bias)`` in the kind's matrix form (``None`` where it has none), the
+        coefficients where the kind has them (else ``None``), ``E₀, L, ρ`` against the base,
+        the status and the condition estimate.
         """
         raise NotImplementedError
 
     def energy(self, spec: LayerSpec, stats, base: Mapping, merged: Mapping):
         """``(E₀, L, ρ)`` of the merged layer on statistics ``stats``."""
         raise NotImplementedError
-
-
-def no_ridge(opt) -> bool:
-    """A ridge of exactly zero (a zero ridge is never traced inside a compiled solve)."""
-    return not isinstance(opt.ridge, jax.core.Tracer) and opt.ridge == 0
 
 
 class AffineKind(LayerKind):
@@ -282,18 +280,18 @@ class AffineKind(LayerKind):
         )
 
     def solve(self, spec, stats, base, finetuned, centre, opt):
-        merged, status, cond = self.solve_matrix(spec, stats, base, finetuned, centre, opt)
-        e0, loss, rho = self.matrix_energy(stats, self.to_matrix(spec, base), merged)
-        return self.from_matrix(spec, *merged, base), (e0, loss, rho, status, cond)
+        sol = self.solve_matrix(spec, stats, base, finetuned, centre, opt)
+        e0, loss, rho = self.matrix_energy(stats, self.to_matrix(spec, base), sol[:2])
+        sol = sol._replace(energy_base=e0, energy_merged=loss, energy_fraction=rho)
+        return self.from_matrix(spec, sol.kernel, sol.bias, base), sol
 
     def solve_matrix(self, spec, stats, base, finetuned, centre, opt):
-        """Merged ``(kernel, bias)``, status and condition (see :meth:`solve`)."""
+        """The :class:`~jaxmerge.LayerSolution` of :func:`~jaxmerge.solve_layer` (see
+        :meth:`solve`; its energies are those of the start)."""
         b0 = self.to_matrix(spec, base)
         fks = [self.to_matrix(spec, f) for f in finetuned]
         c0 = self.to_matrix(spec, centre)
         basis, prior = opt.basis, opt.prior
-        if len(fks) == 1 and no_ridge(opt):
-            return fks[0], jnp.int32(SolveStatus.CHOLESKY), jnp.array(jnp.nan, stats.gram.dtype)
         if (basis == "full" or isinstance(basis, LowRank)) and isinstance(prior, Mapping):
             prior = self.to_matrix(spec, prior)
         if isinstance(basis, Custom):
@@ -303,9 +301,9 @@ class AffineKind(LayerKind):
     def solve_in_basis(self, stats, start, finetuned, basis, prior, opt):
         """:func:`~jaxmerge.solve_layer` from ``start`` (the fallback merge for the full basis,
         the base otherwise), the layers as ``(kernel, bias)`` pairs."""
-        sol = solve_layer(stats, start, finetuned, basis=basis, ridge=opt.ridge, prior=prior,
-                          alpha=opt.alpha, rcond=opt.rcond, throw=False)  # fmt: skip
-        return (sol.kernel, sol.bias), sol.status, sol.condition
+        return solve_layer(stats, start, finetuned, basis=basis, ridge=opt.ridge, prior=prior,
+                           alpha=opt.alpha, rcond=opt.rcond, jitter=opt.jitter,
+                           throw=False)  # fmt: skip
 
     @staticmethod
     def matrix_energy(stats: LayerStats, base, merged):

@@ -20,9 +20,9 @@ from jaxtyping import Array, Float
 from ..core.bases import Custom, LowRank, combine_directions
 from ..core.energy import energies
 from ..core.psd import SolveStatus
-from ..core.qp import solve_layer
+from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .base import CallShape, LayerKind, no_ridge, register_kind
+from .base import CallShape, LayerKind, register_kind
 
 __all__ = ["EmbedKind", "EmbedStats"]
 
@@ -137,20 +137,22 @@ class EmbedKind(LayerKind):
         nan = jnp.array(jnp.nan, dtype)
         if len(seen) == 0:
             zero = jnp.zeros((), dtype)
-            return {spec.kernel: start}, (zero, zero, jnp.array(1.0, dtype), jnp.int32(0), nan)
+            return {spec.kernel: start}, LayerSolution(
+                start, None, None, zero, zero, jnp.array(1.0, dtype), jnp.int32(0), nan, None
+            )
         basis, prior = opt.basis, opt.prior
         if isinstance(prior, Mapping):
             prior = jnp.asarray(prior[spec.kernel])[seen]
-        if len(eks) == 1 and no_ridge(opt):
-            merged, status, cond = eks[0], jnp.int32(SolveStatus.CHOLESKY), nan
-        elif basis == "full":
+        coefficients = spectrum = None
+        if basis == "full":
             merged, status, cond = _solve_full(stats, seen, start, prior, opt)
         elif isinstance(basis, LowRank):
             sol = solve_layer(_restricted(stats, seen), e0[seen], [e[seen] for e in eks],
                               basis=basis, ridge=opt.ridge, prior=prior, alpha=opt.alpha,
-                              rcond=opt.rcond, throw=False)  # fmt: skip
+                              rcond=opt.rcond, jitter=opt.jitter, throw=False)  # fmt: skip
             merged = start.at[seen].set(sol.kernel.astype(start.dtype))
-            status, cond = sol.status, sol.condition
+            status, cond, coefficients, spectrum = (sol.status, sol.condition, sol.coefficients,
+                                                    sol.spectrum)  # fmt: skip
         else:
             if isinstance(basis, Custom):
                 dirs = [self.direction(spec, d) for d in basis.directions]
@@ -163,14 +165,16 @@ class EmbedKind(LayerKind):
                 restricted = basis
             sol = solve_layer(_restricted(stats, seen), e0[seen], [e[seen] for e in eks],
                               basis=restricted, ridge=opt.ridge, prior=prior, alpha=opt.alpha,
-                              rcond=opt.rcond, throw=False)  # fmt: skip
+                              rcond=opt.rcond, jitter=opt.jitter, throw=False)  # fmt: skip
             merged = e0 + combine_directions(sol.coefficients, dirs.astype(dtype), per_output)
-            status, cond = sol.status, sol.condition
+            status, cond, coefficients = sol.status, sol.condition, sol.coefficients
         e_0, loss, rho = energies(
             stats.diag[seen], stats.cross[seen], jnp.sum(stats.out_sq), e0[seen].astype(dtype),
             (merged[seen] - e0[seen]).astype(dtype),
         )  # fmt: skip
-        return {spec.kernel: merged}, (e_0, loss, rho, status, cond)
+        return {spec.kernel: merged}, LayerSolution(
+            merged, None, coefficients, e_0, loss, rho, status, cond, spectrum
+        )
 
     def energy(self, spec, stats, base, merged):
         seen = _seen(stats)

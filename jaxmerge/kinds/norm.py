@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from ..core.bases import LowRank
-from ..core.qp import solve_layer
+from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
 from .base import AffineKind, CallShape, register_kind
 
@@ -84,7 +84,7 @@ def _solve_channels(stats: LayerStats, start, finetuned, prior, opt):
 
     def one(st, s, fs, pr):
         return solve_layer(st, s, fs, basis="full", ridge=opt.ridge, prior=pr, alpha=opt.alpha,
-                           rcond=opt.rcond, throw=False)  # fmt: skip
+                           rcond=opt.rcond, jitter=opt.jitter, throw=False)  # fmt: skip
 
     sol = jax.vmap(one)(
         per_channel,
@@ -93,7 +93,10 @@ def _solve_channels(stats: LayerStats, start, finetuned, prior, opt):
         None if prior is None else _channels(prior),
     )
     bias = None if sol.bias is None else sol.bias[:, 0]
-    return (jnp.diag(sol.kernel[:, 0, 0]), bias), jnp.max(sol.status), jnp.max(sol.condition)
+    # No coefficients (one small system per channel); the caller measures the layer's energies.
+    nan = jnp.array(jnp.nan, stats.gram.dtype)
+    return LayerSolution(jnp.diag(sol.kernel[:, 0, 0]), bias, None, nan, nan, nan,
+                         jnp.max(sol.status), jnp.max(sol.condition), None)  # fmt: skip
 
 
 register_kind(NormKind(), linen=[nn.LayerNorm, nn.RMSNorm], nnx=[nnx.LayerNorm, nnx.RMSNorm])

@@ -18,11 +18,14 @@ from ..core.bases import Custom, LowRank, check_basis
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
+    """One layer's solve options (those of :func:`~jaxmerge.solve_layer`)."""
+
     basis: Any
     prior: Any
     ridge: float | Float[Array, ""]  # traced inside a compiled solve
     alpha: float | Float[Array, ""]
     rcond: float | None
+    jitter: float = 0.0
 
 
 # ---- options ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 from .._errors import with_context
 from ..core.bases import Custom
 from ..core.psd import SolveStatus
-from ..core.qp import SolveError, solve_layer
+from ..core.qp import LayerSolution, SolveError, solve_layer
 from ..kinds import kind_of
 from .collect import GroupStats, _progress, member_stats
 from .options import _basis_name, _Options, _options
@@ -27,11 +27,11 @@ from .trees import _Trees
 
 
 def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *, jit=False):
-    """``{path: (merged parameter dict, (E₀, L, ρ, status, condition))}`` (traceable except for
-    embeddings). ``jit``: one compiled program per group structure, shared by every group of
-    the same kinds, shapes and options whatever its paths (the solve's own operations then
-    compile once instead of one small program each); options holding arrays (a prior, a custom
-    basis) are solved eagerly."""
+    """``{path: (merged parameter dict, LayerSolution)}`` (traceable except for embeddings).
+    ``jit``: one compiled program per group structure (:func:`_structure`), shared by every
+    group of the same kinds, shapes and options whatever its paths (the solve's own operations
+    then compile once instead of one small program each); options holding arrays (a prior, a
+    custom basis) are solved eagerly. A single fine-tune without a ridge is the merge."""
     specs, stats = group.layers, group.stats
     bases = [_layer_params(base_flat, s) for s in specs]
     fts = [[_layer_params(f, s) for f in ft_flats] for s in specs]
@@ -39,24 +39,29 @@ def _solve_group(group: GroupStats, base_flat, ft_flats, centre_flat, options, *
     opts = tuple(options[s.path] for s in specs)
     try:
         kind = kind_of(specs[0].kind)
+        if len(ft_flats) == 1 and all(o.ridge == 0 for o in opts):
+            return {s.path: _single(s, member_stats(stats, specs, i), bases[i], fts[i][0])
+                    for i, s in enumerate(specs)}  # fmt: skip
         if not kind.traceable:  # reads its statistics' values (e.g. the seen tokens): eager
             return {specs[0].path: kind.solve(specs[0], stats, bases[0], fts[0], centres[0],
                                               opts[0])}  # fmt: skip
         together = _together(specs, opts, len(ft_flats))
         if jit and all(o.prior is None and not isinstance(o.basis, Custom) for o in opts):
-            anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
-            # Nonzero ridges and every α are arguments, not constants: sweeping them (validation
-            # searches) reuses the compiled program.
-            static = tuple((o.basis, o.rcond, o.ridge == 0) for o in opts)
-            knobs = [(o.ridge, o.alpha) for o in opts]
-            solved = _solve_layers_jit(
-                anonymous, static, together, knobs, stats, bases, fts, centres
-            )
+            static, knobs = _structure(specs, opts)
+            solved = _solve_layers_jit(static, together, knobs, stats, bases, fts, centres)
         else:
             solved = _solve_layers(specs, opts, together, stats, bases, fts, centres)
         return {s.path: r for s, r in zip(specs, solved, strict=True)}
     except (TypeError, ValueError) as error:
         raise with_context(error, f"merge: layer {group.key!r}") from error
+
+
+def _single(spec, stats, base, finetuned):
+    """The one fine-tune as the merge of a layer, with its energies."""
+    e0, loss, rho = kind_of(spec.kind).energy(spec, stats, base, finetuned)
+    nan = jnp.array(jnp.nan, jnp.result_type(e0))
+    return dict(finetuned), LayerSolution(None, None, None, e0, loss, rho,
+                                          jnp.int32(SolveStatus.CHOLESKY), nan, None)  # fmt: skip
 
 
 def _together(specs, opts, num_models) -> bool:
@@ -66,13 +71,13 @@ def _together(specs, opts, num_models) -> bool:
         len(specs) > 1
         and num_models > 1
         and all(o.basis == "full" and o.prior is None for o in opts)
-        and len({(o.ridge, o.alpha, o.rcond) for o in opts}) == 1
+        and len({(o.ridge, o.alpha, o.rcond, o.jitter) for o in opts}) == 1
         and len({s.bias is None for s in specs}) == 1
     )
 
 
 def _solve_layers(specs, opts, together, stats, bases, fts, centres):
-    """``[(merged parameter dict, metrics)]`` of a non-embedding group, in member order."""
+    """``[(merged parameter dict, LayerSolution)]`` of a non-embedding group, in member order."""
     out = []
     if together:  # one factorisation, every member's columns as right-hand sides
 
@@ -88,7 +93,7 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
         o = opts[0]
         sol = solve_layer(stats, cat(layers(centres)), [cat(t) for t in per_task],
                           basis="full", ridge=o.ridge, alpha=o.alpha, rcond=o.rcond,
-                          throw=False)  # fmt: skip
+                          jitter=o.jitter, throw=False)  # fmt: skip
         start = 0
         for i, spec in enumerate(specs):
             kind = kind_of(spec.kind)
@@ -98,7 +103,8 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
             b0 = kind.to_matrix(spec, bases[i])
             e0, loss, rho = kind.matrix_energy(member_stats(stats, specs, i), b0, merged)
             params = kind.from_matrix(spec, *merged, bases[i])
-            out.append((params, (e0, loss, rho, sol.status, sol.condition)))
+            out.append((params, LayerSolution(*merged, sol.coefficients[:, cols], e0, loss, rho,
+                                              sol.status, sol.condition, None)))  # fmt: skip
         return out
     for i, spec in enumerate(specs):
         st = member_stats(stats, specs, i)
@@ -106,16 +112,52 @@ def _solve_layers(specs, opts, together, stats, bases, fts, centres):
     return out
 
 
-@shared_program
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _solve_layers_jit(specs, static, together, knobs, stats, bases, fts, centres):
-    """:func:`_solve_layers` for options without a prior or a custom basis, given as ``static``
-    (``(basis, rcond, ridge == 0)`` per member) and ``knobs`` (``(ridge, α)``, traced)."""
-    opts = tuple(
-        _Options(basis, None, 0.0 if zero else ridge, alpha, rcond)
-        for (basis, rcond, zero), (ridge, alpha) in zip(static, knobs, strict=True)
-    )
+def _structure(specs, opts):
+    """A group's solve split into what its compiled program is specialised on, ``static``
+    (anonymous member specs; per member the basis, ``rcond``, ``jitter`` and whether the ridge
+    is zero), and ``knobs``, what it takes as arguments (per member the ridge, ``α``, the
+    prior and a custom basis' directions): one program serves every group with the same
+    ``static`` and argument shapes. :func:`_from_structure` inverts it."""
+    anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
+    per_member, knobs = [], []
+    for o in opts:
+        custom = isinstance(o.basis, Custom)
+        basis = ("custom", bool(o.basis.per_output)) if custom else o.basis
+        per_member.append((basis, o.rcond, float(o.jitter), o.ridge == 0))
+        knobs.append((o.ridge, o.alpha, o.prior, list(o.basis.directions) if custom else None))
+    return (anonymous, tuple(per_member)), knobs
+
+
+def _from_structure(static, knobs):
+    """The member specs and options of a group from :func:`_structure`'s parts."""
+    anonymous, per_member = static
+    opts = []
+    for (basis, rcond, jitter, zero), (ridge, alpha, prior, dirs) in zip(per_member, knobs,
+                                                                         strict=True):  # fmt: skip
+        if dirs is not None:
+            basis = Custom(dirs, per_output=basis[1])
+        opts.append(_Options(basis, prior, 0.0 if zero else ridge, alpha, rcond, jitter))
+    return anonymous, tuple(opts)
+
+
+def _solve_structured(static, together, knobs, stats, bases, fts, centres):
+    """:func:`_solve_layers` of a group given as :func:`_structure`'s parts (traceable)."""
+    specs, opts = _from_structure(static, knobs)
     return _solve_layers(specs, opts, together, stats, bases, fts, centres)
+
+
+@shared_program
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _solve_layers_jit(static, together, knobs, stats, bases, fts, centres):
+    """:func:`_solve_structured`, compiled; the merge's own use keeps only what it reports
+    (the coefficients and spectra are dropped, so they are not computed for it)."""
+    solved = _solve_structured(static, together, knobs, stats, bases, fts, centres)
+    return [(p, sol._replace(coefficients=None, spectrum=None)) for p, sol in solved]
+
+
+def _metrics(sol):
+    """``(E₀, L, ρ, status, condition)`` of a :class:`~jaxmerge.LayerSolution`."""
+    return (sol.energy_base, sol.energy_merged, sol.energy_fraction, sol.status, sol.condition)
 
 
 def _layer_report(spec, opt, metrics, seconds, group):
@@ -134,8 +176,8 @@ def _layer_report(spec, opt, metrics, seconds, group):
     )
 
 
-def _check_solved(path, metrics, params, throw):
-    status = int(np.asarray(metrics[3]))
+def _check_solved(path, sol, params, throw):
+    status = int(np.asarray(sol.status))
     finite = all(bool(jnp.all(jnp.isfinite(v))) for v in params.values())
     if throw and (status == SolveStatus.NONFINITE or not finite):
         raise SolveError(
@@ -191,11 +233,13 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
             seconds = time.perf_counter() - start
             paths = [s.path for s in group.layers]
             for spec in group.layers:
-                params, metrics = result[spec.path]
-                _check_solved(spec.path, metrics, params, throw)
+                params, sol = result[spec.path]
+                _check_solved(spec.path, sol, params, throw)
                 for name, value in params.items():
                     merged_flat[_leaf(spec.path, name)] = value
-                reports.append(_layer_report(spec, options[spec.path], metrics, seconds, paths))
+                reports.append(
+                    _layer_report(spec, options[spec.path], _metrics(sol), seconds, paths)
+                )
             bar.advance(job)
     return reports
 

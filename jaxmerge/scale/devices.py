@@ -11,76 +11,71 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .._internal import SolveOptions, solve_structure, solve_structured, structure_options
 from ..core.bases import Basis, Custom, LowRank, check_basis
 from ..core.layers import as_layer
 from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, SolveError, solve_layer
 from ..core.stats import LayerStats
+from ..kinds import LayerSpec
 from .mesh import _mesh_for, _on_mesh
 
 __all__ = ["solve_layers"]
 
 
-def _basis_key(basis, path: str):
-    """A hashable description of the basis and its directions (``None`` unless Custom)."""
-    if isinstance(basis, Custom):
-        if isinstance(basis.directions, Mapping) or not len(basis.directions):
-            raise ValueError(
-                f"solve_layers: layer {path!r}: Custom needs a non-empty sequence of directions."
-            )
-        dirs = [
-            as_layer(d, f"solve_layers: layer {path!r}: Custom.directions[{j}]")
-            for j, d in enumerate(basis.directions)
-        ]
-        return ("custom", bool(basis.per_output)), dirs
-    return check_basis(basis, f"solve_layers: layer {path!r}"), None
-
-
-def _layer_inputs(path, stats, base, finetuned, basis, prior):
-    """The per-layer pytree solved by one lane of the stack, and its static basis key."""
+def _layer_inputs(path, stats, base, finetuned, basis, prior, options):
+    """One layer of :func:`solve_layers` as a one-member group of the merge's group solve:
+    ``(static, lane)``: the group's structure (``solve_structure``) without its
+    ridge and ``α`` (the same for every layer) and the arrays one lane of the stack solves."""
     where = f"solve_layers: layer {path!r}"
     if not isinstance(stats, LayerStats):
         raise TypeError(f"{where}: stats is a {type(stats).__name__}, not LayerStats.")
-    spec, dirs = _basis_key(basis, path)
+    if isinstance(basis, Custom):
+        if isinstance(basis.directions, Mapping) or not len(basis.directions):
+            raise ValueError(f"{where}: Custom needs a non-empty sequence of directions.")
+        dirs = [as_layer(d, f"{where}: Custom.directions[{j}]")
+                for j, d in enumerate(basis.directions)]  # fmt: skip
+        basis = Custom(dirs, per_output=bool(basis.per_output))
+    else:
+        check_basis(basis, where)
     if path not in base:
         raise ValueError(f"{where}: missing from base (it has statistics).")
     fts = []
     for k, model in enumerate(finetuned):
         if path not in model:
             raise ValueError(f"{where}: missing from finetuned[{k}] (it has statistics).")
-        fts.append(as_layer(model[path], f"{where}: finetuned[{k}]"))
-    b0 = as_layer(base[path], f"{where}: base")
+        fts.append(_as_params(as_layer(model[path], f"{where}: finetuned[{k}]")))
+    b0 = _as_params(as_layer(base[path], f"{where}: base"))
     if prior is not None:
-        full = spec == "full" or isinstance(spec, LowRank)
+        full = basis == "full" or isinstance(basis, LowRank)
         prior = as_layer(prior, f"{where}: prior") if full else jnp.asarray(prior)
-    return spec, (stats, b0, fts, prior, dirs)
+    n_in, n_out = b0["kernel"].shape
+    spec = LayerSpec(path, "dense", n_in, n_out, "kernel", "bias" if "bias" in b0 else None)
+    static, knobs = solve_structure((spec,), (SolveOptions(basis, prior, **options),))
+    (_, _, prior, dirs) = knobs[0]
+    return static, (stats, b0, fts, prior, dirs)
 
 
-def _group_key(spec, args):
-    leaves, treedef = jax.tree.flatten(args)
-    return spec, treedef, tuple((a.shape, jnp.asarray(a).dtype) for a in leaves)
+def _as_params(layer):
+    """A ``(kernel, bias)`` layer as the parameter dict of a dense layer."""
+    kernel, bias = layer
+    return {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
 
 
-_STATIC = ("spec", "ridge", "alpha", "rcond", "jitter", "mesh", "axis")
+def _group_key(static, lane):
+    leaves, treedef = jax.tree.flatten(lane)
+    return static, treedef, tuple((a.shape, jnp.asarray(a).dtype) for a in leaves)
+
+
+_STATIC = ("static", "ridge", "alpha", "mesh", "axis")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _solve_stack(args, *, spec, ridge, alpha, rcond, jitter, mesh, axis):
-    def one(a):
-        stats, base, fts, prior, dirs = a
-        basis = spec if dirs is None else Custom(dirs, per_output=spec[1])
-        sol = solve_layer(
-            stats,
-            base,
-            fts,
-            basis=basis,
-            ridge=ridge,
-            prior=prior,
-            alpha=alpha,
-            rcond=rcond,
-            jitter=jitter,
-            throw=False,
-        )
+def _solve_stack(lanes, *, static, ridge, alpha, mesh, axis):
+    def one(lane):
+        stats, base, fts, prior, dirs = lane
+        knobs = [(ridge, alpha, prior, dirs)]
+        ((_, sol),) = solve_structured(static, False, knobs, stats, [base], [fts], [base])
         finite = jnp.all(jnp.isfinite(sol.kernel))
         if sol.bias is not None:
             finite &= jnp.all(jnp.isfinite(sol.bias))
@@ -88,15 +83,16 @@ def _solve_stack(args, *, spec, ridge, alpha, rcond, jitter, mesh, axis):
 
     # Small systems are vmapped; full and low-rank lanes run one by one so that the solver's
     # fallbacks stay lazy (see the module docs).
-    big = spec == "full" or isinstance(spec, LowRank)
+    basis = static[1][0][0]
+    big = basis == "full" or isinstance(basis, LowRank)
     per_device = functools.partial(jax.lax.map, one) if big else jax.vmap(one)
-    args = _on_mesh(args, mesh, P(axis), axis)
+    lanes = _on_mesh(lanes, mesh, P(axis), axis)
     # check_vma=False: the solver's lax.cond branches return constants that are not marked as
     # varying over the axis; every lane is independent, so there is nothing to check.
     solve = jax.shard_map(
         per_device, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False
     )
-    return solve(args)
+    return solve(lanes)
 
 
 def _place(stacked, mesh: Mesh, axis: str):
@@ -139,11 +135,14 @@ def solve_layers(
     """Solve many layers' merge QPs at once, spread over the devices of a mesh.
 
     Each layer's answer is that of :func:`solve_layer` (which states the QP) with the same
-    arguments. Layers whose statistics, parameters, basis and prior have the same shapes and
-    dtypes form a group; a group's inputs are stacked along a new leading axis of length ``G``,
-    padded to a multiple of the axis size ``D`` and split over the mesh axis, and every device
-    solves its ``⌈G/D⌉`` layers (vmapped for the scalar, diagonal and custom bases, one after the
-    other for the full and low-rank ones; see the module docs). One compiled program per group.
+    arguments, computed by the merge's own group solve (each layer a dense layer of its own
+    group; its energies ``E₀, L, ρ`` are measured against the base as the merge measures them,
+    equal to :func:`solve_layer`'s up to rounding). Layers whose group solves have the same
+    structure (basis, options, and the shapes and dtypes of statistics, parameters and prior)
+    are stacked along a new leading axis of length ``G``, padded to a multiple of the axis size
+    ``D`` and split over the mesh axis, and every device solves its ``⌈G/D⌉`` layers (vmapped
+    for the scalar, diagonal and custom bases, one after the other for the full and low-rank
+    ones; see the module docs). One compiled program per structure.
 
     Args:
         stats: ``{path: LayerStats}``; the layers to solve.
@@ -203,36 +202,32 @@ def solve_layers(
                 f"its keys are the paths of stats ({list(stats)[:8]})."
             )
     ridge, alpha, jitter = float(ridge), float(alpha), float(jitter)
+    options = dict(ridge=ridge, alpha=alpha, rcond=rcond, jitter=jitter)
     groups: dict[Any, list[tuple[str, Any]]] = {}
     for path in stats:
         layer_basis = basis.get(path, "full") if isinstance(basis, Mapping) else basis
         layer_prior = None if prior is None else prior.get(path)
-        spec, args = _layer_inputs(path, stats[path], base, finetuned, layer_basis, layer_prior)
-        groups.setdefault(_group_key(spec, args), []).append((path, args))
+        static, lane = _layer_inputs(
+            path, stats[path], base, finetuned, layer_basis, layer_prior, options
+        )
+        groups.setdefault(_group_key(static, lane), []).append((path, lane))
 
     d = mesh.shape[axis]
     solutions: dict[str, LayerSolution] = {}
-    for (spec, _, _), members in groups.items():
+    for (static, _, _), members in groups.items():
         paths = [p for p, _ in members]
         lanes = [a for _, a in members]
         lanes += [lanes[-1]] * ((-len(lanes)) % d)  # pad the stack with copies of a real layer
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *lanes)
         out, finite = _solve_stack(
-            _place(stacked, mesh, axis),
-            spec=spec,
-            ridge=ridge,
-            alpha=alpha,
-            rcond=rcond,
-            jitter=jitter,
-            mesh=mesh,
+            _place(stacked, mesh, axis), static=static, ridge=ridge, alpha=alpha, mesh=mesh,
             axis=axis,
-        )
+        )  # fmt: skip
         out, finite = _gather((out, finite), mesh)
         if throw and not np.all(np.asarray(finite)[: len(paths)]):
-            for path, args, ok in zip(paths, lanes, np.asarray(finite), strict=False):
+            for path, lane, ok in zip(paths, lanes, np.asarray(finite), strict=False):
                 if not ok:
-                    options = dict(ridge=ridge, alpha=alpha, rcond=rcond, jitter=jitter)
-                    _raise_for(path, spec, args, options)
+                    _raise_for(path, static, lane, options)
         for path, sol in zip(paths, _unstack(out, len(paths)), strict=True):
             solutions[path] = sol
     return {p: solutions[p] for p in stats}
@@ -255,12 +250,12 @@ def _unstack(stacked, n: int) -> list:
     return [treedef.unflatten([leaf[i] for leaf in per_leaf]) for i in range(n)]
 
 
-def _raise_for(path, spec, args, options):
+def _raise_for(path, static, lane, options):
     """Re-solve one failed layer with ``throw=True`` for the detailed error, naming the path."""
-    stats, b0, fts, prior, dirs = args
-    basis = spec if dirs is None else Custom(dirs, per_output=spec[1])
+    stats, b0, fts, prior, dirs = lane
+    _, (opt,) = structure_options(static, [(options["ridge"], options["alpha"], prior, dirs)])
     try:
-        solve_layer(stats, b0, fts, basis=basis, prior=prior, **options)
+        solve_layer(stats, b0, fts, basis=opt.basis, prior=prior, **options)
     except SolveError as e:
         raise SolveError(f"solve_layers: layer {path!r}: {e}") from None
     raise SolveError(f"solve_layers: layer {path!r}: the merge would not be finite.")
