@@ -42,12 +42,18 @@ from .model.report import MergeReport as MergeReport
 # Layer kinds (what the merge knows of each kind of layer; register your own)
 from .kinds import AffineKind as AffineKind
 from .kinds import CallShape as CallShape
+from .kinds import EinsumCall as EinsumCall
+from .kinds import EinsumKind as EinsumKind
+from .kinds import GroupedStats as GroupedStats
 from .kinds import LayerKind as LayerKind
 from .kinds import kind_of as kind_of
 from .kinds import kinds as kinds
 from .kinds import register_kind as register_kind
+from .kinds import register_layer as register_layer
+from .kinds import register_norm as register_norm
 from .kinds.base import linen_kind as linen_kind
 from .kinds.base import nnx_kind as nnx_kind
+from .kinds.base import qualified_name as qualified_name
 
 # Baselines
 from .methods.dare import dare as dare

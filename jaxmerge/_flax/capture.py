@@ -20,6 +20,7 @@ runs unchanged, and its parameters take the fallback rule.
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..kinds.base import linen_kind, nnx_classes, nnx_kind
+from .._errors import with_context
+from ..kinds.base import linen_kind, nnx_kind
 
 _local = threading.local()
 
@@ -62,18 +64,32 @@ class LayerCall:
     rows: Callable
     run: Callable
     default: Callable
+    form: str = ""
+    outputs: Callable | None = None
+    scope: str | None = None
+
+    def output_rows(self, y):
+        """The call's output ``y`` as ``(N, n_out)`` rows, in the order of :meth:`rows`."""
+        return y.reshape(-1, self.n_out) if self.outputs is None else self.outputs(y)
 
 
 def _describe(kind, module, params, args, kwargs, run, default, path):
     """A :class:`LayerCall` of ``kind``, or ``None`` for a call the kind does not cover."""
-    x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
-    if x is None or not hasattr(x, "shape"):
+    try:
+        described = kind.describe_call(module, params, args, kwargs, run)
+    except ValueError as error:  # e.g. an einsum equation the kind cannot solve
+        raise with_context(error, f"layer {path!r} ({type(module).__name__})") from error
+    if described is None:
         return None
-    shape = kind.describe(module, params, x, run)
-    if shape is None:
-        return None
-    return LayerCall(path, kind.name, shape.n_in, shape.n_out, kind.kernel, shape.bias, params,
-                     x, shape.signature, shape.rows, run, default)  # fmt: skip
+    x, shape = described
+    kernel, scope = shape.kernel or kind.kernel, None
+    own = {kernel, shape.bias}
+    if any(n not in own and not isinstance(v, Mapping) for n, v in params.items()):
+        # several layers' weights in one module scope (nn.share_scope): keyed by the weight
+        path, scope = (f"{path}/{kernel}" if path else kernel), path
+    return LayerCall(path, kind.name, shape.n_in, shape.n_out, kernel, shape.bias, params, x,
+                     shape.signature, shape.rows, run, default, shape.form, shape.outputs,
+                     scope)  # fmt: skip
 
 
 # ---- linen --------------------------------------------------------------------------------------
@@ -146,11 +162,19 @@ class LinenModel:
         self.call_kwargs = dict(call_kwargs or {})
         self.id_inputs: dict = {}  # see _observing_ids
 
-    def apply(self, variables, batch, hook):
+    def apply(self, variables, batch, hook, modules: dict | None = None):
+        """Run the model; ``modules``: a dict to fill with ``{module path: SeenModule}`` of
+        every module whose methods the pass calls (first call wins)."""
         hook = _observing_ids(batch, hook, self.id_inputs)
 
         def interceptor(next_fun, args, kwargs, context):
-            if getattr(_local, "bypass", False) or context.method_name != "__call__":
+            if getattr(_local, "bypass", False):
+                return next_fun(*args, **kwargs)
+            if modules is not None and getattr(context.module, "scope", None) is not None:
+                path = "/".join(context.module.scope.path)
+                if path not in modules:
+                    modules[path] = seen_module(context.module, "linen", args, kwargs)
+            if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
             _check_linen_mode(context.module, args, kwargs)
             call = _linen_call(context.module, args, kwargs, next_fun)
@@ -174,8 +198,8 @@ class LinenModel:
 
 def _nnx_params(module, kind) -> dict:
     out = {}
-    for name in (kind.kernel, kind.bias):
-        var = getattr(module, name, None) if name else None
+    for name in kind.param_names(module):
+        var = getattr(module, name, None)
         if isinstance(var, nnx.Param):
             out[name] = var[...]
     return out
@@ -210,6 +234,7 @@ def _nnx_call(module, path, args, kwargs):
 
 
 def _nnx_wrapper(cls, original):
+    @functools.wraps(original)  # its signature stays readable (kinds find arguments by name)
     def __call__(self, *args, **kwargs):
         paths, hook = getattr(_local, "nnx", (None, None))
         if (
@@ -229,9 +254,9 @@ _NNX_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _nnx_capture(paths, hook):
+def _nnx_capture(paths, hook, classes):
+    """Replace the ``__call__`` of ``classes`` (the registered classes found in the model)."""
     with _NNX_LOCK:
-        classes = nnx_classes()
         own = {cls: cls.__dict__.get("__call__") for cls in classes}  # None: inherited
         _local.nnx_calls = {cls: cls.__call__ for cls in classes}
         for cls in classes:
@@ -256,13 +281,19 @@ class NnxModel:
         self.call_kwargs = dict(call_kwargs or {})
         self.id_inputs: dict = {}  # see _observing_ids
 
-    def apply(self, params, batch, hook):
+    def apply(self, params, batch, hook, modules: dict | None = None):
+        """Run the model; ``modules``: a dict to fill with ``{module path: SeenModule}`` of
+        every module of the model (NNX cannot tell which of them the pass calls)."""
         state = jax.tree.map(lambda a: a, self.params)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self.graphdef, state, self.rest)
         paths = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)}
+        if modules is not None:
+            for path, m in nnx.iter_modules(module):
+                modules.setdefault("/".join(str(p) for p in path), seen_module(m, "nnx"))
+        classes = {type(m) for _, m in nnx.iter_modules(module) if nnx_kind(type(m))}
         try:
-            with _nnx_capture(paths, _observing_ids(batch, hook, self.id_inputs)):
+            with _nnx_capture(paths, _observing_ids(batch, hook, self.id_inputs), classes):
                 if isinstance(batch, Mapping):
                     return module(**batch, **self.call_kwargs)
                 return module(batch, **self.call_kwargs)
@@ -281,6 +312,82 @@ class NnxModel:
                 "RNGs nor update batch statistics: call model.eval() before merging (or merge "
                 f"nnx.view(model, deterministic=True, ...)). Flax: {error}"
             ) from error
+
+
+# ---- the modules a pass sees (for the reasons of parameters left unsolved) ---------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SeenModule:
+    """A module of the traced model, as much as the reasons of unsolved parameters need.
+
+    Attributes:
+        cls: the module's class.
+        api: ``"linen"`` or ``"nnx"``.
+        kind: the name of the layer kind registered for ``cls``, or ``None``.
+        accepts: whether that kind accepts the module's configuration (``None``: no kind).
+        parent: the nearest base class of ``cls`` registered with a kind, when ``cls`` is not
+            registered itself (registered classes match exactly), else ``None``.
+        parent_kind: that base class's kind name.
+        settings: the module's constructor arguments that differ from their defaults
+            (``"batch_dims=(0,)"``), for a registered class.
+        inputs: the shapes of the call's array arguments (linen), for a registered class.
+    """
+
+    cls: type
+    api: str
+    kind: str | None = None
+    accepts: bool | None = None
+    parent: type | None = None
+    parent_kind: str | None = None
+    settings: str = ""
+    inputs: str = ""
+
+
+def seen_module(module, api: str, args: tuple = (), kwargs: Mapping | None = None) -> SeenModule:
+    """The :class:`SeenModule` of ``module`` (of ``api``), called with ``args, kwargs``."""
+    lookup = linen_kind if api == "linen" else nnx_kind
+    cls = type(module)
+    kind = lookup(cls)
+    if kind is None:
+        for base in cls.__mro__[1:]:
+            parent = lookup(base) if isinstance(base, type) else None
+            if parent is not None:
+                return SeenModule(cls, api, parent=base, parent_kind=parent.name)
+        return SeenModule(cls, api)
+    try:
+        accepts = bool(kind.accepts(module))
+    except Exception:  # a description only: the capture asks again
+        accepts = None
+    shapes = [tuple(a.shape) for a in jax.tree.leaves((args, dict(kwargs or {})))
+              if hasattr(a, "shape")]  # fmt: skip
+    inputs = ", ".join(map(str, shapes[:3])) + (", ..." if len(shapes) > 3 else "")
+    return SeenModule(cls, api, kind.name, accepts, settings=_settings(module), inputs=inputs)
+
+
+def _settings(module, most: int = 4) -> str:
+    """``"name=value, ..."`` of the constructor arguments of ``module`` whose values (its
+    attributes of the same names) differ from their defaults; short values only."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(type(module).__init__).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    out = []
+    for p in parameters:
+        if p.name in ("self", "parent", "name", "rngs") or p.default is inspect.Parameter.empty:
+            continue
+        try:
+            value = getattr(module, p.name)
+            if value is p.default or bool(value == p.default) or callable(value):
+                continue
+        except Exception:  # no such attribute, or no truth value
+            continue
+        text = repr(value)
+        if len(text) <= 40:
+            out.append(f"{p.name}={text}")
+    return ", ".join(out[:most])
 
 
 def as_model(model, call_kwargs: Mapping | None = None):

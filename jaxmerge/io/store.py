@@ -72,7 +72,7 @@ def _encode_key(key, what: str) -> str | list:
 
 
 def _container(layers: Sequence[LayerSpec]) -> type:
-    return kind_of(layers[0].kind).stats_type if layers else LayerStats
+    return kind_of(layers[0].kind).container(layers) if layers else LayerStats
 
 
 def write(path: PathLike, entries: Sequence[Entry], *, tasks, per_task: bool, source, overwrite,

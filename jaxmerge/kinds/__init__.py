@@ -4,17 +4,24 @@ Importing this package registers the built-in kinds; a user's kind registers the
 (:func:`register_kind`).
 """
 
-from . import conv, dense, embed, norm  # noqa: F401  (registers the built-in kinds)
+from . import conv, dense, einsum, embed, library, norm  # noqa: F401  (registers the built-in kinds)
 from .base import AffineKind, CallShape, LayerKind, LayerSpec, kind_of, kinds, register_kind
+from .einsum import EinsumCall, EinsumKind, GroupedStats, register_layer
 from .embed import EmbedStats
+from .norm import register_norm
 
 __all__ = [
     "AffineKind",
     "CallShape",
+    "EinsumCall",
+    "EinsumKind",
+    "GroupedStats",
     "EmbedStats",
     "LayerKind",
     "LayerSpec",
     "kind_of",
     "kinds",
     "register_kind",
+    "register_layer",
+    "register_norm",
 ]

@@ -56,8 +56,8 @@ __all__ = [
     "kind_of",
     "kinds",
     "linen_kind",
-    "nnx_classes",
     "nnx_kind",
+    "qualified_name",
     "register_kind",
 ]
 
@@ -75,6 +75,12 @@ class LayerSpec:
         kernel: name of the weight parameter (``"kernel"``, ``"embedding"`` or ``"scale"``).
         bias: name of the bias parameter, or ``None`` when the layer has none.
         calls: how many times the layer was called in one forward pass.
+        form: what else the kind needs to read the layer's parameters as ``W̄`` (``""`` for
+            most kinds; an einsum layer's equation, a norm's scale offset), recorded with its
+            statistics.
+        scope: the module path holding the layer's parameters when it is not ``path``: layers
+            sharing one module scope (Flax's ``nn.share_scope``, e.g. Gemma's feed-forward
+            einsums ``mlp/gating_einsum`` and ``mlp/linear``) are keyed by their weight's path.
 
     Examples:
         >>> import flax.linen as nn, jax.numpy as jnp
@@ -94,11 +100,18 @@ class LayerSpec:
     kernel: str
     bias: str | None
     calls: int = 1
+    form: str = ""
+    scope: str | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:
         """The layer's solved parameter names: the weight, then the bias if any."""
         return (self.kernel,) + ((self.bias,) if self.bias else ())
+
+    def leaf(self, name: str) -> str:
+        """The path of the layer's parameter ``name`` in the parameter tree."""
+        where = self.path if self.scope is None else self.scope
+        return f"{where}/{name}" if where else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +126,10 @@ class CallShape:
             Gram matrix (q/k/v, gate/up); ``("affine", id(x), axes)`` for a reshape of ``x``.
         rows: ``() -> (rows (N, n_in), leading row shape)``: the call's input as rows, evaluated
             only when statistics are taken.
+        kernel: the weight parameter's name (``None``: the kind's :attr:`LayerKind.kernel`).
+        outputs: ``y -> (N, n_out)``, the call's output as rows in the order of ``rows``
+            (``None``: ``y.reshape(-1, n_out)``).
+        form: the layer's :attr:`LayerSpec.form`.
     """
 
     n_in: int
@@ -120,6 +137,9 @@ class CallShape:
     bias: str | None
     signature: tuple
     rows: Callable[[], tuple[Any, tuple[int, ...]]]
+    kernel: str | None = None
+    outputs: Callable[[Any], Any] | None = None
+    form: str = ""
 
 
 class LayerKind:
@@ -152,6 +172,21 @@ class LayerKind:
         """Whether this module's configuration is covered (otherwise it falls back)."""
         return True
 
+    def param_names(self, module) -> tuple[str, ...]:
+        """The names of the module's parameters the kind reads (an NNX module's attributes)."""
+        return tuple(name for name in (self.kernel, self.bias) if name)
+
+    def describe_call(self, module, params: Mapping, args: tuple, kwargs: Mapping, run: Callable):
+        """``(x, CallShape)`` of one call with arguments ``args, kwargs``, or ``None`` when it is
+        not covered. The default takes the input ``x`` as the first argument (or the keyword
+        ``inputs`` or ``x``) and asks :meth:`describe`; a kind whose input or configuration
+        comes from other call arguments (an einsum equation) overrides this instead."""
+        x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
+        if x is None or not hasattr(x, "shape"):
+            return None
+        shape = self.describe(module, params, x, run)
+        return None if shape is None else (x, shape)
+
     def describe(self, module, params: Mapping, x, run: Callable) -> CallShape | None:
         """The :class:`CallShape` of one call with input ``x``, or ``None`` when this call is
         not covered. ``run(params, **module_overrides)`` runs the layer with other parameters."""
@@ -166,6 +201,10 @@ class LayerKind:
         """The layer's parameter dict from a merged ``(kernel, bias)``, shaped like ``like``."""
         raise NotImplementedError
 
+    def matrix_shapes(self, spec: LayerSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of :meth:`to_matrix`'s kernel and bias."""
+        return (spec.n_in, spec.n_out), (spec.n_out,)
+
     def direction(self, spec: LayerSpec, direction):
         """A :class:`~jaxmerge.Custom` direction given as the layer's own parameter dict, as
         :meth:`to_matrix` of it; other forms pass through unchanged."""
@@ -174,6 +213,10 @@ class LayerKind:
         return direction
 
     # -- statistics --
+    def container(self, specs: Sequence[LayerSpec]) -> type:
+        """The statistics container of a group of these layers (:attr:`stats_type`)."""
+        return self.stats_type
+
     def init_stats(self, specs: Sequence[LayerSpec], num_tasks: int, dtype):
         """Zero statistics of a group of layers sharing one input (outputs concatenated)."""
         raise NotImplementedError
@@ -322,21 +365,31 @@ class AffineKind(LayerKind):
 # ---- the registry -------------------------------------------------------------------------------
 
 _KINDS: dict[str, LayerKind] = {}
-_LINEN: dict[type, LayerKind] = {}
-_NNX: dict[type, LayerKind] = {}
+_LINEN: dict[type | str, LayerKind] = {}
+_NNX: dict[type | str, LayerKind] = {}
 
 
-def register_kind(kind: LayerKind, *, linen: Iterable[type] = (), nnx: Iterable[type] = ()):
+def qualified_name(cls: type) -> str:
+    """``"module.QualName"`` of a class, the key of a class registered by name."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_kind(
+    kind: LayerKind, *, linen: Iterable[type | str] = (), nnx: Iterable[type | str] = ()
+):
     """Register a layer kind and the Flax module classes it covers.
 
     Classes match exactly (a subclass is not its parent's kind unless registered itself). A
-    class registered again moves to the new kind; a kind registered again under its name
-    replaces the old one.
+    class may be given by its qualified name (``"gemma.gm.nn._layers.Einsum"``, as
+    :func:`qualified_name` writes it), so that a library's classes are matched without
+    importing the library. A class registered again moves to the new kind; a kind registered
+    again under its name replaces the old one.
 
     Args:
         kind: a :class:`LayerKind` instance (usually of an :class:`AffineKind` subclass).
-        linen: ``flax.linen.Module`` classes whose ``__call__`` is one call of this kind.
-        nnx: ``flax.nnx.Module`` classes, likewise.
+        linen: ``flax.linen.Module`` classes (or qualified names) whose ``__call__`` is one call
+            of this kind.
+        nnx: ``flax.nnx.Module`` classes (or qualified names), likewise.
 
     Returns:
         ``kind``.
@@ -344,7 +397,7 @@ def register_kind(kind: LayerKind, *, linen: Iterable[type] = (), nnx: Iterable[
     Raises:
         TypeError: ``kind`` is not a :class:`LayerKind`, or a class is not a Flax module of the
             named API.
-        ValueError: the kind has no name.
+        ValueError: the kind has no name, or a name is not a qualified class name.
 
     Examples:
         >>> import jaxmerge as jm, flax.linen as nn
@@ -358,15 +411,22 @@ def register_kind(kind: LayerKind, *, linen: Iterable[type] = (), nnx: Iterable[
         raise TypeError(f"register_kind: kind must be a LayerKind, got {type(kind).__name__}.")
     if not isinstance(getattr(kind, "name", None), str) or not kind.name:
         raise ValueError(f"register_kind: {type(kind).__name__} needs a non-empty `name`.")
+    linen, nnx = list(linen), list(nnx)
     for api, classes, module_type in (
         ("linen", linen, flax.linen.Module),
         ("nnx", nnx, flax_nnx.Module),
     ):
         for cls in classes:
-            if not (isinstance(cls, type) and issubclass(cls, module_type)):
+            if isinstance(cls, str):
+                if "." not in cls.strip("."):
+                    raise ValueError(
+                        f"register_kind: {api}= class name {cls!r} (kind {kind.name!r}) is not "
+                        "qualified: give 'package.module.ClassName'."
+                    )
+            elif not (isinstance(cls, type) and issubclass(cls, module_type)):
                 raise TypeError(
-                    f"register_kind: {api}= takes {module_type.__module__}.Module classes, got "
-                    f"{cls!r} (kind {kind.name!r})."
+                    f"register_kind: {api}= takes {module_type.__module__}.Module classes or "
+                    f"their qualified names, got {cls!r} (kind {kind.name!r})."
                 )
     _KINDS[kind.name] = kind
     _LINEN.update(dict.fromkeys(linen, kind))
@@ -390,21 +450,59 @@ def kind_of(name: str) -> LayerKind:
     return kind
 
 
+def _lookup(table, cls):
+    kind = table.get(cls)
+    return table.get(qualified_name(cls)) if kind is None else kind
+
+
+def rule_of(rules: Mapping, module):
+    """The rule registered for ``module``'s class, by the class or by its qualified name."""
+    cls = type(module)
+    rule = rules.get(cls)
+    return rules[qualified_name(cls)] if rule is None else rule
+
+
+def api_of(cls, api: str | None, caller: str) -> str:
+    """``"linen"`` or ``"nnx"``: the API of a module class, or ``api`` for a class given by
+    name."""
+    import flax.linen
+    from flax import nnx as flax_nnx
+
+    if isinstance(cls, str):
+        if api not in ("linen", "nnx"):
+            raise ValueError(f"{caller}: {cls!r} is a class name: say api='linen' or 'nnx'.")
+        return api
+    if isinstance(cls, type) and issubclass(cls, flax.linen.Module):
+        return "linen"
+    if isinstance(cls, type) and issubclass(cls, flax_nnx.Module):
+        return "nnx"
+    raise TypeError(f"{caller}: expected a Flax module class or its qualified name, got {cls!r}.")
+
+
+def call_input(which: int | str, module, args: tuple, kwargs: Mapping):
+    """The argument of a call that is the layer's input: position ``which`` (after ``self``),
+    or the argument named ``which`` (by keyword, else by its place in ``__call__``'s
+    signature); ``None`` when the call does not pass it."""
+    import inspect
+
+    if isinstance(which, str):
+        if which in kwargs:
+            return kwargs[which]
+        names = list(inspect.signature(type(module).__call__).parameters)[1:]
+        which = names.index(which) if which in names else len(args)
+    return args[which] if which < len(args) else None
+
+
 def linen_kind(cls: type) -> LayerKind | None:
-    """The kind registered for a linen module class, or ``None``."""
-    return _LINEN.get(cls)
+    """The kind registered for a linen module class (or its qualified name), or ``None``."""
+    return _lookup(_LINEN, cls)
 
 
 def nnx_kind(cls: type) -> LayerKind | None:
-    """The kind registered for an NNX module class, or ``None``."""
-    return _NNX.get(cls)
+    """The kind registered for an NNX module class (or its qualified name), or ``None``."""
+    return _lookup(_NNX, cls)
 
 
 def kinds() -> dict[str, LayerKind]:
     """``{name: kind}`` of every registered kind."""
     return dict(_KINDS)
-
-
-def nnx_classes() -> tuple[type, ...]:
-    """Every registered NNX class (the capture replaces their ``__call__`` during a pass)."""
-    return tuple(_NNX)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._flax.fold import flatten, to_pure
-from ..core.stats import LayerStats, per_row
-from ..kinds import EmbedStats, LayerSpec, kind_of
+from ..core.stats import per_row
+from ..kinds import LayerSpec, kind_of
 from ..kinds.embed import checked_ids
 from .plan import _default_dtype, _describe, _layer_params, _plan, shared_program
 
@@ -43,7 +43,7 @@ class GroupStats:
         ('layers_0', [[0.5, 0.0, 0.5], [0.0, 0.5, 0.5], [0.5, 0.5, 1.0]])
     """
 
-    stats: LayerStats | EmbedStats
+    stats: Any  # the kind's container: LayerStats, EmbedStats, GroupedStats, a user kind's
     layers: tuple[LayerSpec, ...]
 
     @property

@@ -24,12 +24,8 @@ def _default_dtype():
     return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
 
 
-def _leaf(path: str, name: str) -> str:
-    return f"{path}/{name}" if path else name
-
-
 def _layer_params(flat: Mapping, spec: LayerSpec) -> dict:
-    return {name: flat[_leaf(spec.path, name)] for name in spec.param_names}
+    return {name: flat[spec.leaf(name)] for name in spec.param_names}
 
 
 class _Plan:
@@ -75,10 +71,9 @@ class _Plan:
             if call.path in self.specs:
                 continue
             spec = LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
-                             counts[call.path])  # fmt: skip
+                             counts[call.path], call.form, call.scope)  # fmt: skip
             ok = all(
-                _leaf(spec.path, n) in flat
-                and np.shape(flat[_leaf(spec.path, n)]) == np.shape(call.params[n])
+                spec.leaf(n) in flat and np.shape(flat[spec.leaf(n)]) == np.shape(call.params[n])
                 for n in spec.param_names
             )
             if ok:  # layers under lifted transforms (scan, vmap) have other shapes: fall back
@@ -143,7 +138,7 @@ class _Plan:
             y = call.default()
             if call.path in keep:
                 x, lead = call.rows()
-                out.setdefault(call.path, []).append((x, lead, y.reshape(-1, call.n_out)))
+                out.setdefault(call.path, []).append((x, lead, call.output_rows(y)))
             return y
 
         self.apply(tree, batch, hook)

@@ -19,7 +19,7 @@ from ..core.qp import LayerSolution, SolveError, solve_layer
 from ..kinds import kind_of
 from .collect import GroupStats, _progress, member_stats
 from .options import _basis_name, _Options, _options
-from .plan import _layer_params, _leaf, shared_program
+from .plan import _layer_params, shared_program
 from .report import LayerReport, MergeReport
 from .trees import _Trees
 
@@ -195,7 +195,7 @@ def _unchanged(trees: _Trees, groups, specs, options) -> set[tuple[str, ...]]:
         for g in groups
         if all(
             (options[p].prior is None or options[p].ridge == 0)
-            and all(_leaf(p, n) in trees.unchanged for n in specs[p].param_names)
+            and all(specs[p].leaf(n) in trees.unchanged for n in specs[p].param_names)
             for p in g
         )
     }
@@ -206,7 +206,7 @@ def _keep_base(groups, specs, trees: _Trees, options, heldout: bool, merged_flat
     ``E₀ = L* = 0``, ``ρ = 1``, status ``UNCHANGED``."""
     for p in (p for g in groups for p in g):
         for n in specs[p].param_names:
-            merged_flat[_leaf(p, n)] = trees.base_flat[_leaf(p, n)]
+            merged_flat[specs[p].leaf(n)] = trees.base_flat[specs[p].leaf(n)]
     return [
         dataclasses.replace(
             _layer_report(specs[p], options[p], (0.0, 0.0, 1.0, 0, math.nan), 0.0, g),
@@ -236,7 +236,7 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
                 params, sol = result[spec.path]
                 _check_solved(spec.path, sol, params, throw)
                 for name, value in params.items():
-                    merged_flat[_leaf(spec.path, name)] = value
+                    merged_flat[spec.leaf(name)] = value
                 reports.append(
                     _layer_report(spec, options[spec.path], _metrics(sol), seconds, paths)
                 )
@@ -262,7 +262,7 @@ def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, score
     (:func:`_score`) added to the reports."""
     solved_leaves = set()
     for spec in solved_paths:
-        solved_leaves.update(_leaf(spec.path, n) for n in spec.param_names)
+        solved_leaves.update(spec.leaf(n) for n in spec.param_names)
     fallbacks = {p: r for p, r in trees.rules.items() if p not in solved_leaves}
     if scored is not None:
         reports = [
@@ -283,17 +283,17 @@ def _check_fits(spec, base_flat) -> None:
     """Raise unless the base's parameters of ``spec`` are a ``(n_in, n_out)`` layer."""
     params = _layer_params(base_flat, spec)
     shapes = {name: tuple(np.shape(a)) for name, a in params.items()}
+    kind = kind_of(spec.kind)
+    want_kernel, want_bias = kind.matrix_shapes(spec)
     try:
-        kernel, bias = jax.eval_shape(lambda p: kind_of(spec.kind).to_matrix(spec, p), params)
-        fits = kernel.shape == (spec.n_in, spec.n_out) and (
-            bias is None or bias.shape == (spec.n_out,)
-        )
+        kernel, bias = jax.eval_shape(lambda p: kind.to_matrix(spec, p), params)
+        fits = kernel.shape == want_kernel and (bias is None or bias.shape == want_bias)
     except (TypeError, ValueError):  # e.g. a reshape of another size
         fits = False
     if not fits:
         raise ValueError(
             f"solve_stats: the statistics of layer {spec.path!r} are for a {spec.n_in} × "
-            f"{spec.n_out} kernel {(spec.n_in, spec.n_out)}, but the base's parameters there "
+            f"{spec.n_out} kernel {want_kernel}, but the base's parameters there "
             f"have shapes {shapes}: statistics of another model?"
         )
 
@@ -381,10 +381,10 @@ def solve_stats(
             )
         for spec in group.layers:
             for name in spec.param_names:
-                if _leaf(spec.path, name) not in trees.base_flat:
+                if spec.leaf(name) not in trees.base_flat:
                     raise ValueError(
                         f"solve_stats: the statistics hold layer {spec.path!r}, which is not in "
-                        f"the base parameters (no {_leaf(spec.path, name)!r}): statistics of "
+                        f"the base parameters (no {spec.leaf(name)!r}): statistics of "
                         "another model?"
                     )
             _check_fits(spec, trees.base_flat)

@@ -1,0 +1,73 @@
+"""Built-in registrations for the layer classes of the JAX LLM libraries, by qualified class name
+(:func:`~jaxmerge.register_layer`, :func:`~jaxmerge.register_norm`), so that none of those
+libraries is imported.
+
+* **gemma** (Google DeepMind, Flax linen): ``_layers.Einsum``, called as ``(eqn, x)`` with the
+  weight named by its ``weight_name`` (``"w"``; the feed-forward's ``gating_einsum`` and
+  ``linear``, which share the module scope of their ``FeedForward``); ``_layers.RMSNorm``,
+  ``x̂ ⊙ (1 + scale)``.
+* **MaxText** (Flax NNX): ``linears.DenseGeneral`` (``axis`` contracted with the kernel's
+  leading ``in_features_shape`` axes, outputs ``out_features_shape``; not covered with
+  quantization, a kernel scale or ``slice_bounds``); ``normalizations.RMSNorm``,
+  ``x̂ ⊙ (scale + scale_offset)``.
+* **EasyDeL** (Flax NNX): ``ColumnParallelLinear`` and ``RowParallelLinear``, kernel
+  ``(in, out)`` and an optional bias over the input's last axis; its ``RMSNorm``, whose scale is
+  named ``kernel``.
+"""
+
+import string
+
+import numpy as np
+
+from .einsum import EinsumCall, register_layer
+from .norm import register_norm
+
+__all__ = ["contraction_equation"]
+
+
+def contraction_equation(ndim: int, axes, n_out: int) -> str:
+    """The einsum of a dense layer contracting ``axes`` of an ``ndim``-axis input with a kernel
+    ``(*in, *out)`` of ``n_out`` output axes (Flax's and MaxText's ``DenseGeneral``)."""
+    letters = string.ascii_letters
+    axes = [int(a) % ndim for a in np.atleast_1d(axes)]
+    x = letters[:ndim]
+    out = letters[ndim : ndim + n_out]
+    w = "".join(x[a] for a in axes) + out
+    y = "".join(c for i, c in enumerate(x) if i not in axes) + out
+    return f"{x},{w}->{y}"
+
+
+# ---- gemma ----------------------------------------------------------------------------------
+
+register_layer(
+    "gemma.gm.nn._layers.Einsum",
+    api="linen",
+    input="x",
+    weight=lambda module: module.weight_name,
+    bias=None,
+    equation=lambda call: call.kwargs.get("eqn", call.args[0] if call.args else None),
+)
+register_norm("gemma.gm.nn._layers.RMSNorm", api="linen", offset=1.0)
+
+
+# ---- MaxText --------------------------------------------------------------------------------
+
+
+def _maxtext_dense(call: EinsumCall) -> str | None:
+    module = call.module
+    if call.kwargs.get("slice_bounds") is not None or len(call.args) > 3:
+        return None
+    if getattr(module, "quant", None) is not None or getattr(module, "kernel_scale", None):
+        return None
+    return contraction_equation(call.x.ndim, module.axis, len(module.out_features_shape))
+
+
+register_layer(
+    "maxtext.layers.linears.DenseGeneral", api="nnx", input="inputs", equation=_maxtext_dense
+)
+register_norm(
+    "maxtext.layers.normalizations.RMSNorm",
+    api="nnx",
+    offset=lambda module: module.scale_offset,
+    accepts=lambda module: module.with_scale,
+)
