@@ -105,6 +105,10 @@ from .io.model_stats import save_model_stats as save_model_stats
 # Errors (SolveError is imported above, with solve_layer); all show as jaxmerge.<name>
 from .cli.config import ConfigError as ConfigError
 from .model import OptionPatternError as OptionPatternError
+from .model import UnsolvedParametersError as UnsolvedParametersError
+
+# Warnings (all show as jaxmerge.<name>)
+from .model import UnsolvedParametersWarning as UnsolvedParametersWarning
 
 
 __version__ = "0.1.0"

@@ -27,6 +27,30 @@ def model():
     return TinyMLP()
 
 
+class Offset(nn.Module):
+    """A learned offset: no registered layer kind, so its parameter takes the fallback rule."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x + self.param("shift", nn.initializers.zeros, (x.shape[-1],))
+
+
+class OffsetMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Offset()(TinyMLP()(x))
+
+
+def offset_model():
+    return OffsetMLP()
+
+
+def make_offset_params():
+    """Base and ``TASKS`` fine-tunes of :class:`OffsetMLP` (every leaf changed)."""
+    base = OffsetMLP().init(jax.random.key(0), jnp.ones((1, N_IN)))["params"]
+    return base, [jax.tree.map(lambda a, k=k: a + 0.1 * (k + 1), base) for k in range(TASKS)]
+
+
 def _batches(seed: int, count: int):
     delay = float(os.environ.get("JAXMERGE_TEST_BATCH_DELAY", "0"))
     rng = np.random.default_rng(seed)

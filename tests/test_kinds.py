@@ -2,6 +2,8 @@
 output matching exactly like the built-in kinds (checked against numpy least squares on the
 activations recorded by hand), in linen and NNX, parallel and sequential."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -135,8 +137,14 @@ def test_an_unregistered_class_falls_back_and_is_reported():
     model = Linen(head=UnregisteredScaledLinear)
     base = model.init(jax.random.key(0), xs[0])["params"]
     fts = finetunes(base, 2)
-    merged, report = jm.merge(model, base, fts, [[x] for x in xs], progress=False)
     head = "UnregisteredScaledLinear_0"
+    subclass = (f"'{head}' (UnregisteredScaledLinear) is a subclass of test_kinds.ScaledLinear "
+                "(kind 'scaled_linear'); registered classes match exactly")  # fmt: skip
+    with pytest.warns(jm.UnsolvedParametersWarning, match=re.escape(subclass)) as caught:
+        merged, report = jm.merge(model, base, fts, [[x] for x in xs], progress=False)
+    assert len(caught) == 1
+    assert set(report.unsolved) == {f"{head}/w", f"{head}/shift"}
+    assert all(reason.startswith(subclass) for reason in report.unsolved.values())
     assert report.fallbacks[f"{head}/w"] == "mean"
     assert [r.path for r in report.layers] == ["Dense_0"]
     np.testing.assert_allclose(merged[head]["w"], (fts[0][head]["w"] + fts[1][head]["w"]) / 2)

@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 from models import LinenMLP, finetunes
 
-from jaxmerge import merge
+from jaxmerge import UnsolvedParametersWarning, merge
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,15 @@ def test_structure_dtypes_shardings_and_other_collections(rng):
     base = jax.tree.map(lambda a: jax.device_put(a, device), variables)
     base["params"]["Dense_1"]["bias"] = np.asarray(base["params"]["Dense_1"]["bias"])  # numpy leaf
     fts = finetunes(variables, 2)
-    merged, report = merge(model, base, fts, [[x], [x + 1]], progress=False)
+    with pytest.warns(UnsolvedParametersWarning, match="^merge: 4 parameters the fine-tunes"):
+        merged, report = merge(model, base, fts, [[x], [x + 1]], progress=False)
+    assert report.unsolved == {
+        **dict.fromkeys(("BatchNorm_0/bias", "BatchNorm_0/scale"),
+                        "module class 'BatchNorm' (linen) is not a registered layer kind"),
+        **dict.fromkeys(("batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var"),
+                        "in the linen collection 'batch_stats', not 'params': only parameters "
+                        "of called layers are solved by output matching"),
+    }  # fmt: skip
     assert jax.tree.structure(merged) == jax.tree.structure(base)
     for got, like in zip(jax.tree.leaves(merged), jax.tree.leaves(base), strict=True):
         assert got.dtype == like.dtype and got.shape == like.shape

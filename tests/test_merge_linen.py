@@ -7,6 +7,8 @@ import pytest
 from flax import linen as nn
 from models import (
     DIM,
+    POS_MEAN,
+    POS_UNSOLVED,
     VOCAB,
     LinenCNN,
     LinenMLP,
@@ -307,9 +309,11 @@ def transformer():
     base = model.init(jax.random.key(0), **token_batch(0))["params"]
     fts = finetunes(base, 2, 0.2)
     cal = [[token_batch(1)], [token_batch(2, low=3)]]  # task 1 never sees tokens 0-2
-    merged, report = merge(
-        model, base, fts, cal, progress=False, heldout=[[token_batch(5)], [token_batch(6)]]
-    )
+    with pytest.warns(jaxmerge.UnsolvedParametersWarning, match=POS_UNSOLVED) as caught:
+        merged, report = merge(
+            model, base, fts, cal, progress=False, heldout=[[token_batch(5)], [token_batch(6)]]
+        )
+    assert len(caught) == 1 and str(caught[0].message).startswith("merge: 1 parameter the ")
     return model, base, fts, cal, merged, report
 
 
@@ -359,7 +363,7 @@ def test_transformer_embedding_ridge_prior_and_energy_in_closed_form(transformer
     for ridge in (0.5, np.inf):
         merged, report = merge(model, base, fts, cal, ridge={"embed": ridge},
                                prior={"embed": {"embedding": jnp.asarray(prior, jnp.float32)}},
-                               progress=False)  # fmt: skip
+                               fallback=POS_MEAN, progress=False)  # fmt: skip
         got = np.asarray(merged["embed"]["embedding"], np.float64)
         expect = prior[seen] if ridge == np.inf else (mean + ridge * prior[seen]) / (1 + ridge)
         np.testing.assert_allclose(got[seen], expect, rtol=1e-5, atol=1e-5)
@@ -430,6 +434,8 @@ def test_transformer_report_and_fallbacks(transformer, tmp_path):
         "block/down": "dense", "ln_f": "norm", "head": "dense",
     }  # fmt: skip
     assert report.fallbacks == {"pos": "mean"}
+    assert list(report.unsolved) == ["pos"]  # its reason: the fixture's warning (POS_UNSOLVED)
+    assert "unsolved: 1 parameter the fine-tunes changed" in str(report)
     np.testing.assert_allclose(merged["pos"], (fts[0]["pos"] + fts[1]["pos"]) / 2, rtol=1e-6)
     for r in report.layers:
         assert 0 <= r.rho <= 1 + 1e-6 and r.rho_heldout is not None and r.rho_heldout <= 1 + 1e-6
@@ -449,13 +455,13 @@ def test_transformer_padding_is_ignored(transformer):
     for (batch,) in cal:
         tokens = np.where(np.asarray(batch["mask"]) > 0, np.asarray(batch["tokens"]), VOCAB - 1)
         repadded.append([{"tokens": jnp.asarray(tokens), "mask": batch["mask"]}])
-    again, _ = merge(model, base, fts, repadded, progress=False)
+    again, _ = merge(model, base, fts, repadded, fallback=POS_MEAN, progress=False)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), again, merged)
 
 
 def test_one_finetune_is_returned_exactly(transformer):
     model, base, fts, cal, _, _ = transformer
-    merged, report = merge(model, base, fts[:1], cal[:1], progress=False)
+    merged, report = merge(model, base, fts[:1], cal[:1], fallback=POS_MEAN, progress=False)
     assert jax.tree.structure(merged) == jax.tree.structure(base)
     jax.tree.map(np.testing.assert_array_equal, merged, fts[0])
     assert all(r.rho == pytest.approx(1.0, abs=1e-4) for r in report.layers if r.energy_base > 1e-6)
@@ -463,7 +469,8 @@ def test_one_finetune_is_returned_exactly(transformer):
 
 def test_identical_finetunes_return_that_finetune(transformer):
     model, base, fts, cal, _, _ = transformer
-    merged, _ = merge(model, base, [fts[0], fts[0]], cal, progress=False)  # sequential: NNX tests
+    # the sequential algorithm: in the NNX tests
+    merged, _ = merge(model, base, [fts[0], fts[0]], cal, fallback=POS_MEAN, progress=False)
     jax.tree.map(
         lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), merged, fts[0]
     )
@@ -487,7 +494,8 @@ def test_bases_per_path_and_factories(transformer):
             return Custom(deltas)  # directions in the layer's own parameter format
         return {"embed": "diagonal", "head": LowRank(1)}.get(path, "scalar")
 
-    merged, report = merge(model, base, fts, cal, basis=basis_for, progress=False)
+    merged, report = merge(model, base, fts, cal, basis=basis_for, fallback=POS_MEAN,
+                           progress=False)  # fmt: skip
     rows = {r.path: r for r in report.layers}
     assert set(calls) == set(rows)
     assert rows["head"].basis == "LowRank(rank=1)" and rows["block/up"].basis == "scalar"

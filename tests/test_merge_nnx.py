@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from models import NnxCNN, NnxMLP, NnxTransformer, finetunes, token_batch
+from models import POS_MEAN, POS_UNSOLVED, NnxCNN, NnxMLP, NnxTransformer, finetunes, token_batch
 from reference import augment, layer_matrix
 from test_merge_linen import im2col_same3, regmean
 
-from jaxmerge import merge
+from jaxmerge import UnsolvedParametersWarning, merge
 
 
 def _params(model):
@@ -71,7 +71,9 @@ def transformer():
 
 def test_nnx_transformer_layers_and_shared_inputs(transformer):
     model, base, fts, cal = transformer
-    merged, report = merge(model, base, fts, cal, progress=False)
+    with pytest.warns(UnsolvedParametersWarning, match=POS_UNSOLVED) as caught:
+        merged, report = merge(model, base, fts, cal, progress=False)
+    assert len(caught) == 1
     kinds = {r.path: r.kind for r in report.layers}
     assert kinds == {
         "embed": "embed", "ln1": "norm", "query": "dense_general", "key": "dense_general",
@@ -79,22 +81,24 @@ def test_nnx_transformer_layers_and_shared_inputs(transformer):
         "down": "dense", "ln_f": "norm", "head": "dense",
     }  # fmt: skip
     assert {r.path: r.shared_input for r in report.layers}["key"] == ("query", "value")
-    assert report.fallbacks == {"pos": "mean"}
+    assert report.fallbacks == {"pos": "mean"} and list(report.unsolved) == ["pos"]
     assert 0 < report.rho <= 1
     assert jax.tree.structure(merged) == jax.tree.structure(base)
 
 
 def test_nnx_one_finetune_is_returned_exactly_by_the_sequential_merge(transformer):
     model, base, fts, cal = transformer
-    merged, _ = merge(model, base, fts[:1], cal[:1], algorithm="sequential", progress=False)
+    merged, _ = merge(model, base, fts[:1], cal[:1], algorithm="sequential", fallback=POS_MEAN,
+                      progress=False)  # fmt: skip
     jax.tree.map(np.testing.assert_array_equal, merged, fts[0])
 
 
 def test_nnx_identical_finetunes_sequential(transformer):
     model, base, fts, cal = transformer
     merged, report = merge(
-        model, base, [fts[0], fts[0]], cal, algorithm="sequential", progress=False
-    )
+        model, base, [fts[0], fts[0]], cal, algorithm="sequential", fallback=POS_MEAN,
+        progress=False,
+    )  # fmt: skip
     jax.tree.map(
         lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), merged, fts[0]
     )

@@ -163,17 +163,20 @@ class LinenModel:
         self.id_inputs: dict = {}  # see _observing_ids
 
     def apply(self, variables, batch, hook, modules: dict | None = None):
-        """Run the model; ``modules``: a dict to fill with ``{module path: SeenModule}`` of
-        every module whose methods the pass calls (first call wins)."""
+        """Run the model; ``modules``: a dict to fill with ``{module path: [SeenModule]}`` of
+        every module whose methods the pass calls (one per class, in call order: modules
+        sharing a scope, ``nn.share_scope``, share a path)."""
         hook = _observing_ids(batch, hook, self.id_inputs)
 
         def interceptor(next_fun, args, kwargs, context):
             if getattr(_local, "bypass", False):
                 return next_fun(*args, **kwargs)
-            if modules is not None and getattr(context.module, "scope", None) is not None:
-                path = "/".join(context.module.scope.path)
-                if path not in modules:
-                    modules[path] = seen_module(context.module, "linen", args, kwargs)
+            if (modules is not None and context.method_name != "setup"
+                    and getattr(context.module, "scope", None) is not None):  # fmt: skip
+                seen = modules.setdefault("/".join(context.module.scope.path), [])
+                if all(type(context.module) is not m.cls for m in seen):
+                    seen.append(seen_module(context.module, "linen", args, kwargs,
+                                            context.method_name))  # fmt: skip
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
             _check_linen_mode(context.module, args, kwargs)
@@ -282,7 +285,7 @@ class NnxModel:
         self.id_inputs: dict = {}  # see _observing_ids
 
     def apply(self, params, batch, hook, modules: dict | None = None):
-        """Run the model; ``modules``: a dict to fill with ``{module path: SeenModule}`` of
+        """Run the model; ``modules``: a dict to fill with ``{module path: [SeenModule]}`` of
         every module of the model (NNX cannot tell which of them the pass calls)."""
         state = jax.tree.map(lambda a: a, self.params)
         nnx.replace_by_pure_dict(state, params)
@@ -290,7 +293,7 @@ class NnxModel:
         paths = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)}
         if modules is not None:
             for path, m in nnx.iter_modules(module):
-                modules.setdefault("/".join(str(p) for p in path), seen_module(m, "nnx"))
+                modules.setdefault("/".join(str(p) for p in path), [seen_module(m, "nnx")])
         classes = {type(m) for _, m in nnx.iter_modules(module) if nnx_kind(type(m))}
         try:
             with _nnx_capture(paths, _observing_ids(batch, hook, self.id_inputs), classes):
@@ -332,6 +335,7 @@ class SeenModule:
         settings: the module's constructor arguments that differ from their defaults
             (``"batch_dims=(0,)"``), for a registered class.
         inputs: the shapes of the call's array arguments (linen), for a registered class.
+        method: the method of the module's first call (linen; ``"__call__"`` in NNX).
     """
 
     cls: type
@@ -342,10 +346,14 @@ class SeenModule:
     parent_kind: str | None = None
     settings: str = ""
     inputs: str = ""
+    method: str = "__call__"
 
 
-def seen_module(module, api: str, args: tuple = (), kwargs: Mapping | None = None) -> SeenModule:
-    """The :class:`SeenModule` of ``module`` (of ``api``), called with ``args, kwargs``."""
+def seen_module(
+    module, api: str, args: tuple = (), kwargs: Mapping | None = None, method: str = "__call__"
+) -> SeenModule:
+    """The :class:`SeenModule` of ``module`` (of ``api``), its ``method`` called with
+    ``args, kwargs``."""
     lookup = linen_kind if api == "linen" else nnx_kind
     cls = type(module)
     kind = lookup(cls)
@@ -362,7 +370,8 @@ def seen_module(module, api: str, args: tuple = (), kwargs: Mapping | None = Non
     shapes = [tuple(a.shape) for a in jax.tree.leaves((args, dict(kwargs or {})))
               if hasattr(a, "shape")]  # fmt: skip
     inputs = ", ".join(map(str, shapes[:3])) + (", ..." if len(shapes) > 3 else "")
-    return SeenModule(cls, api, kind.name, accepts, settings=_settings(module), inputs=inputs)
+    return SeenModule(cls, api, kind.name, accepts, settings=_settings(module), inputs=inputs,
+                      method=method)  # fmt: skip
 
 
 def _settings(module, most: int = 4) -> str:

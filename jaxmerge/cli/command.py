@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -52,6 +53,9 @@ CONFIG_HELP = """configuration file (TOML; paths relative to it):
   ridge = 0.0                    λ >= 0 toward the prior, or a table {"glob" = λ} (qp, regmean)
   alpha = 1.0                    RegMean's α in [0, 1] (qp; regmean default 0.9)
   fallback = "mean"              mean | base | λ: parameters not solved by output matching
+  strict = false                 fail instead of warning when parameters the fine-tunes
+                                 changed are not solved by output matching (qp, regmean;
+                                 or --strict)
   scale = 1.0                    λ of task_arithmetic, ties, dare (and the ties/dare bases)
   density = 0.2, trim = "tensor", aggregate = "mean"   ties options
   drop_rate = P, seed = 0                              dare options (drop_rate required)
@@ -73,7 +77,9 @@ def _add_output(parser, what: str) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (default: refuse)"
     )
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print nothing but warnings and errors"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge from saved statistics (`stats = DIR`) even when the fine-tuned checkpoints "
         "are not those the statistics were computed from (default: refuse, naming the task)",
+    )
+    merge.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 1, nothing written) when parameters the fine-tunes changed are not "
+        "solved by output matching, instead of warning on stderr (methods qp and regmean; "
+        "as `strict = true` in [merge])",
     )
     stats = sub.add_parser(
         "stats",
@@ -257,7 +270,7 @@ def _basis(name):
     return LowRank(int(name[8:])) if name.startswith("lowrank:") else name
 
 
-def _run_merge(config, *, quiet: bool, check_source: bool = True):
+def _run_merge(config, *, quiet: bool, check_source: bool = True, strict: bool = False):
     import jax
 
     from ..io.model_stats import combine_model_stats, load_model_stats
@@ -296,6 +309,7 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True):
         alpha=opts["alpha"],
         fallback=opts["fallback"],
         progress=not quiet,
+        strict=strict or opts["strict"],
     )
     heldout = _data(config, "heldout")
     if config.stats is None:
@@ -328,7 +342,7 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True):
 
 def _merge_command(args) -> None:
     from ..io.checkpoint import atomic_directory, save_params
-    from ..model import OptionPatternError
+    from ..model import OptionPatternError, UnsolvedParametersError, UnsolvedParametersWarning
     from .config import ConfigError, load_config
 
     config = load_config(args.config)
@@ -337,14 +351,25 @@ def _merge_command(args) -> None:
             "--accept-other-finetunes applies to a merge from saved statistics (config key "
             "'stats'); this configuration merges from calibration data, so it has no effect."
         )
+    if args.strict and config.merge["method"] not in ("qp", "regmean"):
+        raise UsageError(
+            f"--strict applies to methods qp and regmean (which solve layers by output "
+            f"matching); method {config.merge['method']!r} solves none, so it has no effect."
+        )
     inputs, places = _protected(config)
     out = _check_output(args.out, args.overwrite, inputs=inputs, places=places)
     try:
-        merged, report = _run_merge(
-            config, quiet=args.quiet, check_source=not args.accept_other_finetunes
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnsolvedParametersWarning)
+            merged, report = _run_merge(config, quiet=args.quiet, strict=args.strict,
+                                        check_source=not args.accept_other_finetunes)  # fmt: skip
     except OptionPatternError as error:  # a [merge] table naming no layer: a config mistake
         raise ConfigError(f"config key 'merge.{error.option}': {error}") from None
+    except UnsolvedParametersError as error:
+        error.add_note("(command line: without --strict and `strict = true` in [merge], the "
+                       "merge goes on with a warning)")  # fmt: skip
+        raise
+    _show_warnings(caught)
     with atomic_directory(out, overwrite=args.overwrite, what="jaxmerge merge") as tmp:
         tmp.mkdir()
         save_params(tmp / "params", merged)
@@ -357,6 +382,19 @@ def _merge_command(args) -> None:
         else:
             print(f"{config.merge['method']} merge of {len(config.finetuned)} models (no data).")
         print(f"wrote {out}")
+
+
+def _show_warnings(caught) -> None:
+    """Show the warnings of a merge on stderr: the unsolved parameters as jaxmerge's own
+    message (with the command line's way to make it an error), others as Python shows them."""
+    from ..model import UnsolvedParametersWarning
+
+    for w in caught:
+        if issubclass(w.category, UnsolvedParametersWarning):
+            print(f"jaxmerge: warning: {w.message}\n  (command line: --strict, or "
+                  "`strict = true` in [merge], makes this an error)", file=sys.stderr)  # fmt: skip
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _stats_command(args) -> None:

@@ -21,6 +21,8 @@ Example (paths are relative to the configuration file)::
     ridge = 0.0            # qp/regmean: λ ≥ 0, or a table { "glob" = λ }
     alpha = 1.0            # qp/regmean: RegMean's α ∈ [0, 1] (regmean default 0.9)
     fallback = "mean"      # qp/regmean: "mean" | "base" | λ for parameters not solved
+    strict = false         # qp/regmean: fail (instead of warning) when parameters the
+                           #     fine-tunes changed are not solved by output matching
     scale = 1.0            # task_arithmetic/ties/dare, and basis ties/dare: λ
     density = 0.2          # ties: fraction of entries kept
     trim = "tensor"        # ties: "tensor" | "model"
@@ -68,8 +70,8 @@ TOP_KEYS = {
 }
 # The [merge] options each method takes (a qp merge with basis "ties"/"dare" also takes theirs).
 OPTIONS = {
-    "qp": ("algorithm", "basis", "ridge", "alpha", "fallback"),
-    "regmean": ("algorithm", "ridge", "alpha", "fallback"),
+    "qp": ("algorithm", "basis", "ridge", "alpha", "fallback", "strict"),
+    "regmean": ("algorithm", "ridge", "alpha", "fallback", "strict"),
     "soup": (),
     "task_arithmetic": ("scale",),
     "ties": ("scale", "density", "trim", "aggregate"),
@@ -204,7 +206,11 @@ def _merge_table(raw) -> dict[str, Any]:
             if isinstance(fallback, str):
                 _fail("merge.fallback", f"expected 'mean', 'base' or a number, got {fallback!r}")
             fallback = _number(raw, "fallback")
-        out.update(algorithm=algorithm, ridge=ridge, alpha=alpha, fallback=fallback)
+        strict = raw.get("strict", False)
+        if not isinstance(strict, bool):
+            _fail("merge.strict", f"expected true or false, got {strict!r}")
+        out.update(algorithm=algorithm, ridge=ridge, alpha=alpha, fallback=fallback,
+                   strict=strict)  # fmt: skip
         out["basis"] = "full" if method == "regmean" else basis
     if method in ("task_arithmetic", "ties", "dare") or special:
         out["scale"] = _number(raw, "scale", default=1.0)

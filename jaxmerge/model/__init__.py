@@ -11,12 +11,15 @@ from .collect import CollectorState, GroupStats, StatsCollector, collect_stats, 
 from .merge import merge
 from .options import OptionPatternError
 from .solve import solve_stats
+from .unsolved import UnsolvedParametersError, UnsolvedParametersWarning
 
 __all__ = [
     "CollectorState",
     "GroupStats",
     "OptionPatternError",
     "StatsCollector",
+    "UnsolvedParametersError",
+    "UnsolvedParametersWarning",
     "collect_stats",
     "merge",
     "solve_stats",

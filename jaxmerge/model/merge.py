@@ -74,6 +74,7 @@ from .report import MergeReport
 from .sequential import merge_sequential
 from .solve import _finish, _keep_base, _score, _solve_all, _unchanged
 from .trees import _Trees, check_host
+from .unsolved import check_unsolved, find_unsolved, plan_reasons, warn_unsolved
 
 
 def merge(
@@ -94,6 +95,7 @@ def merge(
     rcond: float | None = None,
     progress: bool = True,
     throw: bool = True,
+    strict: bool = False,
 ) -> tuple[Any, MergeReport]:
     r"""Merge fine-tuned Flax models by output-space projection, layer by layer.
 
@@ -134,11 +136,25 @@ def merge(
         rcond: relative eigenvalue cut-off of the solver.
         progress: show progress bars (per task and per layer).
         throw: raise :class:`~jaxmerge.SolveError` when a layer would not be finite.
+        strict: raise :class:`~jaxmerge.UnsolvedParametersError` (before any statistics are
+            collected) instead of warning when parameters a fine-tune changed are not solved
+            by output matching (see Warns).
 
     Returns:
         ``(merged, report)``: ``merged`` has exactly the base's tree structure, dtypes and
         shardings (an NNX ``State`` for an NNX base); ``report`` is a
-        :class:`~jaxmerge.MergeReport`.
+        :class:`~jaxmerge.MergeReport`, whose ``unsolved`` lists every parameter a fine-tune
+        changed that took its fallback rule, with the reason.
+
+    Warns:
+        UnsolvedParametersWarning: once, when parameters a fine-tune changed (not
+            bit-identical to the base) are not solved by output matching: a module class that
+            is no registered layer kind (or a subclass of one: classes match exactly), a
+            configuration or call its kind does not cover, a layer under a lifted transform
+            (``nn.scan``, ``nn.vmap``), a parameter the forward pass does not use, another
+            linen collection. The message names the first paths and reasons. Parameters whose
+            rule ``fallback`` chooses by path (a glob naming them, or a callable) are listed in
+            the report without a warning; ``strict=True`` makes the warning an error.
 
     Raises:
         ValueError, TypeError: mismatched trees, shapes or dtypes (naming the parameter path),
@@ -151,6 +167,8 @@ def merge(
             paths for ``basis``, ``prior``, ``ridge``; parameter paths for ``fallback``), or one
             never used because an earlier glob matches all its paths.
         SolveError: a layer's solve is not finite and ``throw=True``.
+        UnsolvedParametersError: ``strict=True`` and parameters a fine-tune changed are not
+            solved by output matching (see Warns); raised before any statistics are collected.
 
     Examples:
         Two fine-tunes of a one-layer model, each changing the weight of the input its own task
@@ -168,14 +186,16 @@ def merge(
     return _run(model, base, finetuned, calibration, algorithm=algorithm, basis=basis,
                 prior=prior, ridge=ridge, alpha=alpha, fallback=fallback, heldout=heldout,
                 mask_key=mask_key, call_kwargs=call_kwargs, rcond=rcond, progress=progress,
-                throw=throw)  # fmt: skip
+                throw=throw, strict=strict)  # fmt: skip
 
 
 def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge, alpha, fallback,
-         heldout, mask_key, call_kwargs, rcond, progress, throw, passes=None):  # fmt: skip
+         heldout, mask_key, call_kwargs, rcond, progress, throw, strict=False, passes=None,
+         caller="merge"):  # fmt: skip
     """:func:`merge`; ``passes``: ``None``, or (for the parallel algorithm) a function of the
     plan giving lists of group keys, the groups collected and solved together in one pass over
-    the data (:func:`~jaxmerge.merge_in_groups`)."""
+    the data (:func:`~jaxmerge.merge_in_groups`). Called by the public function ``caller``
+    (whose caller its warning names)."""
     started = time.perf_counter()
     check_host(base, finetuned, alpha, ridge)
     if algorithm not in ("parallel", "sequential"):
@@ -190,6 +210,8 @@ def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge,
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     _check_layer_patterns(plan.specs, basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
+    unsolved = find_unsolved(trees, plan.specs.values(), plan_reasons(plan, trees))
+    check_unsolved(unsolved, trees, strict=strict, caller=caller)
     iters = _checked_ids(plan, iters)
     dtype = _default_dtype()
 
@@ -238,5 +260,7 @@ def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge,
             scored = _score(held, trees, merged_flat)
     order = {p: i for i, p in enumerate(plan.specs)}
     reports.sort(key=lambda r: order[r.path])
-    return _finish(trees, merged_flat, reports, specs, algorithm, started,
-                   scored if heldout is not None else None)  # fmt: skip
+    merged, report = _finish(trees, merged_flat, reports, specs, algorithm, started,
+                             scored if heldout is not None else None, unsolved)  # fmt: skip
+    warn_unsolved(unsolved, trees, caller=caller)
+    return merged, report

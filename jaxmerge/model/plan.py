@@ -38,6 +38,7 @@ class _Plan:
         self.mask_key = mask_key
         flat, _ = flatten(tree)
         calls, alive = [], []
+        self.modules: dict[str, list] = {}  # {module path: [SeenModule]} (see unsolved.py)
 
         def hook(call):
             calls.append(call)
@@ -45,7 +46,7 @@ class _Plan:
             return call.default()
 
         try:
-            jax.eval_shape(lambda t, b: self.apply(t, b, hook), tree, batch)
+            traced = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook, self.modules))(tree, batch)
         except jax.errors.ConcretizationTypeError as error:
             raise TypeError(
                 "merge: the model branches in Python on a value computed from its input or "
@@ -63,6 +64,9 @@ class _Plan:
                 error,
                 "merge: the model does not run on the calibration batch with the base parameters",
             ) from error
+        self.used = _used_leaves(traced.jaxpr, list(flat), len(jax.tree.leaves(tree)))
+        self.captured = {call.path for call in calls}
+        self.lifted: dict[str, str] = {}  # {parameter path: why its layer was dropped}
         counts = {}
         for call in calls:
             counts[call.path] = counts.get(call.path, 0) + 1
@@ -78,6 +82,17 @@ class _Plan:
             )
             if ok:  # layers under lifted transforms (scan, vmap) have other shapes: fall back
                 self.specs[call.path] = spec
+                continue
+            shapes = {n: (tuple(np.shape(call.params[n])), tuple(np.shape(flat[spec.leaf(n)])))
+                      for n in spec.param_names if spec.leaf(n) in flat}  # fmt: skip
+            other = ", ".join(f"{n} {a} against {b}" for n, (a, b) in shapes.items() if a != b)
+            for n in shapes:
+                self.lifted.setdefault(
+                    spec.leaf(n),
+                    f"its layer's parameters have other shapes in the traced call than in the "
+                    f"tree ({other}): a lifted transform (nn.map_variables, nn.scan, nn.vmap, "
+                    "...) maps them",
+                )
         groups: dict[Any, list[str]] = {}
         for call in calls:
             spec = self.specs.get(call.path)
@@ -114,10 +129,12 @@ class _Plan:
             lambda: functools.partial(_batch_stats, self, groups, num_tasks, dtype, own),
         )
 
-    def apply(self, tree, batch, hook):
+    def apply(self, tree, batch, hook, modules=None):
         if self.linen_params_only:
             tree = {"params": tree}
-        return self.model.apply(tree, batch, hook)
+        if modules is None:
+            return self.model.apply(tree, batch, hook)
+        return self.model.apply(tree, batch, hook, modules)
 
     def mask(self, batch):
         if self.mask_key is None or not isinstance(batch, Mapping) or self.mask_key not in batch:
@@ -143,6 +160,15 @@ class _Plan:
 
         self.apply(tree, batch, hook)
         return out
+
+
+def _used_leaves(jaxpr, paths, count) -> set[str]:
+    """The ``paths`` of the first ``count`` inputs of ``jaxpr`` (the tree's leaves, in
+    :func:`flatten` order) that an equation or the output reads: the parameters the forward pass
+    uses."""
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    read.update(id(v) for v in jaxpr.outvars)
+    return {p for p, v in zip(paths, jaxpr.invars[:count], strict=True) if id(v) in read}
 
 
 def _signature(tree):

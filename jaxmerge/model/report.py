@@ -5,7 +5,8 @@ loss of the merge ``L*``, the captured fraction ``ρ = 1 − L*/E₀``, a condit
 solver status and the solve time; with a held-out calibration set also the held-out ``E₀`` and
 ``ρ``. The model-level value is energy weighted, ``ρ = 1 − Σ L* / Σ E₀`` (layers with larger
 residual energy count more). Parameters not solved by output matching are listed with the
-fallback rule that produced them.
+fallback rule that produced them, and those of them that a fine-tune changed with the reason
+they were not solved (:attr:`MergeReport.unsolved`).
 """
 
 import dataclasses
@@ -71,6 +72,21 @@ def _weighted(pairs) -> float | None:
     return sum(e0 * rho for e0, rho in pairs if e0 > 0) / total
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _reasons(reasons, most: int = 3) -> str:
+    """The distinct ``reasons``, most frequent first (``×n`` when more than once), at most
+    ``most`` of them."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])  # stable: first seen first
+    text = "; ".join(r + (f" (×{n})" if n > 1 else "") for r, n in ranked[:most])
+    return text + ("; …" if len(ranked) > most else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeReport:
     """The report of :func:`~jaxmerge.merge`.
@@ -82,10 +98,17 @@ class MergeReport:
         fallbacks: ``{parameter path: rule}`` for every parameter not solved by output
             matching (``"mean"``, ``"base"`` or ``"task_arithmetic(λ)"``).
         seconds: wall time of the whole merge.
+        unsolved: ``{parameter path: reason}`` for every parameter of :attr:`fallbacks` that at
+            least one fine-tune changed (not bit-identical to the base): what the merge
+            replaced by a fallback rule instead of solving it, and why (``"module class
+            'MyProj' (linen) is not a registered layer kind"``, ``"not used in the forward
+            pass"``, ...). :func:`~jaxmerge.merge` warns about them
+            (:class:`~jaxmerge.UnsolvedParametersWarning`) or, with ``strict=True``, raises.
 
-    ``str(report)`` is a table with one row per layer and a summary line; layers reported
+    ``str(report)`` is a table with one row per layer, the unsolved parameters (at most
+    :attr:`MAX_LISTED` of them, then a count) and a summary line; layers reported
     ``UNCHANGED`` are counted apart from the solved ones, and a report without solved layers
-    says so instead of an empty table.
+    says so instead of an empty table (with what the fine-tunes' changes took instead).
 
     Examples:
         >>> r = MergeReport("parallel", 2, (LayerReport("Dense_0", "dense", "full", 4.0, 1.0,
@@ -96,17 +119,26 @@ class MergeReport:
         True
         >>> print(str(r).splitlines()[2])  # doctest: +NORMALIZE_WHITESPACE
         Dense_0  dense  full  4  1  0.7500  -  3  CHOLESKY  -
-        >>> empty = MergeReport("parallel", 2, (), {"Dense_0/bias": "mean"}, 0.5)
-        >>> print(empty)  # doctest: +ELLIPSIS
-        no layer solved by output matching
-        parallel merge of 2 models: rho - (held-out -), 0 layers solved, 1 parameters by ...
+        >>> empty = MergeReport("parallel", 2, (), {"proj/w": "mean"}, 0.5,
+        ...                     {"proj/w": "module class 'Proj' (linen) is not a registered "
+        ...                                "layer kind"})
+        >>> print(empty)  # doctest: +NORMALIZE_WHITESPACE
+        unsolved: 1 parameter the fine-tunes changed, not solved by output matching
+          proj/w  mean  module class 'Proj' (linen) is not a registered layer kind
+        no layer was solved by output matching: the 1 parameter the fine-tunes changed took
+        the fallback 'mean' (reasons: module class 'Proj' (linen) is not a registered layer kind)
+        parallel merge of 2 models: rho - (held-out -), 0 layers solved, 1 parameters by
+        fallback (1 changed), 0.50 s
     """
+
+    MAX_LISTED = 10
 
     algorithm: str
     num_tasks: int
     layers: tuple[LayerReport, ...]
     fallbacks: dict[str, str]
     seconds: float
+    unsolved: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def rho(self) -> float | None:
@@ -136,13 +168,16 @@ class MergeReport:
 
     @classmethod
     def from_json(cls, text: str) -> "MergeReport":
-        """Read a report written by :meth:`to_json`."""
+        """Read a report written by :meth:`to_json` (one written before :attr:`unsolved`
+        existed reads with ``unsolved == {}``). The non-finite ``E₀``, ``L*``, ``ρ`` and
+        condition that JSON holds as ``null`` read as ``nan``."""
         data = json.loads(text)
         layers = []
         for row in data["layers"]:
             row = dict(row, shared_input=tuple(row.get("shared_input", ())))
-            if row.get("condition") is None:
-                row["condition"] = math.nan
+            for name in ("energy_base", "energy_merged", "rho", "condition"):
+                if row.get(name) is None:
+                    row[name] = math.nan
             layers.append(LayerReport(**row))
         return cls(
             data["algorithm"],
@@ -150,11 +185,16 @@ class MergeReport:
             tuple(layers),
             dict(data["fallbacks"]),
             data["seconds"],
+            dict(data.get("unsolved", {})),
         )
 
     def __str__(self) -> str:
         def num(v, fmt="{:.4g}"):
-            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+            try:
+                v = None if v is None else float(v)
+            except (TypeError, ValueError):  # not a number: shown as it is
+                return str(v)
+            return "-" if v is None or math.isnan(v) else fmt.format(v)
 
         head = ("layer", "kind", "basis", "E0", "L*", "rho", "rho(held)", "cond", "status", "s")
         rows = [
@@ -177,20 +217,54 @@ class MergeReport:
         out = (
             [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] if rows else []
         )
+        out += self._unsolved_lines()
         unchanged = sum(r.status == "UNCHANGED" for r in self.layers)
         solved = len(self.layers) - unchanged
         if not solved:
+            kept = f" ({unchanged} unchanged, kept at the base's values)" if unchanged else ""
             out.append(
-                "no layer solved by output matching"
-                + (f" ({unchanged} unchanged, kept at the base's values)" if unchanged else "")
+                f"no layer was solved by output matching{kept}: {self._instead()}"
+                if self.unsolved
+                else f"no layer solved by output matching{kept}"
             )
+        changed = f" ({len(self.unsolved)} changed)" if self.unsolved else ""
         out.append(
             f"{self.algorithm} merge of {self.num_tasks} models: rho {num(self.rho, '{:.4f}')}"
             f" (held-out {num(self.rho_heldout, '{:.4f}')}), {solved} layers solved, "
             + (f"{unchanged} unchanged, " if unchanged else "")
-            + f"{len(self.fallbacks)} parameters by fallback, {self.seconds:.2f} s"
+            + f"{len(self.fallbacks)} parameters by fallback{changed}, "
+            + f"{num(self.seconds, '{:.2f}')} s"
         )
         return "\n".join(out)
+
+    def _unsolved_lines(self) -> list[str]:
+        """The section of :attr:`unsolved`: a title, then at most :attr:`MAX_LISTED` rows."""
+        if not self.unsolved:
+            return []
+        n = len(self.unsolved)
+        shown = list(self.unsolved.items())[: self.MAX_LISTED]
+        width = max(len(p) for p, _ in shown)
+        rules = [self.fallbacks.get(p, "?") for p, _ in shown]
+        rule_width = max(len(r) for r in rules)
+        out = [f"unsolved: {_count(n, 'parameter')} the fine-tunes changed, not solved by "
+               "output matching"]  # fmt: skip
+        out += [f"  {p.ljust(width)}  {rule.ljust(rule_width)}  {reason}"
+                for (p, reason), rule in zip(shown, rules, strict=True)]  # fmt: skip
+        if n > len(shown):
+            out.append(f"  … and {n - len(shown)} more (report.unsolved lists them all)")
+        return out
+
+    def _instead(self) -> str:
+        """What the fine-tunes' changes took instead of a solve: rules and the main reasons."""
+        rules = sorted({self.fallbacks.get(p, "?") for p in self.unsolved})
+        rule = f"the fallback {rules[0]!r}" if len(rules) == 1 else (
+            "the fallbacks " + ", ".join(map(repr, rules)))  # fmt: skip
+        n = len(self.unsolved)
+        which = "the 1 parameter" if n == 1 else f"all {n} parameters"
+        return (
+            f"{which} the fine-tunes changed took {rule} "
+            f"(reasons: {_reasons(self.unsolved.values())})"
+        )
 
     def plot(self, path: str | os.PathLike | None = None):
         """Bar chart of ``ρ`` per layer (and held-out ``ρ`` when known); needs matplotlib.
@@ -211,13 +285,20 @@ class MergeReport:
         fig = Figure(figsize=(max(4.0, 0.4 * len(names) + 2), 3.5))
         ax = fig.subplots()
         xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], [r.rho for r in self.layers], 0.4, label="calibration")
+        height = lambda v: math.nan if v is None else float(v)  # noqa: E731  (nan: no bar)
+        ax.bar([x - 0.2 for x in xs], [height(r.rho) for r in self.layers], 0.4,
+               label="calibration")  # fmt: skip
         held = [r.rho_heldout for r in self.layers]
         if any(h is not None for h in held):
-            ax.bar([x + 0.2 for x in xs], [h or 0.0 for h in held], 0.4, label="held-out")
+            ax.bar([x + 0.2 for x in xs], [height(h) for h in held], 0.4, label="held-out")
         ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("ρ (captured residual energy)")
         ax.set_title(f"{self.algorithm} merge of {self.num_tasks} models")
+        if all(r.status == "UNCHANGED" for r in self.layers):
+            note = "no layer solved by output matching"
+            if self.unsolved:
+                note += f"\n{_count(len(self.unsolved), 'changed parameter')} by fallback"
+            ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
         ax.legend()
         fig.tight_layout()
         if path is not None:

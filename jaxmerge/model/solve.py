@@ -22,6 +22,7 @@ from .options import _basis_name, _Options, _options
 from .plan import _layer_params, shared_program
 from .report import LayerReport, MergeReport
 from .trees import _Trees
+from .unsolved import check_unsolved, find_unsolved, stats_reasons, warn_unsolved
 
 # ---- solving ------------------------------------------------------------------------------------
 
@@ -257,9 +258,10 @@ def _score(heldout, trees: _Trees, merged_flat):
     return scored
 
 
-def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, scored):
+def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, scored, unsolved):
     """The merged tree and its report; ``scored``: ``None``, or the held-out metrics
-    (:func:`_score`) added to the reports."""
+    (:func:`_score`) added to the reports; ``unsolved``: the report's
+    :attr:`~jaxmerge.MergeReport.unsolved` (:func:`~jaxmerge.model.unsolved.find_unsolved`)."""
     solved_leaves = set()
     for spec in solved_paths:
         solved_leaves.update(spec.leaf(n) for n in spec.param_names)
@@ -273,9 +275,9 @@ def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, score
             else r
             for r in reports
         ]
-    report = MergeReport(
-        algorithm, len(trees.ft_flats), tuple(reports), fallbacks, time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    report = MergeReport(algorithm, len(trees.ft_flats), tuple(reports), fallbacks, seconds,
+                         dict(unsolved))  # fmt: skip
     return trees.fold(merged_flat), report
 
 
@@ -313,6 +315,7 @@ def solve_stats(
     progress: bool = True,
     throw: bool = True,
     check_source: bool = True,
+    strict: bool = False,
 ) -> tuple[Any, MergeReport]:
     """Merge a model from collected statistics: solve every group, fall back elsewhere, fold.
 
@@ -340,9 +343,17 @@ def solve_stats(
             trees its statistics were computed from, in its task order
             (:meth:`~jaxmerge.ModelStats.check_source`). A dict from :func:`collect_stats`
             records no source and is not checked.
+        strict: raise :class:`~jaxmerge.UnsolvedParametersError` instead of warning when
+            parameters a fine-tune changed are in no layer of the statistics (as in
+            :func:`~jaxmerge.merge`).
 
     Returns:
-        ``(merged tree, MergeReport)``.
+        ``(merged tree, MergeReport)``; the report's ``unsolved`` lists the parameters a
+        fine-tune changed that no layer of the statistics holds.
+
+    Warns:
+        UnsolvedParametersWarning: such parameters exist (and ``strict`` is false), except
+            those whose fallback rule ``fallback`` chooses by path.
 
     Raises:
         ValueError: statistics of another model (layers missing from the base), of another
@@ -350,6 +361,8 @@ def solve_stats(
             every ridge is 0.
         OptionPatternError: a glob matching no path of its kind, or one never used because an
             earlier glob matches all its paths.
+        UnsolvedParametersError: ``strict=True`` and parameters the fine-tunes changed are in
+            no layer of the statistics (raised before any solve).
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -390,6 +403,8 @@ def solve_stats(
             _check_fits(spec, trees.base_flat)
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     options = _options([s.path for s in specs], basis, prior, ridge, alpha, rcond)
+    unsolved = find_unsolved(trees, specs, stats_reasons(trees))
+    check_unsolved(unsolved, trees, strict=strict, caller="solve_stats")
     by_path = {s.path: s for s in specs}
     paths = {key: tuple(s.path for s in g.layers) for key, g in stats.items()}
     skip = _unchanged(trees, paths.values(), by_path, options)
@@ -400,4 +415,7 @@ def solve_stats(
     order = {s.path: i for i, s in enumerate(specs)}
     reports.sort(key=lambda r: order[r.path])
     scored = None if heldout is None else _score(heldout, trees, merged_flat)
-    return _finish(trees, merged_flat, reports, specs, "parallel", started, scored)
+    merged, report = _finish(trees, merged_flat, reports, specs, "parallel", started, scored,
+                             unsolved)  # fmt: skip
+    warn_unsolved(unsolved, trees, caller="solve_stats")
+    return merged, report

@@ -96,6 +96,13 @@ class _Trees:
              for p, leaf in self.base_flat.items()}
         )  # fmt: skip
         self.unchanged = {p for p, s in same.items() if all(s)}  # bit-identical in every fine-tune
+        # parameters whose fallback rule the caller chose by path (a glob, or a callable)
+        self.chosen = (
+            {p for p in self.base_flat if any(fnmatch.fnmatchcase(p, g) for g in fallback)}
+            if isinstance(fallback, Mapping)
+            else set(self.base_flat) if callable(fallback) and not isinstance(fallback, str)
+            else set()
+        )  # fmt: skip
         self.rules, self.centre = {}, {}
         for path, leaf in self.base_flat.items():
             rule = _resolve(fallback, path, "mean", "fallback")

@@ -255,6 +255,7 @@ def merge_in_groups(
     rcond: float | None = None,
     progress: bool = True,
     throw: bool = True,
+    strict: bool = False,
 ) -> tuple[Any, MergeReport]:
     """The parallel :func:`merge`, with statistics held for one group of layers at a time.
 
@@ -279,16 +280,20 @@ def merge_in_groups(
         rows: rows (examples × tokens) a layer sees per batch, for the budget.
         groups: explicit passes, each a list of layer paths, covering every supported layer.
         basis, prior, ridge, alpha, fallback, heldout, mask_key, call_kwargs, rcond, progress,
-            throw: as in :func:`merge`.
+            throw, strict: as in :func:`merge`.
 
     Returns:
         ``(merged, report)`` as from :func:`merge`; the report lists every solved layer in call
-        order.
+        order, and (``unsolved``) every parameter a fine-tune changed that was not solved.
+
+    Warns:
+        UnsolvedParametersWarning: as :func:`merge` (once per call, not per pass).
 
     Raises:
         ValueError, TypeError: neither or both of ``groups`` and ``budget_bytes``, ``rows``
             with ``groups``, unknown or missing layer paths, a one-shot iterator as calibration,
-            or what :func:`merge` raises.
+            or what :func:`merge` raises (:class:`~jaxmerge.UnsolvedParametersError` with
+            ``strict=True``).
 
     Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -351,5 +356,6 @@ def merge_in_groups(
     return _internal.merge_in_passes(
         model, base, finetuned, calibration, algorithm="parallel", basis=basis, prior=prior,
         ridge=ridge, alpha=alpha, fallback=fallback, heldout=heldout, mask_key=mask_key,
-        call_kwargs=call_kwargs, rcond=rcond, progress=progress, throw=throw, passes=passes,
+        call_kwargs=call_kwargs, rcond=rcond, progress=progress, throw=throw, strict=strict,
+        passes=passes, caller=caller,
     )  # fmt: skip
