@@ -48,6 +48,8 @@ from .kinds import GroupedStats as GroupedStats
 from .kinds import LayerKind as LayerKind
 from .kinds import kind_of as kind_of
 from .kinds import kinds as kinds
+from .kinds import TiedStats as TiedStats
+from .kinds import register_embedding as register_embedding
 from .kinds import register_kind as register_kind
 from .kinds import register_layer as register_layer
 from .kinds import register_norm as register_norm

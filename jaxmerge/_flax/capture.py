@@ -67,16 +67,17 @@ class LayerCall:
     form: str = ""
     outputs: Callable | None = None
     scope: str | None = None
+    slices: tuple = ()
 
     def output_rows(self, y):
         """The call's output ``y`` as ``(N, n_out)`` rows, in the order of :meth:`rows`."""
         return y.reshape(-1, self.n_out) if self.outputs is None else self.outputs(y)
 
 
-def _describe(kind, module, params, args, kwargs, run, default, path):
+def _describe(kind, module, params, args, kwargs, run, default, path, method="__call__"):
     """A :class:`LayerCall` of ``kind``, or ``None`` for a call the kind does not cover."""
     try:
-        described = kind.describe_call(module, params, args, kwargs, run)
+        described = kind.describe_call(module, params, args, kwargs, run, method)
     except ValueError as error:  # e.g. an einsum equation the kind cannot solve
         raise with_context(error, f"layer {path!r} ({type(module).__name__})") from error
     if described is None:
@@ -87,17 +88,20 @@ def _describe(kind, module, params, args, kwargs, run, default, path):
     if any(n not in own and not isinstance(v, Mapping) for n, v in params.items()):
         # several layers' weights in one module scope (nn.share_scope): keyed by the weight
         path, scope = (f"{path}/{kernel}" if path else kernel), path
+    slices = tuple(getattr(_local, "slices", ()))
+    if slices:  # one slice of stacked parameters (under an inlined scan or vmap)
+        path, scope = path + "".join(f"[{i}]" for _, i in slices), scope or path
     return LayerCall(path, kind.name, shape.n_in, shape.n_out, kernel, shape.bias, params, x,
                      shape.signature, shape.rows, run, default, shape.form, shape.outputs,
-                     scope)  # fmt: skip
+                     scope, slices)  # fmt: skip
 
 
 # ---- linen --------------------------------------------------------------------------------------
 
 
-def _linen_call(module, args, kwargs, next_fun):
+def _linen_call(module, args, kwargs, next_fun, method="__call__"):
     kind = linen_kind(type(module))
-    if kind is None or not kind.accepts(module):
+    if kind is None or method not in kind.methods(type(module)) or not kind.accepts(module):
         return None
     params = module.variables.get("params", {})
 
@@ -106,14 +110,14 @@ def _linen_call(module, args, kwargs, next_fun):
             overrides = {**overrides, "use_bias": False}
         clone = module.clone(parent=None, **overrides)
         with _bypass():
-            return clone.apply({"params": new_params}, *args, **kwargs)
+            return clone.apply({"params": new_params}, *args, method=method, **kwargs)
 
     def default():
         with _bypass():
             return next_fun(*args, **kwargs)
 
     path = "/".join(module.scope.path)
-    return _describe(kind, module, params, args, kwargs, run, default, path)
+    return _describe(kind, module, params, args, kwargs, run, default, path, method)
 
 
 def _observing_ids(batch, hook, found: dict):
@@ -154,6 +158,190 @@ def _check_linen_mode(module, args, kwargs) -> None:
     )
 
 
+def _is_axis(axis, broadcast) -> bool:
+    return axis is not None and axis is not broadcast
+
+
+def _map_axes(fn, axes, tree, broadcast):
+    """``fn(axis, subtree)`` over the prefix tree ``axes`` of ``tree`` (``None`` or
+    ``broadcast``: the subtree as it is)."""
+    return jax.tree.map(
+        lambda axis, sub: fn(axis, sub) if _is_axis(axis, broadcast) else sub,
+        axes,
+        tree,
+        is_leaf=lambda a: a is None or a is broadcast,
+    )
+
+
+def _sliced(axes, tree, i, broadcast):
+    return _map_axes(lambda ax, sub: jax.tree.map(lambda a: jnp.take(a, i, axis=ax), sub), axes,
+                     tree, broadcast)  # fmt: skip
+
+
+def _stacked(axes, trees, broadcast):
+    def stack(axis, *subs):
+        if not _is_axis(axis, broadcast):
+            return subs[0]
+        return jax.tree.map(lambda *a: jnp.stack(a, axis=axis), *subs)
+
+    return jax.tree.map(stack, axes, *trees, is_leaf=lambda a: a is None or a is broadcast)
+
+
+def _axis_size(axes, tree, broadcast) -> int:
+    """The length of the mapped axes (the first mapped leaf's)."""
+    sizes = _map_axes(lambda ax, sub: [a.shape[ax] for a in jax.tree.leaves(sub)], axes, tree,
+                      broadcast)  # fmt: skip
+    return jax.tree.leaves(sizes)[0]
+
+
+def _holds_params(group) -> bool:
+    """Whether a lifted transform's variable group (per scope, ``{collection: variables}``)
+    holds the ``params`` collection."""
+    if isinstance(group, Mapping):
+        return "params" in group
+    return isinstance(group, tuple | list) and any(_holds_params(g) for g in group)
+
+
+@contextlib.contextmanager
+def _slice_of(axes, groups, i, broadcast):
+    """While one iteration of an inlined ``scan`` or ``vmap`` runs: the layers it calls are the
+    ``i``-th slices of stacked parameters when the ``params`` collection is mapped."""
+    axis = next((ax for ax, g in zip(axes, groups, strict=False)
+                 if _is_axis(ax, broadcast) and _holds_params(g)), None)  # fmt: skip
+    stack = _local.__dict__.setdefault("slices", [])
+    if axis is not None:
+        stack.append((axis, i))
+    try:
+        yield
+    finally:
+        if axis is not None:
+            stack.pop()
+
+
+def _inline_vmap(fun=None, *, in_axes=0, out_axes=0, axis_size=None, **_):
+    """``jax.vmap`` as Flax's lifted ``vmap`` calls it (``mapped(variable_groups, rng_groups,
+    args)``), unrolled: one call per index, outputs stacked."""
+    if fun is None:
+        return functools.partial(_inline_vmap, in_axes=in_axes, out_axes=out_axes,
+                                 axis_size=axis_size)  # fmt: skip
+
+    def mapped(*args):
+        n = axis_size if axis_size is not None else _axis_size(in_axes, args, None)
+        outs = []
+        for i in range(n):
+            with _slice_of(in_axes[0], args[0], i, None):
+                outs.append(fun(*_sliced(in_axes, args, i, None)))
+        return _stacked(out_axes, outs, None)
+
+    return mapped
+
+
+class _InlineAxesScan:
+    """``flax.core.axes_scan`` as Flax's lifted ``scan`` calls it
+    (``scanned(broadcast_vars, carry, scan_variable_groups, rng_groups, args)``), unrolled."""
+
+    def __init__(self, axes_scan):
+        self.broadcast = axes_scan.broadcast
+
+    def scan(self, fn, in_axes, out_axes, length=None, reverse=False, **_):
+        broadcast = self.broadcast
+
+        def scanned(broadcast_in, carry, *xs):
+            n = length if length is not None else _axis_size(in_axes, xs, broadcast)
+            ys = [None] * n
+            broadcast_out = broadcast_in
+            for i in reversed(range(n)) if reverse else range(n):
+                with _slice_of(in_axes[0], xs[0], i, broadcast):
+                    broadcast_out, carry, ys[i] = fn(
+                        broadcast_in, carry, *_sliced(in_axes, xs, i, broadcast)
+                    )
+            return broadcast_out, carry, _stacked(out_axes, ys, broadcast)
+
+        return scanned
+
+
+class _InlineJax:
+    """``jax`` as Flax's lifted transforms see it during a capture: ``jit`` and ``remat`` (and
+    ``checkpoint``) return the function itself, ``vmap`` is unrolled; everything else is
+    JAX's."""
+
+    @staticmethod
+    def _inline(fun=None, **_):
+        return (lambda f: f) if fun is None else fun
+
+    jit = remat = checkpoint = _inline
+    vmap = staticmethod(_inline_vmap)
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+
+_LIFT_LOCK = threading.RLock()
+_lift_depth = 0
+_jitted: list = []
+
+
+@contextlib.contextmanager
+def _inline_lifts():
+    """Run linen's lifted ``nn.jit``, ``nn.remat``, ``nn.scan`` and ``nn.vmap`` inline
+    (``scan`` and ``vmap`` unrolled, one call per index: each layer under them is a slice of
+    stacked parameters, :attr:`~jaxmerge.LayerSpec.slices`). ``jit`` and ``remat`` are
+    identities of the forward pass, and the merge's passes are traced and compiled as a whole,
+    so a layer under them is observed like any other: its inputs stay in the capture's trace
+    instead of leaking from an inner one. ``flax.core.lift`` looks ``jax.jit``, ``jax.remat``,
+    ``jax.vmap`` and ``axes_scan.scan`` up when a lifted call runs, so this holds for classes
+    transformed before the capture too; methods decorated with ``nn.jit``, whose compiled trace
+    Flax caches, are swapped for their bodies for the capture's duration. Other threads running
+    lifted linen code at the same time run it inline as well (the same values, uncompiled)."""
+    global _lift_depth, _jitted
+    from flax.core import axes_scan, lift
+
+    with _LIFT_LOCK:
+        if _lift_depth == 0:
+            lift.jax, lift.axes_scan = _InlineJax(), _InlineAxesScan(axes_scan)
+            _jitted = _jit_methods()
+            for cls, name, fn in _jitted:  # their traces are cached: run their bodies
+                setattr(cls, name, fn.__wrapped__)
+        _lift_depth += 1
+    try:
+        yield
+    finally:
+        with _LIFT_LOCK:
+            _lift_depth -= 1
+            if _lift_depth == 0:
+                lift.jax, lift.axes_scan = jax, axes_scan
+                for cls, name, fn in _jitted:
+                    setattr(cls, name, fn)
+
+
+def _cached_jit_code():
+    """The code object of the methods linen's ``nn.jit`` decorates (their compiled trace is
+    cached on first use, so a later capture's trace of them would see no layer call)."""
+
+    class Probe(nn.Module):
+        @nn.jit
+        def __call__(self, x):
+            return x
+
+    return Probe.__call__.__code__
+
+
+_JIT_CODE = _cached_jit_code()
+
+
+def _jit_methods():
+    """``(class, name, method)`` of every linen method decorated with ``nn.jit``."""
+    found, stack, seen = [], [nn.Module], set()
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+                found.extend((sub, name, fn) for name, fn in list(vars(sub).items())
+                             if getattr(fn, "__code__", None) is _JIT_CODE)  # fmt: skip
+    return found
+
+
 class LinenModel:
     """A linen module applied to a pure variables dict with a hook on supported layers."""
 
@@ -177,14 +365,13 @@ class LinenModel:
                 if all(type(context.module) is not m.cls for m in seen):
                     seen.append(seen_module(context.module, "linen", args, kwargs,
                                             context.method_name))  # fmt: skip
-            if context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
-            _check_linen_mode(context.module, args, kwargs)
-            call = _linen_call(context.module, args, kwargs, next_fun)
+            if context.method_name == "__call__":
+                _check_linen_mode(context.module, args, kwargs)
+            call = _linen_call(context.module, args, kwargs, next_fun, context.method_name)
             return next_fun(*args, **kwargs) if call is None else hook(call)
 
         try:
-            with nn.intercept_methods(interceptor):
+            with nn.intercept_methods(interceptor), _inline_lifts():
                 if isinstance(batch, Mapping):
                     return self.module.apply(variables, **batch, **self.call_kwargs)
                 return self.module.apply(variables, batch, **self.call_kwargs)
@@ -208,9 +395,9 @@ def _nnx_params(module, kind) -> dict:
     return out
 
 
-def _nnx_call(module, path, args, kwargs):
+def _nnx_call(module, path, args, kwargs, method):
     kind = nnx_kind(type(module))
-    original = _local.nnx_calls[type(module)]
+    original = _local.nnx_calls[type(module), method]
     if not kind.accepts(module):
         return None
     params = _nnx_params(module, kind)
@@ -233,12 +420,12 @@ def _nnx_call(module, path, args, kwargs):
         with _bypass():
             return original(module, *args, **kwargs)
 
-    return _describe(kind, module, params, args, kwargs, run, default, path)
+    return _describe(kind, module, params, args, kwargs, run, default, path, method)
 
 
-def _nnx_wrapper(cls, original):
+def _nnx_wrapper(cls, method, original):
     @functools.wraps(original)  # its signature stays readable (kinds find arguments by name)
-    def __call__(self, *args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         paths, hook = getattr(_local, "nnx", (None, None))
         if (
             getattr(_local, "bypass", False)
@@ -247,10 +434,10 @@ def _nnx_wrapper(cls, original):
             or id(self) not in paths
         ):
             return original(self, *args, **kwargs)
-        call = _nnx_call(self, paths[id(self)], args, kwargs)
+        call = _nnx_call(self, paths[id(self)], args, kwargs, method)
         return original(self, *args, **kwargs) if call is None else hook(call)
 
-    return __call__
+    return wrapper
 
 
 _NNX_LOCK = threading.Lock()
@@ -258,22 +445,24 @@ _NNX_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _nnx_capture(paths, hook, classes):
-    """Replace the ``__call__`` of ``classes`` (the registered classes found in the model)."""
+    """Replace the layer methods (:meth:`~jaxmerge.LayerKind.methods`) of ``classes`` (the
+    registered classes found in the model)."""
     with _NNX_LOCK:
-        own = {cls: cls.__dict__.get("__call__") for cls in classes}  # None: inherited
-        _local.nnx_calls = {cls: cls.__call__ for cls in classes}
-        for cls in classes:
-            cls.__call__ = _nnx_wrapper(cls, _local.nnx_calls[cls])
+        methods = [(cls, m) for cls in classes for m in nnx_kind(cls).methods(cls)]
+        own = {(cls, m): cls.__dict__.get(m) for cls, m in methods}  # None: inherited
+        _local.nnx_calls = {(cls, m): getattr(cls, m) for cls, m in methods}
+        for cls, m in methods:
+            setattr(cls, m, _nnx_wrapper(cls, m, _local.nnx_calls[cls, m]))
         _local.nnx = (paths, hook)
         try:
             yield
         finally:
             _local.nnx = (None, None)
-            for cls, original in own.items():
+            for (cls, m), original in own.items():
                 if original is None:
-                    del cls.__call__
+                    delattr(cls, m)
                 else:
-                    cls.__call__ = original
+                    setattr(cls, m, original)
 
 
 class NnxModel:

@@ -126,7 +126,7 @@ def _legacy_entries(meta) -> list[dict]:
             out.append({"key": layer["path"], "fields": fields, "layers": []})
         return out
     for group in meta["groups"]:  # jaxmerge.model_stats: {groups: [{key, dtype, layers}]}
-        specs = tuple(LayerSpec(**spec) for spec in group["layers"])
+        specs = tuple(LayerSpec.from_record(spec) for spec in group["layers"])
         dtype = jnp.dtype(group["dtype"])
         zeros = jax.eval_shape(lambda s=specs, d=dtype: kind_of(s[0].kind).init_stats(s, k, d))
         fields = {f: {"shape": (k, *a.shape), "dtype": group["dtype"]}  # a task axis in front
@@ -189,7 +189,7 @@ def read(path: PathLike, *, per_task: bool, what: str) -> Stored:
             raise _unreadable(what, path, error) from error
     entries = []
     for r, a in zip(records, arrays, strict=True):
-        layers = tuple(LayerSpec(**spec) for spec in r["layers"])
+        layers = tuple(LayerSpec.from_record(spec) for spec in r["layers"])
         key = tuple(r["key"]) if isinstance(r["key"], list) else r["key"]
         container = _container(layers)
         if r.get("container", container.__name__) != container.__name__:

@@ -7,7 +7,7 @@ Importing this package registers the built-in kinds; a user's kind registers the
 from . import conv, dense, einsum, embed, library, norm  # noqa: F401  (registers the built-in kinds)
 from .base import AffineKind, CallShape, LayerKind, LayerSpec, kind_of, kinds, register_kind
 from .einsum import EinsumCall, EinsumKind, GroupedStats, register_layer
-from .embed import EmbedStats
+from .embed import EmbedStats, TiedStats, register_embedding
 from .norm import register_norm
 
 __all__ = [
@@ -19,8 +19,10 @@ __all__ = [
     "EmbedStats",
     "LayerKind",
     "LayerSpec",
+    "TiedStats",
     "kind_of",
     "kinds",
+    "register_embedding",
     "register_kind",
     "register_layer",
     "register_norm",

@@ -81,6 +81,9 @@ class LayerSpec:
         scope: the module path holding the layer's parameters when it is not ``path``: layers
             sharing one module scope (Flax's ``nn.share_scope``, e.g. Gemma's feed-forward
             einsums ``mlp/gating_einsum`` and ``mlp/linear``) are keyed by their weight's path.
+        slices: ``((axis, index), ...)``: the layer is one slice of stacked parameters (a block
+            under ``nn.scan`` or ``nn.vmap``, ``path`` ending in ``[index]``), taken from each
+            of its leaves along ``axis``, then along the next pair's axis (nested transforms).
 
     Examples:
         >>> import flax.linen as nn, jax.numpy as jnp
@@ -102,16 +105,49 @@ class LayerSpec:
     calls: int = 1
     form: str = ""
     scope: str | None = None
+    slices: tuple[tuple[int, int], ...] = ()
 
     @property
     def param_names(self) -> tuple[str, ...]:
         """The layer's solved parameter names: the weight, then the bias if any."""
         return (self.kernel,) + ((self.bias,) if self.bias else ())
 
+    @classmethod
+    def from_record(cls, record: Mapping) -> "LayerSpec":
+        """The spec from its fields as stored in JSON (``dataclasses.asdict`` read back)."""
+        record = dict(record)
+        record["slices"] = tuple(tuple(s) for s in record.get("slices", ()))
+        return cls(**record)
+
     def leaf(self, name: str) -> str:
         """The path of the layer's parameter ``name`` in the parameter tree."""
         where = self.path if self.scope is None else self.scope
         return f"{where}/{name}" if where else name
+
+    def take(self, leaf):
+        """The layer's slice of one of its (stacked) leaves."""
+        for axis, index in self.slices:
+            leaf = jnp.take(jnp.asarray(leaf), index, axis=axis)
+        return leaf
+
+    def put(self, leaf, value):
+        """``leaf`` with the layer's slice replaced by ``value``."""
+        return _put(jnp.asarray(leaf), self.slices, value)
+
+    def sliced_shape(self, shape) -> tuple[int, ...]:
+        """The shape of the layer's slice of a leaf of shape ``shape``."""
+        shape = tuple(shape)
+        for axis, _ in self.slices:
+            shape = shape[:axis] + shape[axis + 1 :] if axis < len(shape) else ()
+        return shape
+
+
+def _put(leaf, slices, value):
+    if not slices:
+        return jnp.asarray(value, leaf.dtype)
+    (axis, index), rest = slices[0], slices[1:]
+    inner = _put(jnp.take(leaf, index, axis=axis), rest, value)
+    return leaf.at[(slice(None),) * axis + (index,)].set(inner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,11 +212,18 @@ class LayerKind:
         """The names of the module's parameters the kind reads (an NNX module's attributes)."""
         return tuple(name for name in (self.kernel, self.bias) if name)
 
-    def describe_call(self, module, params: Mapping, args: tuple, kwargs: Mapping, run: Callable):
-        """``(x, CallShape)`` of one call with arguments ``args, kwargs``, or ``None`` when it is
-        not covered. The default takes the input ``x`` as the first argument (or the keyword
-        ``inputs`` or ``x``) and asks :meth:`describe`; a kind whose input or configuration
-        comes from other call arguments (an einsum equation) overrides this instead."""
+    def methods(self, cls: type) -> tuple[str, ...]:
+        """The methods of a registered class that are calls of the layer (``__call__``; an
+        embedding's lookup and head)."""
+        return ("__call__",)
+
+    def describe_call(self, module, params: Mapping, args: tuple, kwargs: Mapping, run: Callable,
+                      method: str = "__call__"):  # fmt: skip
+        """``(x, CallShape)`` of one call of ``method`` with arguments ``args, kwargs``, or
+        ``None`` when it is not covered. The default takes the input ``x`` as the first argument
+        (or the keyword ``inputs`` or ``x``) and asks :meth:`describe`; a kind whose input or
+        configuration comes from other call arguments (an einsum equation) or that has several
+        methods (a tied embedding) overrides this instead."""
         x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
         if x is None or not hasattr(x, "shape"):
             return None
@@ -191,6 +234,11 @@ class LayerKind:
         """The :class:`CallShape` of one call with input ``x``, or ``None`` when this call is
         not covered. ``run(params, **module_overrides)`` runs the layer with other parameters."""
         raise NotImplementedError
+
+    def joint(self, specs: Sequence[LayerSpec]) -> LayerSpec | None:
+        """One layer's spec from the specs of its calls in one forward pass (``None``: the
+        calls disagree, and the layer is not covered). The default: all calls alike."""
+        return specs[0] if len(set(specs)) == 1 else None
 
     # -- parameters ↔ W̄ --
     def to_matrix(self, spec: LayerSpec, params: Mapping):
@@ -456,8 +504,9 @@ def _lookup(table, cls):
 
 
 def rule_of(rules: Mapping, module):
-    """The rule registered for ``module``'s class, by the class or by its qualified name."""
-    cls = type(module)
+    """The rule registered for ``module``'s class (or for ``module``, a class), by the class or
+    by its qualified name."""
+    cls = module if isinstance(module, type) else type(module)
     rule = rules.get(cls)
     return rules[qualified_name(cls)] if rule is None else rule
 

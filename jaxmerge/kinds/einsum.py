@@ -234,7 +234,7 @@ class EinsumKind(AffineKind):
         rule = self.rule(module)
         return tuple(n for n in (rule.weight_name(module), rule.bias) if n)
 
-    def describe_call(self, module, params, args, kwargs, run):
+    def describe_call(self, module, params, args, kwargs, run, method="__call__"):
         rule = self.rule(module)
         name = rule.weight_name(module)
         x, weight = call_input(rule.input, module, args, kwargs), params.get(name)

@@ -7,8 +7,9 @@ calibration token reaches keep the fallback value. The solve reads which tokens 
 runs eagerly (``traceable = False``).
 """
 
-from collections.abc import Mapping
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,9 +23,9 @@ from ..core.energy import energies
 from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .base import CallShape, LayerKind, register_kind
+from .base import CallShape, LayerKind, api_of, register_kind, rule_of
 
-__all__ = ["EmbedKind", "EmbedStats"]
+__all__ = ["EmbedKind", "EmbedStats", "TiedStats", "register_embedding"]
 
 
 class EmbedStats(NamedTuple):
@@ -78,8 +79,52 @@ def _seen(stats: EmbedStats) -> np.ndarray:
     return np.flatnonzero(np.asarray(stats.diag) > 0)
 
 
+class TiedStats(NamedTuple):
+    """Statistics of a table read both by lookups and by a head (a tied embedding): the
+    lookups' :class:`EmbedStats` sums and the head's dense sums, the head being a layer with
+    input ``h`` (width ``d``) and kernel ``Eᵀ``.
+
+    Attributes:
+        diag: weighted token counts of the lookups, ``(V,)``.
+        cross: weighted sums of the lookups' target rows per token, ``(V, d)``.
+        out_sq: the lookups' ``Σₖ wₖ ‖Yₖ[:, j]‖²``, ``(d,)``.
+        task_diag: per-task weighted token counts, ``(K, V)``.
+        gram: the head inputs' ``Σₖ wₖ HₖᵀHₖ``, ``(d, d)``.
+        head_cross: ``Σₖ wₖ HₖᵀZₖ`` with ``Zₖ`` fine-tune k's head outputs, ``(d, V)``.
+        head_out_sq: ``Σₖ wₖ ‖Zₖ[:, v]‖²``, ``(V,)``.
+        count: tokens looked up per task, ``(K,)``.
+    """
+
+    diag: Float[Array, " V"]
+    cross: Float[Array, "V d"]
+    out_sq: Float[Array, " d"]
+    task_diag: Float[Array, "K V"]
+    gram: Float[Array, "d d"]
+    head_cross: Float[Array, "d V"]
+    head_out_sq: Float[Array, " V"]
+    count: Float[Array, " K"]
+
+    def lookups(self) -> EmbedStats:
+        """The lookups' statistics alone."""
+        return EmbedStats(self.diag, self.cross, self.out_sq, self.task_diag, self.count)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    table: str
+    lookup: str
+    head: str | None
+    scale: float | Callable[[Any], float]
+
+
+def _lookup_scale(spec) -> float:
+    return float(spec.form.partition("scale=")[2] or 1.0)
+
+
 class EmbedKind(LayerKind):
-    """``Embed``: a table ``embedding (V, m)`` read by integer token ids."""
+    """A table ``(V, d)`` read by integer token ids (``Embed``), and, when it is tied, by a
+    head ``z = h Eᵀ`` (``Embed.attend``, Gemma's ``Embedder.decode``): both uses are output
+    errors of the same rows (:class:`TiedStats`), solved together in the full basis."""
 
     name = "embed"
     kernel = "embedding"
@@ -87,12 +132,52 @@ class EmbedKind(LayerKind):
     traceable = False
     stats_type = EmbedStats
 
-    def describe(self, module, params, x, run):
-        table = params.get(self.kernel)
-        if table is None or not jnp.issubdtype(x.dtype, jnp.integer):
+    def __init__(self):
+        self.rules: dict[type | str, _Rule] = {}
+
+    def rule(self, module) -> _Rule:
+        return rule_of(self.rules, module)
+
+    def methods(self, cls):
+        rule = rule_of(self.rules, cls)
+        return (rule.lookup,) + ((rule.head,) if rule.head else ())
+
+    def param_names(self, module):
+        return (self.rule(module).table,)
+
+    def describe_call(self, module, params, args, kwargs, run, method="__call__"):
+        rule = self.rule(module)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        table = params.get(rule.table)
+        if table is None or x is None or not hasattr(x, "shape") or table.ndim != 2:
             return None
-        n_in, n_out = table.shape
-        return CallShape(n_in, n_out, None, ("embed", id(module)), lambda: (x.reshape(-1), x.shape))
+        v, d = table.shape
+        if method == rule.head:  # z = h Eᵀ: a dense layer (d -> V) whose kernel is the table
+            if x.shape[-1] != d:
+                return None
+            return x, CallShape(d, v, None, ("embed", id(module)), lambda: (x.reshape(-1, d),
+                                x.shape[:-1]), rule.table, lambda z: z.reshape(-1, v),
+                                "head")  # fmt: skip
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            return None
+        scale = float(rule.scale(module) if callable(rule.scale) else rule.scale)
+        form = f"scale={scale!r}" if scale != 1.0 else ""
+        return x, CallShape(v, d, None, ("embed", id(module)),
+                            lambda: (x.reshape(-1), x.shape), rule.table, None,
+                            form)  # fmt: skip
+
+    def joint(self, specs):
+        """A table's spec from its calls' specs: lookups and a head make it tied."""
+        lookups = [s for s in specs if s.form != "head"]
+        if not lookups or len({s.form for s in lookups}) != 1:
+            return None
+        spec = lookups[0]
+        if len(lookups) == len(specs):
+            return spec
+        return dataclasses.replace(spec, form=("tied;" + spec.form).rstrip(";"))
+
+    def container(self, specs):
+        return TiedStats if specs[0].form.startswith("tied") else EmbedStats
 
     def to_matrix(self, spec, params):
         return jnp.asarray(params[spec.kernel]), None
@@ -103,9 +188,23 @@ class EmbedKind(LayerKind):
     def init_stats(self, specs, num_tasks, dtype):
         v, m = specs[0].n_in, sum(s.n_out for s in specs)
         z = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+        if self.container(specs) is TiedStats:
+            return TiedStats(z(v), z(v, m), z(m), z(num_tasks, v), z(m, m), z(m, v), z(v),
+                             z(num_tasks))  # fmt: skip
         return EmbedStats(z(v), z(v, m), z(m), z(num_tasks, v), z(num_tasks))
 
     def update_stats(self, stats, x, y, task, mask, weight=1.0):
+        if isinstance(stats, TiedStats):
+            if jnp.issubdtype(x.dtype, jnp.integer):
+                part = self.update_stats(stats.lookups(), x, y, task, mask, weight)
+                return stats._replace(**part._asdict())
+            dtype = stats.gram.dtype
+            wm = weight * (jnp.ones(x.shape[:1], dtype) if mask is None else mask.astype(dtype))
+            h, z = x.astype(dtype), y.astype(dtype)
+            hw = h * wm[:, None]
+            return stats._replace(gram=stats.gram + hw.T @ h,
+                                  head_cross=stats.head_cross + hw.T @ z,
+                                  head_out_sq=stats.head_out_sq + wm @ jnp.square(z))  # fmt: skip
         dtype = stats.diag.dtype
         v = stats.diag.shape[0]
         m = jnp.ones(x.shape, dtype) if mask is None else mask.astype(dtype)
@@ -122,13 +221,19 @@ class EmbedKind(LayerKind):
 
     def stats_bytes(self, specs, num_tasks, rows, dtype):
         """Diagonal Gram: ``V`` counts, ``V × m`` sums, per-task counts (held three times: the
-        sums, a batch's update and the result), plus a batch's ids and targets."""
+        sums, a batch's update and the result), plus a batch's ids and targets; a tied table
+        adds the head's ``m × m`` Gram matrix, ``m × V`` cross sums and its ``V``-wide rows."""
         v, m, b = specs[0].n_in, sum(s.n_out for s in specs), jnp.dtype(dtype).itemsize
         held = b * (v + v * m + m + num_tasks * v + num_tasks)
+        if self.container(specs) is TiedStats:  # the head's Gram matrix, cross sums, squares
+            held += b * (m * m + m * v + v)
+            rows *= 1 + v  # a batch's head outputs are V wide
         return 3 * held + rows * (1 + m) * 3 * b
 
     def solve(self, spec, stats, base, finetuned, centre, opt):
         """Rows of the seen tokens solved; unseen rows keep the fallback (``centre``)."""
+        if isinstance(stats, TiedStats):
+            return _solve_tied(spec, stats, base, centre, opt)
         e0 = jnp.asarray(base[spec.kernel])
         eks = [jnp.asarray(f[spec.kernel]) for f in finetuned]
         start = jnp.asarray(centre[spec.kernel])
@@ -177,6 +282,9 @@ class EmbedKind(LayerKind):
         )
 
     def energy(self, spec, stats, base, merged):
+        if isinstance(stats, TiedStats):
+            k0, k1 = jnp.asarray(base[spec.kernel]), jnp.asarray(merged[spec.kernel])
+            return _tied_energies(stats, _lookup_scale(spec), k0, k1)
         seen = _seen(stats)
         k0 = jnp.asarray(base[spec.kernel])[seen].astype(stats.diag.dtype)
         k1 = jnp.asarray(merged[spec.kernel])[seen].astype(stats.diag.dtype)
@@ -200,7 +308,98 @@ def _solve_full(stats: EmbedStats, seen, start_table, prior, opt):
     return merged, jnp.int32(SolveStatus.CHOLESKY), cond
 
 
-register_kind(EmbedKind(), linen=[nn.Embed], nnx=[nnx.Embed])
+def _tied_energies(stats: TiedStats, scale, e0, e1):
+    """``(E₀, L, ρ)`` of the table ``e1`` against ``e0``: the lookups' output error (rows
+    ``scale · E[t]``) plus the head's (``z = h Eᵀ``)."""
+    dtype = stats.gram.dtype
+    e0, e1 = e0.astype(dtype), e1.astype(dtype)
+
+    def residual(e):  # Σ of both uses' squared output errors, from the sums
+        lookups = (jnp.sum(stats.out_sq) - 2 * scale * jnp.vdot(e, stats.cross)
+                   + scale**2 * jnp.vdot(stats.diag[:, None] * e, e))  # fmt: skip
+        head = (jnp.sum(stats.head_out_sq) - 2 * jnp.vdot(e.T, stats.head_cross)
+                + jnp.vdot(e @ stats.gram, e))  # fmt: skip
+        return lookups + head
+
+    b0, loss = jnp.maximum(residual(e0), 0.0), jnp.maximum(residual(e1), 0.0)
+    rho = jnp.where(b0 > 0, 1.0 - loss / jnp.where(b0 > 0, b0, 1.0), 1.0)
+    return b0, loss, rho
+
+
+def _solve_tied(spec, stats: TiedStats, base, centre, opt):
+    r"""The full basis for a tied table, exactly (DESIGN: per row ``v``,
+    ``(s²c_v I + A_h) E_vᵀ = s·Σₖ wₖ Σ_{i: v} Yₖ[i] + P_h[:, v]``): with ``A_h = QΛQᵀ`` every
+    row is a diagonal solve in ``Q``'s coordinates. The update is taken from the fallback rows
+    (``centre``) and is zero in directions neither use sees (an unseen token along ``A_h``'s
+    null space), as the full basis does for a dense layer."""
+    basis = opt.basis
+    if basis != "full" or opt.ridge != 0 or opt.prior is not None:
+        raise ValueError(
+            f"layer {spec.path!r} is a tied embedding (read by lookups and by the head); it is "
+            f"solved in the full basis without a ridge only, got basis={basis!r}, ridge="
+            f"{opt.ridge!r}{', a prior' if opt.prior is not None else ''}: set that layer's "
+            f"basis to 'full' (basis={{..., {spec.path!r}: 'full'}}), or its ridge to 0."
+        )
+    dtype = stats.gram.dtype
+    scale = _lookup_scale(spec)
+    start = jnp.asarray(centre[spec.kernel]).astype(dtype)
+    lam, q = jnp.linalg.eigh(stats.gram)
+    lam = jnp.maximum(lam, 0.0)
+    rhs = scale * stats.cross + stats.head_cross.T  # (V, d)
+    residual = rhs - (scale**2 * stats.diag[:, None] * start + start @ stats.gram)
+    denom = scale**2 * stats.diag[:, None] + lam[None, :]
+    tol = (
+        jnp.finfo(dtype).eps
+        * max(stats.gram.shape[0], 1)
+        * jnp.maximum(jnp.max(denom), jnp.finfo(dtype).tiny)
+    )
+    coords = jnp.where(denom > tol, (residual @ q) / jnp.where(denom > tol, denom, 1.0), 0.0)
+    merged = (start + coords @ q.T).astype(jnp.asarray(base[spec.kernel]).dtype)
+    e0, loss, rho = _tied_energies(stats, scale, jnp.asarray(base[spec.kernel]), merged)
+    singular = jnp.any((denom <= tol) & (stats.diag[:, None] > 0) | (lam[None, :] <= tol))
+    status = jnp.where(singular, SolveStatus.PSEUDO_INVERSE, SolveStatus.CHOLESKY)
+    cond = jnp.max(denom) / jnp.maximum(jnp.min(jnp.where(denom > tol, denom, jnp.inf)), tol)
+    return {spec.kernel: merged}, LayerSolution(merged, None, None, e0, loss, rho,
+                                                status.astype(jnp.int32), cond, None)  # fmt: skip
+
+
+EMBED = EmbedKind()
+
+
+def register_embedding(
+    cls: type | str,
+    *,
+    table: str = "embedding",
+    lookup: str = "__call__",
+    head: str | None = None,
+    scale: float | Callable[[Any], float] = 1.0,
+    api: str | None = None,
+):
+    """Tell jaxmerge that a Flax module class is an embedding table ``E (V, d)``: its
+    ``lookup`` method maps integer ids ``t`` to ``scale · E[t]``, and its ``head`` method (when
+    the table is tied to the output head) maps ``h`` to ``h Eᵀ``.
+
+    Args:
+        cls: the ``flax.linen`` or ``flax.nnx`` module class, or its qualified name (then
+            ``api`` says which API), matched exactly.
+        table: the table parameter's name.
+        lookup: the method reading ids (its first argument).
+        head: the method computing ``h Eᵀ`` (its first argument ``h``), or ``None``.
+        scale: the factor the lookup applies to the rows (Gemma's ``√d``), or a function of the
+            module returning it.
+        api: ``"linen"`` or ``"nnx"`` for a class given by name.
+
+    Returns:
+        the embedding kind.
+    """
+    api = api_of(cls, api, "register_embedding")
+    EMBED.rules[cls] = _Rule(table, lookup, head, scale)
+    return register_kind(EMBED, **{api: [cls]})
+
+
+register_kind(EMBED)
+for _cls in (nn.Embed, nnx.Embed):
+    register_embedding(_cls, head="attend")
 
 
 # ---- token ids ----------------------------------------------------------------------------------

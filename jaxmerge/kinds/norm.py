@@ -69,7 +69,7 @@ class NormKind(AffineKind):
         rule = self.rule(module)
         return tuple(n for n in (rule.scale, rule.bias) if n)
 
-    def describe_call(self, module, params, args, kwargs, run):
+    def describe_call(self, module, params, args, kwargs, run, method="__call__"):
         rule = self.rule(module)
         x, scale = call_input(rule.input, module, args, kwargs), params.get(rule.scale)
         if x is None or not hasattr(x, "shape") or scale is None:

@@ -25,7 +25,16 @@ def _default_dtype():
 
 
 def _layer_params(flat: Mapping, spec: LayerSpec) -> dict:
-    return {name: flat[spec.leaf(name)] for name in spec.param_names}
+    return {name: spec.take(flat[spec.leaf(name)]) for name in spec.param_names}
+
+
+def write_params(merged_flat: dict, spec: LayerSpec, params: Mapping, fill: Mapping) -> None:
+    """Write a layer's merged ``params`` into ``merged_flat``; the slice of a stacked leaf goes
+    into that leaf (started from ``fill``, the fallback merge, for slices not yet written)."""
+    for name, value in params.items():
+        leaf = spec.leaf(name)
+        merged_flat[leaf] = spec.put(merged_flat.get(leaf, fill[leaf]), value) if spec.slices \
+            else value
 
 
 class _Plan:
@@ -67,17 +76,36 @@ class _Plan:
         self.used = _used_leaves(traced.jaxpr, list(flat), len(jax.tree.leaves(tree)))
         self.captured = {call.path for call in calls}
         self.lifted: dict[str, str] = {}  # {parameter path: why its layer was dropped}
+        self.disagree: dict[str, list] = {}  # {layer path: its calls' differing forms}
         counts = {}
         for call in calls:
             counts[call.path] = counts.get(call.path, 0) + 1
         self.specs: dict[str, LayerSpec] = {}
+        per_path: dict[str, list[LayerSpec]] = {}
         for call in calls:
-            if call.path in self.specs:
+            per_path.setdefault(call.path, []).append(
+                LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
+                          counts[call.path], call.form, call.scope, call.slices)  # fmt: skip
+            )
+        for call in calls:
+            if call.path in self.specs or call.path in self.disagree:
                 continue
-            spec = LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
-                             counts[call.path], call.form, call.scope)  # fmt: skip
+            spec = kind_of(call.kind).joint(per_path[call.path])
+            if spec is None:  # e.g. an einsum called with two equations
+                forms = sorted({s.form or f"{s.n_in} -> {s.n_out}" for s in per_path[call.path]})
+                self.disagree[call.path] = forms
+                first = per_path[call.path][0]
+                for n in first.param_names:
+                    self.lifted.setdefault(
+                        first.leaf(n),
+                        f"its layer is called with different configurations in one forward "
+                        f"pass ({'; '.join(forms)}), which the {call.kind!r} kind does not "
+                        "solve as one layer",
+                    )
+                continue
             ok = all(
-                spec.leaf(n) in flat and np.shape(flat[spec.leaf(n)]) == np.shape(call.params[n])
+                spec.leaf(n) in flat
+                and spec.sliced_shape(np.shape(flat[spec.leaf(n)])) == np.shape(call.params[n])
                 for n in spec.param_names
             )
             if ok:  # layers under lifted transforms (scan, vmap) have other shapes: fall back

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..kinds import kind_of
 from .collect import GroupStats, _progress
-from .plan import _layer_params, row_mask
+from .plan import _layer_params, row_mask, write_params
 from .solve import _check_solved, _layer_report, _metrics, _solve_all, _solve_group
 
 # ---- sequential ---------------------------------------------------------------------------------
@@ -202,8 +202,7 @@ def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *
                             "hold NaN or Inf."
                         )
                     _check_solved(path, m, solved[path], throw)
-                    for name, value in solved[path].items():
-                        merged_flat[plan.specs[path].leaf(name)] = value
+                    write_params(merged_flat, plan.specs[path], solved[path], trees.centre)
                     reports.append(
                         _layer_report(plan.specs[path], options[path], _metrics(m), None, group)
                     )

@@ -19,7 +19,7 @@ from ..core.qp import LayerSolution, SolveError, solve_layer
 from ..kinds import kind_of
 from .collect import GroupStats, _progress, member_stats
 from .options import _basis_name, _Options, _options
-from .plan import _layer_params, shared_program
+from .plan import _layer_params, shared_program, write_params
 from .report import LayerReport, MergeReport
 from .trees import _Trees
 from .unsolved import check_unsolved, find_unsolved, stats_reasons, warn_unsolved
@@ -206,8 +206,8 @@ def _keep_base(groups, specs, trees: _Trees, options, heldout: bool, merged_flat
     """Leave ``groups`` at the base's values (written to ``merged_flat``); their reports say
     ``E₀ = L* = 0``, ``ρ = 1``, status ``UNCHANGED``."""
     for p in (p for g in groups for p in g):
-        for n in specs[p].param_names:
-            merged_flat[specs[p].leaf(n)] = trees.base_flat[specs[p].leaf(n)]
+        write_params(merged_flat, specs[p], _layer_params(trees.base_flat, specs[p]),
+                     trees.centre)  # fmt: skip
     return [
         dataclasses.replace(
             _layer_report(specs[p], options[p], (0.0, 0.0, 1.0, 0, math.nan), 0.0, g),
@@ -236,8 +236,7 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
             for spec in group.layers:
                 params, sol = result[spec.path]
                 _check_solved(spec.path, sol, params, throw)
-                for name, value in params.items():
-                    merged_flat[spec.leaf(name)] = value
+                write_params(merged_flat, spec, params, trees.centre)
                 reports.append(
                     _layer_report(spec, options[spec.path], _metrics(sol), seconds, paths)
                 )
