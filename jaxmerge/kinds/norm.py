@@ -136,11 +136,7 @@ def register_norm(
             the norm kind.
 
         Examples:
-            >>> import dataclasses
-    from collections.abc import Callable
-    from typing import Any
-
-    import flax.linen as nn, jax, jax.numpy as jnp, jaxmerge as jm
+            >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxmerge as jm
             >>> class OffsetRMSNorm(nn.Module):  # x̂ ⊙ (1 + scale), as Gemma writes it
             ...     @nn.compact
             ...     def __call__(self, x):
