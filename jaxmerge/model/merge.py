@@ -44,7 +44,12 @@ with the mask's shape (token-level layers; pooled layers use every row).
 Parameters that are not solved by output matching (anything outside a supported layer, layers
 with unsupported configurations, and other linen collections) take a **fallback** rule chosen per
 parameter path: ``"mean"`` (of the fine-tunes, the default), ``"base"``, or a number ``λ`` for
-task arithmetic ``θ₀ + λ Σₖ (θₖ − θ₀)``. Integer parameters keep the base's value.
+task arithmetic ``θ₀ + λ Σₖ (θₖ − θ₀)``. Integer parameters keep the base's value. Those of
+them that a fine-tune changed are never unsolved silently: the report's
+:attr:`~jaxmerge.MergeReport.unsolved` lists them with the reason (:mod:`.unsolved`), and
+``merge`` warns about them (:class:`~jaxmerge.UnsolvedParametersWarning`) unless a ``fallback``
+glob or callable names them; ``strict=True`` raises :class:`~jaxmerge.UnsolvedParametersError`
+instead, right after the plan.
 
 The full basis starts from the fallback value: of all minimisers, it returns the one closest (in
 the Frobenius norm) to the fallback merge, ``W̄ = C + A⁺(P − AC)``. Input directions the calibration
