@@ -80,13 +80,42 @@ def test_library_models_sequential(name):
     assert jax.tree.structure(merged) == jax.tree.structure(parallel)
 
 
-def test_scanned_nnx_layers_are_reported_unsolved():
-    """MaxText's ``scan_layers`` (a jax.lax.scan over split NNX state) is not captured yet: the
-    stacked parameters are listed with a reason, never silently averaged."""
-    model, base, cal = _maxtext("scan")
-    with pytest.warns(jm.UnsolvedParametersWarning):
-        _, report = jm.merge(model, base, _perturbed(base), cal, progress=False)
-    assert any(p.startswith("decoder/layers/") for p in report.unsolved)
+def _stacked_like(unscanned, mode):
+    """The unscanned MaxText mimic's tree in ``mode``'s layout: ``layers_{i}`` stacked into
+    ``layers`` (on ``param_scan_axis`` for ``"scan"``, on axis 0 for ``"nnx_scan"``)."""
+    if mode not in ("scan", "nnx_scan"):
+        return unscanned
+    cfg = lc.MaxTextConfig()
+    axis = cfg.param_scan_axis if mode == "scan" else 0
+    decoder = dict(unscanned["decoder"])
+    layers = [decoder.pop(f"layers_{i}") for i in range(cfg.num_decoder_layers)]
+    decoder["layers"] = jax.tree.map(lambda *a: jnp.stack(a, axis=axis), *layers)
+    return {**unscanned, "decoder": decoder}
+
+
+@pytest.mark.parametrize(("mode", "algorithm"), [
+    ("checkpoint", "parallel"), ("nnx_remat", "parallel"), ("nnx_scan", "parallel"),
+    ("scan", "parallel"), ("scan", "sequential"),
+])  # fmt: skip
+def test_maxtext_layer_modes_merge_as_the_unscanned_model(x64, mode, algorithm):
+    """MaxText's remat and scan layouts (jax.checkpoint of split state, nnx.remat, nnx.scan,
+    scan_layers: jax.lax.scan over parameters stacked on axis 1) are the same function of the
+    same weights as the unscanned model: merged with the same fine-tunes and calibration, every
+    layer equals the unscanned merge's, each stacked slice written back into its leaf."""
+    model, base, cal = _maxtext("unscanned")
+    fts = _perturbed(base, seed=2)
+    reference, ref_report = jm.merge(model, base, fts, cal, algorithm=algorithm, strict=True,
+                                     progress=False)  # fmt: skip
+    other = lc.MaxTextTransformer(layers=mode, rngs=nnx.Rngs(0))
+    layout = nnx.to_pure_dict(nnx.state(other, nnx.Param))
+    assert jax.tree.structure(layout) == jax.tree.structure(_stacked_like(base, mode))
+    merged, report = jm.merge(other, _stacked_like(base, mode),
+                              [_stacked_like(f, mode) for f in fts], cal, algorithm=algorithm,
+                              strict=True, progress=False)  # fmt: skip
+    assert not report.unsolved and len(report.layers) == len(ref_report.layers)
+    for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(_stacked_like(reference, mode)),
+                         strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
 
 # ---- tied embeddings against least squares over both uses ---------------------------------

@@ -350,32 +350,6 @@ def test_nnx_unsolved_set_and_warning(nnx_everything):
     assert len(caught) == 1 and "7 parameters the fine-tunes changed" in str(caught[0].message)
 
 
-def test_nnx_layers_under_nnx_scan():
-    class Stack(nnx.Module):
-        def __init__(self, rngs):
-            @nnx.split_rngs(splits=2)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(rngs):
-                return nnx.Linear(4, 4, rngs=rngs)
-
-            self.layers = make(rngs)
-
-        def __call__(self, x):
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def body(x, layer):
-                return layer(x)
-
-            return body(x, self.layers)
-
-    model = Stack(nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    _, report, caught = merge_quietly(model, state, shifted(state, 0.1, 0.2), [[X], [X]])
-    assert report.layers == () and len(caught) == 1
-    assert set(report.unsolved) == {"layers/kernel", "layers/bias"}
-    reason = report.unsolved["layers/kernel"]
-    assert "the 'dense' layer 'layers' (Linear) was not captured" in reason and "nnx.scan" in reason
-
-
 # ---- other collections ---------------------------------------------------------------------------
 
 

@@ -6,10 +6,16 @@ other parameters (the sequential merge swaps in each merged layer as soon as it 
 ``call.rows()`` gives its inputs as rows of the affine map the core solves.
 
 * **linen**: ``flax.linen.intercept_methods``; the layer's path is its scope path.
-* **NNX**: NNX has no method interception, so the ``__call__`` of the supported NNX classes is
-  replaced for the duration of one forward pass by a wrapper that dispatches on the instance
-  (paths from ``nnx.iter_modules``). Only these exact classes are captured; subclasses and every
-  other module run unchanged. Do not run other NNX code in another thread during a capture.
+* **NNX**: NNX has no method interception, so the layer methods of the supported NNX classes
+  are replaced for the duration of one forward pass by a wrapper that dispatches on the
+  instance (paths from ``nnx.iter_modules``). A layer called through a copy (``nnx.merge``,
+  ``nnx.scan``, a ``jax.lax.scan`` over split state) is known by its number among such calls
+  in the pass, its place found once by the plan (:mod:`jaxmerge._flax.provenance`). Only these
+  exact classes are captured; subclasses and every other module run unchanged. Do not run
+  other NNX code in another thread during a capture.
+
+Layers under ``jit``, ``remat``, ``scan`` and ``vmap`` are captured like any other: the
+transforms run inline during a capture (:mod:`jaxmerge._flax.lifts`).
 
 Captured: the module classes registered with a layer kind (:func:`~jaxmerge.register_kind`;
 the built-in kinds in :mod:`jaxmerge.kinds`), exact types only, so a subclass with its own
@@ -30,9 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax._src import core as jax_core
 
 from .._errors import with_context
 from ..kinds.base import linen_kind, nnx_kind
+from .lifts import current_slices, inline_jax, inline_lifts, not_inline
+from .provenance import Located
 
 _local = threading.local()
 
@@ -74,8 +83,12 @@ class LayerCall:
         return y.reshape(-1, self.n_out) if self.outputs is None else self.outputs(y)
 
 
-def _describe(kind, module, params, args, kwargs, run, default, path, method="__call__"):
-    """A :class:`LayerCall` of ``kind``, or ``None`` for a call the kind does not cover."""
+def _describe(
+    kind, module, params, args, kwargs, run, default, path, method="__call__", slices=None
+):
+    """A :class:`LayerCall` of ``kind``, or ``None`` for a call the kind does not cover;
+    ``slices``: the call's slices of stacked parameters (default: the inlined linen
+    transforms')."""
     try:
         described = kind.describe_call(module, params, args, kwargs, run, method)
     except ValueError as error:  # e.g. an einsum equation the kind cannot solve
@@ -88,7 +101,7 @@ def _describe(kind, module, params, args, kwargs, run, default, path, method="__
     if any(n not in own and not isinstance(v, Mapping) for n, v in params.items()):
         # several layers' weights in one module scope (nn.share_scope): keyed by the weight
         path, scope = (f"{path}/{kernel}" if path else kernel), path
-    slices = tuple(getattr(_local, "slices", ()))
+    slices = current_slices() if slices is None else slices
     if slices:  # one slice of stacked parameters (under an inlined scan or vmap)
         path, scope = path + "".join(f"[{i}]" for _, i in slices), scope or path
     return LayerCall(path, kind.name, shape.n_in, shape.n_out, kernel, shape.bias, params, x,
@@ -158,190 +171,6 @@ def _check_linen_mode(module, args, kwargs) -> None:
     )
 
 
-def _is_axis(axis, broadcast) -> bool:
-    return axis is not None and axis is not broadcast
-
-
-def _map_axes(fn, axes, tree, broadcast):
-    """``fn(axis, subtree)`` over the prefix tree ``axes`` of ``tree`` (``None`` or
-    ``broadcast``: the subtree as it is)."""
-    return jax.tree.map(
-        lambda axis, sub: fn(axis, sub) if _is_axis(axis, broadcast) else sub,
-        axes,
-        tree,
-        is_leaf=lambda a: a is None or a is broadcast,
-    )
-
-
-def _sliced(axes, tree, i, broadcast):
-    return _map_axes(lambda ax, sub: jax.tree.map(lambda a: jnp.take(a, i, axis=ax), sub), axes,
-                     tree, broadcast)  # fmt: skip
-
-
-def _stacked(axes, trees, broadcast):
-    def stack(axis, *subs):
-        if not _is_axis(axis, broadcast):
-            return subs[0]
-        return jax.tree.map(lambda *a: jnp.stack(a, axis=axis), *subs)
-
-    return jax.tree.map(stack, axes, *trees, is_leaf=lambda a: a is None or a is broadcast)
-
-
-def _axis_size(axes, tree, broadcast) -> int:
-    """The length of the mapped axes (the first mapped leaf's)."""
-    sizes = _map_axes(lambda ax, sub: [a.shape[ax] for a in jax.tree.leaves(sub)], axes, tree,
-                      broadcast)  # fmt: skip
-    return jax.tree.leaves(sizes)[0]
-
-
-def _holds_params(group) -> bool:
-    """Whether a lifted transform's variable group (per scope, ``{collection: variables}``)
-    holds the ``params`` collection."""
-    if isinstance(group, Mapping):
-        return "params" in group
-    return isinstance(group, tuple | list) and any(_holds_params(g) for g in group)
-
-
-@contextlib.contextmanager
-def _slice_of(axes, groups, i, broadcast):
-    """While one iteration of an inlined ``scan`` or ``vmap`` runs: the layers it calls are the
-    ``i``-th slices of stacked parameters when the ``params`` collection is mapped."""
-    axis = next((ax for ax, g in zip(axes, groups, strict=False)
-                 if _is_axis(ax, broadcast) and _holds_params(g)), None)  # fmt: skip
-    stack = _local.__dict__.setdefault("slices", [])
-    if axis is not None:
-        stack.append((axis, i))
-    try:
-        yield
-    finally:
-        if axis is not None:
-            stack.pop()
-
-
-def _inline_vmap(fun=None, *, in_axes=0, out_axes=0, axis_size=None, **_):
-    """``jax.vmap`` as Flax's lifted ``vmap`` calls it (``mapped(variable_groups, rng_groups,
-    args)``), unrolled: one call per index, outputs stacked."""
-    if fun is None:
-        return functools.partial(_inline_vmap, in_axes=in_axes, out_axes=out_axes,
-                                 axis_size=axis_size)  # fmt: skip
-
-    def mapped(*args):
-        n = axis_size if axis_size is not None else _axis_size(in_axes, args, None)
-        outs = []
-        for i in range(n):
-            with _slice_of(in_axes[0], args[0], i, None):
-                outs.append(fun(*_sliced(in_axes, args, i, None)))
-        return _stacked(out_axes, outs, None)
-
-    return mapped
-
-
-class _InlineAxesScan:
-    """``flax.core.axes_scan`` as Flax's lifted ``scan`` calls it
-    (``scanned(broadcast_vars, carry, scan_variable_groups, rng_groups, args)``), unrolled."""
-
-    def __init__(self, axes_scan):
-        self.broadcast = axes_scan.broadcast
-
-    def scan(self, fn, in_axes, out_axes, length=None, reverse=False, **_):
-        broadcast = self.broadcast
-
-        def scanned(broadcast_in, carry, *xs):
-            n = length if length is not None else _axis_size(in_axes, xs, broadcast)
-            ys = [None] * n
-            broadcast_out = broadcast_in
-            for i in reversed(range(n)) if reverse else range(n):
-                with _slice_of(in_axes[0], xs[0], i, broadcast):
-                    broadcast_out, carry, ys[i] = fn(
-                        broadcast_in, carry, *_sliced(in_axes, xs, i, broadcast)
-                    )
-            return broadcast_out, carry, _stacked(out_axes, ys, broadcast)
-
-        return scanned
-
-
-class _InlineJax:
-    """``jax`` as Flax's lifted transforms see it during a capture: ``jit`` and ``remat`` (and
-    ``checkpoint``) return the function itself, ``vmap`` is unrolled; everything else is
-    JAX's."""
-
-    @staticmethod
-    def _inline(fun=None, **_):
-        return (lambda f: f) if fun is None else fun
-
-    jit = remat = checkpoint = _inline
-    vmap = staticmethod(_inline_vmap)
-
-    def __getattr__(self, name):
-        return getattr(jax, name)
-
-
-_LIFT_LOCK = threading.RLock()
-_lift_depth = 0
-_jitted: list = []
-
-
-@contextlib.contextmanager
-def _inline_lifts():
-    """Run linen's lifted ``nn.jit``, ``nn.remat``, ``nn.scan`` and ``nn.vmap`` inline
-    (``scan`` and ``vmap`` unrolled, one call per index: each layer under them is a slice of
-    stacked parameters, :attr:`~jaxmerge.LayerSpec.slices`). ``jit`` and ``remat`` are
-    identities of the forward pass, and the merge's passes are traced and compiled as a whole,
-    so a layer under them is observed like any other: its inputs stay in the capture's trace
-    instead of leaking from an inner one. ``flax.core.lift`` looks ``jax.jit``, ``jax.remat``,
-    ``jax.vmap`` and ``axes_scan.scan`` up when a lifted call runs, so this holds for classes
-    transformed before the capture too; methods decorated with ``nn.jit``, whose compiled trace
-    Flax caches, are swapped for their bodies for the capture's duration. Other threads running
-    lifted linen code at the same time run it inline as well (the same values, uncompiled)."""
-    global _lift_depth, _jitted
-    from flax.core import axes_scan, lift
-
-    with _LIFT_LOCK:
-        if _lift_depth == 0:
-            lift.jax, lift.axes_scan = _InlineJax(), _InlineAxesScan(axes_scan)
-            _jitted = _jit_methods()
-            for cls, name, fn in _jitted:  # their traces are cached: run their bodies
-                setattr(cls, name, fn.__wrapped__)
-        _lift_depth += 1
-    try:
-        yield
-    finally:
-        with _LIFT_LOCK:
-            _lift_depth -= 1
-            if _lift_depth == 0:
-                lift.jax, lift.axes_scan = jax, axes_scan
-                for cls, name, fn in _jitted:
-                    setattr(cls, name, fn)
-
-
-def _cached_jit_code():
-    """The code object of the methods linen's ``nn.jit`` decorates (their compiled trace is
-    cached on first use, so a later capture's trace of them would see no layer call)."""
-
-    class Probe(nn.Module):
-        @nn.jit
-        def __call__(self, x):
-            return x
-
-    return Probe.__call__.__code__
-
-
-_JIT_CODE = _cached_jit_code()
-
-
-def _jit_methods():
-    """``(class, name, method)`` of every linen method decorated with ``nn.jit``."""
-    found, stack, seen = [], [nn.Module], set()
-    while stack:
-        for sub in stack.pop().__subclasses__():
-            if sub not in seen:
-                seen.add(sub)
-                stack.append(sub)
-                found.extend((sub, name, fn) for name, fn in list(vars(sub).items())
-                             if getattr(fn, "__code__", None) is _JIT_CODE)  # fmt: skip
-    return found
-
-
 class LinenModel:
     """A linen module applied to a pure variables dict with a hook on supported layers."""
 
@@ -349,6 +178,10 @@ class LinenModel:
         self.module = module
         self.call_kwargs = dict(call_kwargs or {})
         self.id_inputs: dict = {}  # see _observing_ids
+
+    def probed(self) -> list:
+        """Linen layers are known by their scopes: none is called through a copy."""
+        return []
 
     def apply(self, variables, batch, hook, modules: dict | None = None):
         """Run the model; ``modules``: a dict to fill with ``{module path: [SeenModule]}`` of
@@ -371,7 +204,7 @@ class LinenModel:
             return next_fun(*args, **kwargs) if call is None else hook(call)
 
         try:
-            with nn.intercept_methods(interceptor), _inline_lifts():
+            with nn.intercept_methods(interceptor), inline_lifts():
                 if isinstance(batch, Mapping):
                     return self.module.apply(variables, **batch, **self.call_kwargs)
                 return self.module.apply(variables, batch, **self.call_kwargs)
@@ -395,11 +228,9 @@ def _nnx_params(module, kind) -> dict:
     return out
 
 
-def _nnx_call(module, path, args, kwargs, method):
+def _nnx_call(module, path, slices, args, kwargs, method):
     kind = nnx_kind(type(module))
     original = _local.nnx_calls[type(module), method]
-    if not kind.accepts(module):
-        return None
     params = _nnx_params(module, kind)
 
     def run(new_params, **overrides):
@@ -420,22 +251,49 @@ def _nnx_call(module, path, args, kwargs, method):
         with _bypass():
             return original(module, *args, **kwargs)
 
-    return _describe(kind, module, params, args, kwargs, run, default, path, method)
+    return _describe(kind, module, params, args, kwargs, run, default, path, method, slices)
+
+
+@dataclasses.dataclass
+class _NnxPass:
+    """One NNX forward pass being captured: the model's modules (``{id: path}``), the hook, the
+    places of layers called through copies (``{call number: Located}``, from the plan), the
+    copies' calls to locate (``[(call number, class name, params)]``) and the trace the pass
+    runs in (a layer called in another one is under a transform that did not run inline)."""
+
+    paths: dict
+    hook: Callable
+    located: Mapping
+    probes: list
+    copies: int = 0
+    trace: Any = dataclasses.field(default_factory=lambda: jax_core.trace_ctx.trace)
 
 
 def _nnx_wrapper(cls, method, original):
     @functools.wraps(original)  # its signature stays readable (kinds find arguments by name)
     def wrapper(self, *args, **kwargs):
-        paths, hook = getattr(_local, "nnx", (None, None))
-        if (
-            getattr(_local, "bypass", False)
-            or hook is None
-            or type(self) is not cls
-            or id(self) not in paths
-        ):
+        capture = getattr(_local, "nnx", None)
+        if (getattr(_local, "bypass", False) or capture is None or type(self) is not cls
+                or jax_core.trace_ctx.trace is not capture.trace):  # fmt: skip
+            # (another trace: a JAX transform applied before the pass, which cannot run
+            # inline; the layer is reported not captured)
             return original(self, *args, **kwargs)
-        call = _nnx_call(self, paths[id(self)], args, kwargs, method)
-        return original(self, *args, **kwargs) if call is None else hook(call)
+        kind = nnx_kind(cls)
+        if id(self) in capture.paths:
+            path, slices = capture.paths[id(self)], ()
+        else:  # a copy of a layer of the model
+            number, capture.copies = capture.copies, capture.copies + 1
+            place = capture.located.get(number)
+            if not isinstance(place, Located):
+                if number not in capture.located and kind.accepts(self):
+                    capture.probes.append((number, cls.__name__, _nnx_params(self, kind)))
+                return original(self, *args, **kwargs)
+            path, slices = place.module, place.slices
+        call = _nnx_call(self, path, slices, args, kwargs, method) if kind.accepts(self) else None
+        if call is None:
+            return original(self, *args, **kwargs)
+        with not_inline():
+            return capture.hook(call)
 
     return wrapper
 
@@ -444,7 +302,7 @@ _NNX_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _nnx_capture(paths, hook, classes):
+def _nnx_capture(capture: _NnxPass, classes):
     """Replace the layer methods (:meth:`~jaxmerge.LayerKind.methods`) of ``classes`` (the
     registered classes found in the model)."""
     with _NNX_LOCK:
@@ -453,11 +311,11 @@ def _nnx_capture(paths, hook, classes):
         _local.nnx_calls = {(cls, m): getattr(cls, m) for cls, m in methods}
         for cls, m in methods:
             setattr(cls, m, _nnx_wrapper(cls, m, _local.nnx_calls[cls, m]))
-        _local.nnx = (paths, hook)
+        _local.nnx = capture
         try:
             yield
         finally:
-            _local.nnx = (None, None)
+            _local.nnx = None
             for (cls, m), original in own.items():
                 if original is None:
                     delattr(cls, m)
@@ -466,26 +324,44 @@ def _nnx_capture(paths, hook, classes):
 
 
 class NnxModel:
-    """An NNX module applied to a pure parameter dict with a hook on supported layers."""
+    """An NNX module applied to a pure parameter dict with a hook on supported layers.
+
+    Attributes:
+        located: ``{call number: Located}``: where the layers the model calls through copies
+            are (see :mod:`jaxmerge._flax.provenance`), set by the plan.
+        probes: the last pass's calls through copies not located yet
+            (``[(call number, class name, {parameter name: value})]``).
+    """
 
     def __init__(self, module: nnx.Module, call_kwargs: Mapping | None):
         self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
         self.call_kwargs = dict(call_kwargs or {})
         self.id_inputs: dict = {}  # see _observing_ids
+        self.located: dict = {}
+        self.probes: list = []
+
+    def probed(self) -> list:
+        """The parameters of the last pass's :attr:`probes`, in order."""
+        return [v for _, _, params in self.probes for v in params.values()]
 
     def apply(self, params, batch, hook, modules: dict | None = None):
         """Run the model; ``modules``: a dict to fill with ``{module path: [SeenModule]}`` of
         every module of the model (NNX cannot tell which of them the pass calls)."""
         state = jax.tree.map(lambda a: a, self.params)
         nnx.replace_by_pure_dict(state, params)
-        module = nnx.merge(self.graphdef, state, self.rest)
+        # the other state is copied as well: variables made in this trace, which a module
+        # that writes state back (nnx.update, an nnx.Rngs' count) may set
+        module = nnx.merge(self.graphdef, state, jax.tree.map(lambda a: a, self.rest))
         paths = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(module)}
         if modules is not None:
             for path, m in nnx.iter_modules(module):
                 modules.setdefault("/".join(str(p) for p in path), [seen_module(m, "nnx")])
         classes = {type(m) for _, m in nnx.iter_modules(module) if nnx_kind(type(m))}
+        self.probes = []
+        capture = _NnxPass(paths, _observing_ids(batch, hook, self.id_inputs), self.located,
+                           self.probes)  # fmt: skip
         try:
-            with _nnx_capture(paths, _observing_ids(batch, hook, self.id_inputs), classes):
+            with _nnx_capture(capture, classes), inline_jax():
                 if isinstance(batch, Mapping):
                     return module(**batch, **self.call_kwargs)
                 return module(batch, **self.call_kwargs)

@@ -15,6 +15,7 @@ import numpy as np
 from .._errors import with_context
 from .._flax.capture import as_model
 from .._flax.fold import flatten, has_collections
+from .._flax.provenance import locate
 from ..kinds import LayerSpec, kind_of
 
 # ---- the plan: which layers, grouped how -----------------------------------------------------
@@ -48,14 +49,24 @@ class _Plan:
         flat, _ = flatten(tree)
         calls, alive = [], []
         self.modules: dict[str, list] = {}  # {module path: [SeenModule]} (see unsolved.py)
+        self.copied: dict[str, str] = {}  # {parameter path: why its copied layer is unsolved}
 
         def hook(call):
             calls.append(call)
             alive.append(call.x)  # keep ids of inputs unique while tracing
             return call.default()
 
+        def trace():
+            calls.clear(), alive.clear(), self.modules.clear()
+            return jax.make_jaxpr(lambda t, b: (self.apply(t, b, hook, self.modules),
+                                                self.model.probed()))(tree, batch)  # fmt: skip
+
         try:
-            traced = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook, self.modules))(tree, batch)
+            traced = trace()
+            if self.model.probed():  # NNX layers called through copies: locate, trace again
+                located, self.copied = locate(traced, len(flat), list(flat), self.model.probes)
+                self.model.located.update({n: located.get(n) for n, *_ in self.model.probes})
+                traced = trace()
         except jax.errors.ConcretizationTypeError as error:
             raise TypeError(
                 "merge: the model branches in Python on a value computed from its input or "
@@ -75,7 +86,8 @@ class _Plan:
             ) from error
         self.used = _used_leaves(traced.jaxpr, list(flat), len(jax.tree.leaves(tree)))
         self.captured = {call.path for call in calls}
-        self.lifted: dict[str, str] = {}  # {parameter path: why its layer was dropped}
+        # {parameter path: why its layer was dropped}
+        self.lifted: dict[str, str] = dict(self.copied)
         self.disagree: dict[str, list] = {}  # {layer path: its calls' differing forms}
         counts = {}
         for call in calls:

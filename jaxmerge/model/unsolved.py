@@ -185,7 +185,9 @@ def _module_reason(owner: str, seen: list, captured: bool, inner: bool) -> str:
             )
         return (
             f"the {m.kind!r} layer {where} ({name}) was not captured: the kind does not cover "
-            "its call, or an NNX transform (nnx.scan, nnx.vmap, ...) calls a copy of it"
+            "its call, or it runs inside a JAX transform applied before the merge began (a "
+            "function decorated with jax.checkpoint or jax.vmap at import), which cannot run "
+            "inline: apply the transform at call time, or call the layer outside it"
         )
     subclasses = [m for m in seen if m.parent is not None]
     if subclasses:
