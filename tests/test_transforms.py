@@ -58,6 +58,19 @@ def _lstsq(xs, ys):
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
+def _check_stack(layer, merged, fts, xs, algorithm, n=3):
+    """Each of ``n`` stacked tanh blocks (``layer(params, i)``: its augmented weight) against
+    numpy least squares: inputs are each fine-tune's own activations (parallel) or the merged
+    model's (sequential), targets the fine-tune's outputs."""
+    own, mine = list(xs), list(xs)
+    for i in range(n):
+        targets = [augment(h) @ layer(f, i) for h, f in zip(own, fts, strict=True)]
+        inputs = own if algorithm == "parallel" else mine
+        np.testing.assert_allclose(layer(merged, i), _lstsq(inputs, targets), rtol=TOL, atol=TOL)
+        own = [np.tanh(t) for t in targets]
+        mine = [np.tanh(augment(h) @ layer(merged, i)) for h in mine]
+
+
 @pytest.mark.parametrize("model", [JitMethod(), Remat(), JitClass()], ids=type)
 @pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
 def test_layers_under_jit_and_remat_are_solved(x64, model, algorithm):
@@ -124,14 +137,7 @@ def test_scanned_layers_are_solved_per_slice_into_the_stacked_leaf(x64, algorith
     def layer(p, i):
         return _dense({k: v[i] for k, v in p["layers"]["block"]["dense"].items()})
 
-    own = [x for x in xs]  # each fine-tune's own activations
-    mine = [x for x in xs]  # the merged model's
-    for i in range(3):
-        targets = [augment(h) @ layer(f, i) for h, f in zip(own, fts, strict=True)]
-        inputs = own if algorithm == "parallel" else mine
-        np.testing.assert_allclose(layer(merged, i), _lstsq(inputs, targets), rtol=TOL, atol=TOL)
-        own = [np.tanh(t) for t in targets]
-        mine = [np.tanh(augment(h) @ layer(merged, i)) for h in mine]
+    _check_stack(layer, merged, fts, xs, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
@@ -287,13 +293,7 @@ def test_nnx_scanned_layers_are_solved_per_slice(x64, how, axis, algorithm):
         dense = p["blocks"]["dense"]
         return _nnx_dense({k: np.take(np.asarray(v), i, axis) for k, v in dense.items()})
 
-    own, mine = list(xs), list(xs)
-    for i in range(3):
-        targets = [augment(h) @ layer(f, i) for h, f in zip(own, fts, strict=True)]
-        inputs = own if algorithm == "parallel" else mine
-        np.testing.assert_allclose(layer(merged, i), _lstsq(inputs, targets), rtol=TOL, atol=TOL)
-        own = [np.tanh(t) for t in targets]
-        mine = [np.tanh(augment(h) @ layer(merged, i)) for h in mine]
+    _check_stack(layer, merged, fts, xs, algorithm)
 
 
 class NHeads(nnx.Module):

@@ -41,7 +41,6 @@ from jax._src import core as jax_core
 from .._errors import with_context
 from ..kinds.base import linen_kind, nnx_kind
 from .lifts import current_slices, inline_jax, inline_lifts, not_inline
-from .provenance import Located
 
 _local = threading.local()
 
@@ -257,7 +256,8 @@ def _nnx_call(module, path, slices, args, kwargs, method):
 @dataclasses.dataclass
 class _NnxPass:
     """One NNX forward pass being captured: the model's modules (``{id: path}``), the hook, the
-    places of layers called through copies (``{call number: Located}``, from the plan), the
+    places of layers called through copies (``{call number: Located or None}``, from the
+    plan; ``None``: not located, the call runs unobserved), the
     copies' calls to locate (``[(call number, class name, params)]``) and the trace the pass
     runs in (a layer called in another one is under a transform that did not run inline)."""
 
@@ -279,17 +279,18 @@ def _nnx_wrapper(cls, method, original):
             # inline; the layer is reported not captured)
             return original(self, *args, **kwargs)
         kind = nnx_kind(cls)
+        accepts = kind.accepts(self)
         if id(self) in capture.paths:
             path, slices = capture.paths[id(self)], ()
         else:  # a copy of a layer of the model
             number, capture.copies = capture.copies, capture.copies + 1
             place = capture.located.get(number)
-            if not isinstance(place, Located):
-                if number not in capture.located and kind.accepts(self):
+            if place is None:
+                if number not in capture.located and accepts:
                     capture.probes.append((number, cls.__name__, _nnx_params(self, kind)))
                 return original(self, *args, **kwargs)
             path, slices = place.module, place.slices
-        call = _nnx_call(self, path, slices, args, kwargs, method) if kind.accepts(self) else None
+        call = _nnx_call(self, path, slices, args, kwargs, method) if accepts else None
         if call is None:
             return original(self, *args, **kwargs)
         with not_inline():
@@ -327,8 +328,9 @@ class NnxModel:
     """An NNX module applied to a pure parameter dict with a hook on supported layers.
 
     Attributes:
-        located: ``{call number: Located}``: where the layers the model calls through copies
-            are (see :mod:`jaxmerge._flax.provenance`), set by the plan.
+        located: ``{call number: Located or None}``: where the layers the model calls through
+            copies are (see :mod:`jaxmerge._flax.provenance`; ``None``: they could not be
+            located, and run unobserved), set by the plan.
         probes: the last pass's calls through copies not located yet
             (``[(call number, class name, {parameter name: value})]``).
     """

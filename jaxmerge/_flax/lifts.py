@@ -96,19 +96,29 @@ def _slice_of(axes, groups, i, broadcast):
             stack.pop()
 
 
-def _inline_vmap(fun=None, *, in_axes=0, out_axes=0, axis_size=None, **_):
-    """``jax.vmap`` as Flax's lifted ``vmap`` calls it (``mapped(variable_groups, rng_groups,
-    args)``), unrolled: one call per index, outputs stacked."""
-    if fun is None:
-        return functools.partial(_inline_vmap, in_axes=in_axes, out_axes=out_axes,
-                                 axis_size=axis_size)  # fmt: skip
+def _identity(fun=None, **_):
+    """``jax.checkpoint`` / ``jax.jit`` inline: the function itself (also as a decorator)."""
+    return (lambda f: f) if fun is None else fun
 
-    def mapped(*args):
-        n = axis_size if axis_size is not None else _axis_size(in_axes, args, None)
+
+def _unrolled_vmap(fun=None, *, in_axes=0, out_axes=0, axis_size=None, linen=False, **_):
+    """``jax.vmap(fun, in_axes, out_axes)`` unrolled: one call per index, outputs stacked
+    (keyword arguments are mapped over axis 0, as ``jax.vmap`` maps them). ``linen``: called
+    as Flax's lifted ``vmap`` calls it (``mapped(variable_groups, rng_groups, args)``), each
+    iteration a slice of the stacked ``params`` (:func:`current_slices`)."""
+    if fun is None:
+        return functools.partial(_unrolled_vmap, in_axes=in_axes, out_axes=out_axes,
+                                 axis_size=axis_size, linen=linen)  # fmt: skip
+
+    def mapped(*args, **kwargs):
+        axes = tuple(in_axes) if isinstance(in_axes, list | tuple) else (in_axes,) * len(args)
+        tree, axes = (args, kwargs), (axes, jax.tree.map(lambda _: 0, kwargs))
+        n = axis_size if axis_size is not None else _axis_size(axes, tree, None)
         outs = []
         for i in range(n):
-            with _slice_of(in_axes[0], args[0], i, None):
-                outs.append(fun(*_sliced(in_axes, args, i, None)))
+            with _slice_of(axes[0][0], args[0], i, None) if linen else contextlib.nullcontext():
+                a, k = _sliced(axes, tree, i, None)
+                outs.append(fun(*a, **k))
         return _stacked(out_axes, outs, None)
 
     return mapped
@@ -143,12 +153,8 @@ class _InlineJax:
     ``checkpoint``) return the function itself, ``vmap`` is unrolled; everything else is
     JAX's."""
 
-    @staticmethod
-    def _inline(fun=None, **_):
-        return (lambda f: f) if fun is None else fun
-
-    jit = remat = checkpoint = _inline
-    vmap = staticmethod(_inline_vmap)
+    jit = remat = checkpoint = staticmethod(_identity)
+    vmap = staticmethod(functools.partial(_unrolled_vmap, linen=True))
 
     def __getattr__(self, name):
         return getattr(jax, name)
@@ -223,30 +229,9 @@ def _jit_methods():
 # ---- NNX and plain JAX --------------------------------------------------------------------------
 
 
-def _unrolled_vmap(fun=None, *, in_axes=0, out_axes=0, axis_size=None, **_):
-    """``jax.vmap(fun, in_axes, out_axes)`` unrolled: one call per index, outputs stacked
-    (keyword arguments are mapped over axis 0, as ``jax.vmap`` maps them)."""
-    if fun is None:
-        return functools.partial(_unrolled_vmap, in_axes=in_axes, out_axes=out_axes,
-                                 axis_size=axis_size)  # fmt: skip
-
-    def mapped(*args, **kwargs):
-        axes = tuple(in_axes) if isinstance(in_axes, list | tuple) else (in_axes,) * len(args)
-        tree, axes = (args, kwargs), (axes, jax.tree.map(lambda _: 0, kwargs))
-        n = axis_size if axis_size is not None else _axis_size(axes, tree, None)
-        outs = [fun(*a, **k) for a, k in (_sliced(axes, tree, i, None) for i in range(n))]
-        return _stacked(out_axes, outs, None)
-
-    return mapped
-
-
-def _checkpoint_inline(fun=None, **_):
-    return (lambda f: f) if fun is None else fun
-
-
 _JAX_LOCK = threading.RLock()
 _jax_depth = 0
-_JAX_INLINE = {"checkpoint": _checkpoint_inline, "remat": _checkpoint_inline,
+_JAX_INLINE = {"checkpoint": _identity, "remat": _identity,
                "vmap": _unrolled_vmap}  # fmt: skip
 _jax_real: dict = {}
 

@@ -46,12 +46,14 @@ def locate(closed, n_params: int, leaf_paths: list[str], probes: list):
     """
     jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
     consts, n_out = list(closed.consts), len(jaxpr.outvars)
+    position = {path: i for i, path in enumerate(leaf_paths)}
     out = n_out - sum(len(params) for _, _, params in probes)
     found, reasons = {}, {}
     for number, cls, params in probes:
         places, why = {}, {}
         for name, value in params.items():
-            leaves, place = _place(jaxpr, consts, n_params, out, np.shape(value), leaf_paths)
+            leaves, place = _place(jaxpr, consts, n_params, out, np.shape(value), leaf_paths,
+                                   position)  # fmt: skip
             out += 1
             for leaf in leaves:
                 module, _, own = leaf.rpartition("/")
@@ -73,7 +75,7 @@ def locate(closed, n_params: int, leaf_paths: list[str], probes: list):
     return found, reasons
 
 
-def _place(jaxpr, consts, n_params, index, shape, leaf_paths):
+def _place(jaxpr, consts, n_params, index, shape, leaf_paths, position):
     """``(leaf paths, slices)`` of output ``index``, the slices ``((axis, i), ...)`` of its one
     leaf, or a text saying why it is not a slice of one leaf."""
     used_out = [i == index for i in range(len(jaxpr.outvars))]
@@ -84,7 +86,7 @@ def _place(jaxpr, consts, n_params, index, shape, leaf_paths):
         return leaves, "is computed from the calibration batch"
     if len(leaves) != 1:
         return leaves, f"is computed from {len(leaves)} parameters"
-    aval = jaxpr.invars[len(consts) + leaf_paths.index(leaves[0])].aval
+    aval = jaxpr.invars[len(consts) + position[leaves[0]]].aval
     kept = [c for c, u in zip(consts, used_consts, strict=True) if u]
     index = _decode(reduced, kept, aval, shape)
     slices = None if index is None else _slices(index, aval.shape)
