@@ -103,3 +103,34 @@ def test_nnx_identical_finetunes_sequential(transformer):
         lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), merged, fts[0]
     )
     assert report.algorithm == "sequential" and all(r.seconds is None for r in report.layers[1:])
+
+
+class _PerCallDropout(nnx.Module):
+    """Linear, Dropout, Linear with the mode passed per call (MaxText's and EasyDeL's
+    ``self.dropout(x, deterministic=deterministic)``), the Dropout's own attribute left False."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, deterministic=False, rngs=rngs)
+        self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x, deterministic=True):
+        return self.out(self.drop(jnp.tanh(self.lin(x)), deterministic=deterministic))
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+def test_nnx_dropout_made_deterministic_per_call_merges_as_in_eval_mode(rng, algorithm):
+    model = _PerCallDropout(nnx.Rngs(0))
+    base = _params(model)
+    fts = finetunes(base, 2)
+    batches = [[jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)] for _ in range(2)]
+    got, _ = merge(model, base, fts, batches, algorithm=algorithm, progress=False)
+    model.eval()
+    want, _ = merge(model, base, fts, batches, algorithm=algorithm, progress=False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the same model asked for training mode in the call is refused with the layer named
+    model.drop.deterministic = False
+    with pytest.raises(ValueError, match=r"training mode: 'drop' \(Dropout, deterministic=False\)"):
+        merge(model, base, fts, batches, algorithm=algorithm, progress=False,
+              call_kwargs={"deterministic": False})  # fmt: skip

@@ -257,14 +257,15 @@ def _nnx_call(module, path, slices, args, kwargs, method):
 class _NnxPass:
     """One NNX forward pass being captured: the model's modules (``{id: path}``), the hook, the
     places of layers called through copies (``{call number: Located or None}``, from the
-    plan; ``None``: not located, the call runs unobserved), the
-    copies' calls to locate (``[(call number, class name, params)]``) and the trace the pass
-    runs in (a layer called in another one is under a transform that did not run inline)."""
+    plan; ``None``: not located, the call runs unobserved), the copies' calls to locate
+    (``[(call number, class name, params)]``), the model and the trace the pass runs in (a layer
+    called in another one is under a transform that did not run inline)."""
 
     paths: dict
     hook: Callable
     located: Mapping
     probes: list
+    root: nnx.Module
     copies: int = 0
     trace: Any = dataclasses.field(default_factory=lambda: jax_core.trace_ctx.trace)
 
@@ -299,6 +300,39 @@ def _nnx_wrapper(cls, method, original):
     return wrapper
 
 
+_NNX_MODES = {nnx.Dropout: "deterministic", nnx.BatchNorm: "use_running_average"}
+
+
+def _nnx_mode_checked(cls, original):
+    """``cls.__call__`` raising when the layer runs in training mode (the mode is decided per
+    call: MaxText and EasyDeL pass ``deterministic`` to their Dropouts)."""
+    name = _NNX_MODES[cls]
+
+    @functools.wraps(original)
+    def checked(self, *args, **kwargs):
+        value = kwargs.get(name)
+        value = getattr(self, name) if value is None else value
+        if value is False and not (isinstance(self, nnx.Dropout) and self.rate == 0):
+            capture = _local.nnx
+            here = f"{capture.paths.get(id(self), '(a copy of a layer)')!r}"
+            training = [f"{here} ({type(self).__name__}, {name}=False)"] + [
+                f"{'/'.join(map(str, path))!r} ({type(m).__name__}, {attr}=False)"
+                for path, m in nnx.iter_modules(capture.root)  # the others set so
+                for attr in [_NNX_MODES.get(type(m))]
+                if m is not self and attr and getattr(m, attr) is False
+            ]
+            raise ValueError(
+                f"NNX modules left in training mode: {', '.join(training[:4])}; a merge runs "
+                "the model in inference mode, without dropout RNGs or updates of batch "
+                "statistics: call model.eval() before merging (or merge "
+                f"nnx.view(model, deterministic=True, ...)), or pass {name}=True through "
+                "call_kwargs"
+            )
+        return original(self, *args, **kwargs)
+
+    return checked
+
+
 _NNX_LOCK = threading.Lock()
 
 
@@ -308,10 +342,14 @@ def _nnx_capture(capture: _NnxPass, classes):
     registered classes found in the model)."""
     with _NNX_LOCK:
         methods = [(cls, m) for cls in classes for m in nnx_kind(cls).methods(cls)]
+        checked = [(cls, "__call__") for cls in _NNX_MODES if cls not in classes]
+        methods += checked
         own = {(cls, m): cls.__dict__.get(m) for cls, m in methods}  # None: inherited
         _local.nnx_calls = {(cls, m): getattr(cls, m) for cls, m in methods}
         for cls, m in methods:
-            setattr(cls, m, _nnx_wrapper(cls, m, _local.nnx_calls[cls, m]))
+            original = _local.nnx_calls[cls, m]
+            setattr(cls, m, _nnx_mode_checked(cls, original) if (cls, m) in checked
+                    else _nnx_wrapper(cls, m, original))  # fmt: skip
         _local.nnx = capture
         try:
             yield
@@ -361,27 +399,11 @@ class NnxModel:
         classes = {type(m) for _, m in nnx.iter_modules(module) if nnx_kind(type(m))}
         self.probes = []
         capture = _NnxPass(paths, _observing_ids(batch, hook, self.id_inputs), self.located,
-                           self.probes)  # fmt: skip
-        try:
-            with _nnx_capture(capture, classes), inline_jax():
-                if isinstance(batch, Mapping):
-                    return module(**batch, **self.call_kwargs)
-                return module(batch, **self.call_kwargs)
-        except flax.errors.TraceContextError as error:
-            training = [
-                f"{'/'.join(map(str, path))!r} ({type(m).__name__}, {name}=False)"
-                for path, m in nnx.iter_modules(module)
-                for name in ("deterministic", "use_running_average")
-                if getattr(m, name, None) is False
-            ]
-            if not training:
-                raise
-            raise ValueError(
-                f"NNX modules left in training mode: {', '.join(training[:4])}; a merge runs "
-                "the model in inference mode under tracing, where it can neither draw dropout "
-                "RNGs nor update batch statistics: call model.eval() before merging (or merge "
-                f"nnx.view(model, deterministic=True, ...)). Flax: {error}"
-            ) from error
+                           self.probes, module)  # fmt: skip
+        with _nnx_capture(capture, classes), inline_jax():
+            if isinstance(batch, Mapping):
+                return module(**batch, **self.call_kwargs)
+            return module(batch, **self.call_kwargs)
 
 
 # ---- the modules a pass sees (for the reasons of parameters left unsolved) ---------------------
