@@ -10,6 +10,8 @@ import library_conventions as lc
 import numpy as np
 import pytest
 from flax import nnx
+from reference import augment
+from test_merge_linen import regmean
 
 import jaxmerge as jm
 
@@ -144,6 +146,31 @@ def _table(p):
                                   "embedding"], np.float64)  # fmt: skip
 
 
+def _tied_lstsq(tasks, s, v=11, d=4):
+    """Numpy least squares of a table ``E (v, d)`` over its lookups (``s·E[t] ≈`` targets) and
+    its head (``h Eᵀ ≈`` targets, left out where ``h`` is ``None``), each task's tokens
+    weighted ``1/n``: ``tasks`` is ``[(ids t (n,), lookup targets (n, d), h (n, d), head
+    targets (n, v))]``. Every token must be seen (a unique minimiser)."""
+    rows, rhs = [], []
+    for t, lookup_y, h, head_y in tasks:
+        n = len(t)
+        lookup = np.zeros((n * d, v * d))
+        for r, tok in enumerate(t):
+            lookup[r * d : (r + 1) * d, tok * d : (tok + 1) * d] = s * np.eye(d)
+        rows.append(lookup / np.sqrt(n))
+        rhs.append(np.reshape(lookup_y, -1) / np.sqrt(n))
+        if h is not None:
+            head = np.zeros((n * v, v * d))
+            for r in range(n):
+                for u in range(v):
+                    head[r * v + u, u * d : (u + 1) * d] = h[r]
+            rows.append(head / np.sqrt(n))
+            rhs.append(np.reshape(head_y, -1) / np.sqrt(n))
+    design = np.vstack(rows)
+    assert np.linalg.matrix_rank(design) == v * d
+    return np.linalg.lstsq(design, np.concatenate(rhs), rcond=None)[0].reshape(v, d)
+
+
 @pytest.mark.parametrize("gemma", [False, True], ids=["nn.Embed", "gemma.Embedder"])
 def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, gemma):
     model = TiedLM(gemma)
@@ -154,27 +181,96 @@ def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, gemma):
     fts = [jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), base) for _ in range(3)]
     merged, report = jm.merge(model, base, fts, [[i] for i in ids], strict=True, progress=False)
     s = 2.0 if gemma else 1.0  # √embed_dim
-    v, d = 11, 4
-    rows, rhs = [], []
+    tasks = []
     for f, i in zip(fts, ids, strict=True):
         e_k, t = _table(f), np.asarray(i).reshape(-1)
-        n = len(t)
-        mix = f["mix"]
-        h = np.tanh(s * e_k[t] @ np.asarray(mix["kernel"]) + np.asarray(mix["bias"]))
-        lookup = np.zeros((n * d, v * d))  # s·E[t] ≈ s·E_k[t]
-        for r, tok in enumerate(t):
-            lookup[r * d : (r + 1) * d, tok * d : (tok + 1) * d] = s * np.eye(d)
-        head = np.zeros((n * v, v * d))  # h Eᵀ ≈ h E_kᵀ
-        for r in range(n):
-            for u in range(v):
-                head[r * v + u, u * d : (u + 1) * d] = h[r]
-        rows += [lookup / np.sqrt(n), head / np.sqrt(n)]
-        rhs += [s * e_k[t].reshape(-1) / np.sqrt(n), (h @ e_k.T).reshape(-1) / np.sqrt(n)]
-    design = np.vstack(rows)
-    assert np.linalg.matrix_rank(design) == v * d  # every token seen: a unique minimiser
-    want = np.linalg.lstsq(design, np.concatenate(rhs), rcond=None)[0].reshape(v, d)
+        h = np.tanh(s * e_k[t] @ np.asarray(f["mix"]["kernel"]) + np.asarray(f["mix"]["bias"]))
+        tasks.append((t, s * e_k[t], h, h @ e_k.T))
+    np.testing.assert_allclose(_table(merged), _tied_lstsq(tasks, s), rtol=1e-6, atol=1e-6)
+    (embed,) = [r for r in report.layers if r.path == "embed"]
+    assert (embed.kind, embed.form) == ("embed", "tied;scale=2.0" if gemma else "tied")
+
+
+@pytest.mark.parametrize("passes", ["one pass", "per group"])
+def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, passes):
+    """The table solved from its lookups, the layer between solved on that table's lookups, and
+    the table solved again from both uses with the head's inputs from that merged model."""
+    model = TiedLM(gemma=True)
+    rng = np.random.default_rng(1)
+    ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
+    base = model.init(jax.random.key(0), ids[0])["params"]
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), base)
+    fts = [jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), base) for _ in range(3)]
+    cal = [[i] if passes == "one pass" else [i[:2], i[2:]] for i in ids]
+    merged, report = jm.merge(model, base, fts, cal, algorithm="sequential", strict=True,
+                              progress=False)  # fmt: skip
+    s, mix = 2.0, lambda p, x: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+    ts = [np.asarray(i).reshape(-1) for i in ids]
+    lookups = [(t, s * _table(f)[t], None, None) for f, t in zip(fts, ts, strict=True)]
+    first = _tied_lstsq(lookups, s)
+    xs = [s * first[t] for t in ts]
+    ys = [mix(f["mix"], s * _table(f)[t]) for f, t in zip(fts, ts, strict=True)]
+    want_mix = regmean(xs, ys)
+    got_mix = merged["mix"]
+    np.testing.assert_allclose(np.vstack([got_mix["kernel"], got_mix["bias"]]), want_mix,
+                               rtol=1e-6, atol=1e-9)  # fmt: skip
+    tasks = [(t, s * _table(f)[t], np.tanh(augment(x) @ want_mix), np.tanh(y) @ _table(f).T)
+             for f, t, x, y in zip(fts, ts, xs, ys, strict=True)]  # fmt: skip
+    want = _tied_lstsq(tasks, s)
     np.testing.assert_allclose(_table(merged), want, rtol=1e-6, atol=1e-6)
-    assert {r.path: r.kind for r in report.layers}["embed"] == "embed"
+    assert np.max(np.abs(want - first)) > 1e-2  # the head moves the table
+    # the report is the joint solve's: its energies are both uses' (ρ of the lookups alone on
+    # the lookups' own solution would be 1)
+    (embed,) = [r for r in report.layers if r.path == "embed"]
+    assert [r.path for r in report.layers].count("embed") == 1
+    assert embed.rho < 1 - 1e-6
+
+
+class ScaledLookupLM(nn.Module):
+    """gemma's ``Embedder`` read by ``encode`` only (rows scaled by √d = 2), then a Dense."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = lc.GemmaEmbedder(vocab_size=11, embed_dim=4, name="embed")
+        return nn.Dense(3, param_dtype=jnp.float64, name="out")(emb.encode(ids))
+
+
+@pytest.mark.parametrize("basis", ["full", "scalar"])
+def test_scaled_lookup_is_least_squares_of_its_rows(x64, basis):
+    """The lookup's targets are its scaled rows ``s·Eₖ[t]``: the full basis is the
+    token-count-weighted mean of the fine-tuned rows, the scalar basis numpy least squares
+    over the task vectors' coefficients (``s`` cancels in both)."""
+    model = ScaledLookupLM()
+    rng = np.random.default_rng(2)
+    ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
+    base = model.init(jax.random.key(0), ids[0])["params"]
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), base)
+    fts = [jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), base) for _ in range(3)]
+    merged, report = jm.merge(model, base, fts, [[i] for i in ids], basis={"embed": basis},
+                              progress=False)  # fmt: skip
+    ts = [np.asarray(i).reshape(-1) for i in ids]
+    tables, e0 = np.stack([_table(f) for f in fts]), _table(base)
+    if basis == "full":
+        counts = np.stack([np.bincount(t, minlength=11) / len(t) for t in ts])
+        assert np.all(counts.sum(0) > 0)
+        want = np.einsum("kv,kvd->vd", counts, tables) / counts.sum(0)[:, None]
+    else:
+        deltas = tables - e0
+        design = np.vstack([np.stack([dj[t].ravel() for dj in deltas], 1) / np.sqrt(len(t))
+                            for t in ts])  # fmt: skip
+        rhs = np.concatenate([(e_k[t] - e0[t]).ravel() / np.sqrt(len(t))
+                              for e_k, t in zip(tables, ts, strict=True)])  # fmt: skip
+        c = np.linalg.lstsq(design, rhs, rcond=None)[0]
+        want = e0 + np.einsum("k,kvd->vd", c, deltas)
+    np.testing.assert_allclose(_table(merged), want, rtol=1e-6, atol=1e-9)
+
+    def loss(e):  # Σₖ (1/nₖ) Σ ‖s·E[t] − s·Eₖ[t]‖²
+        return sum(np.sum((2 * e[t] - 2 * e_k[t]) ** 2) / len(t)
+                   for e_k, t in zip(tables, ts, strict=True))  # fmt: skip
+
+    (layer,) = [r for r in report.layers if r.path == "embed"]
+    np.testing.assert_allclose(layer.energy_base, loss(e0), rtol=1e-6)
+    np.testing.assert_allclose(layer.rho, 1 - loss(_table(merged)) / loss(e0), rtol=1e-6)
 
 
 def test_tied_embedding_other_bases_are_named(x64):

@@ -234,6 +234,7 @@ class EmbedKind(LayerKind):
         """Rows of the seen tokens solved; unseen rows keep the fallback (``centre``)."""
         if isinstance(stats, TiedStats):
             return _solve_tied(spec, stats, base, centre, opt)
+        stats = _scaled(stats, _lookup_scale(spec))
         e0 = jnp.asarray(base[spec.kernel])
         eks = [jnp.asarray(f[spec.kernel]) for f in finetuned]
         start = jnp.asarray(centre[spec.kernel])
@@ -285,10 +286,20 @@ class EmbedKind(LayerKind):
         if isinstance(stats, TiedStats):
             k0, k1 = jnp.asarray(base[spec.kernel]), jnp.asarray(merged[spec.kernel])
             return _tied_energies(stats, _lookup_scale(spec), k0, k1)
+        stats = _scaled(stats, _lookup_scale(spec))
         seen = _seen(stats)
         k0 = jnp.asarray(base[spec.kernel])[seen].astype(stats.diag.dtype)
         k1 = jnp.asarray(merged[spec.kernel])[seen].astype(stats.diag.dtype)
         return energies(stats.diag[seen], stats.cross[seen], jnp.sum(stats.out_sq), k0, k1 - k0)
+
+
+def _scaled(stats: EmbedStats, scale: float) -> EmbedStats:
+    """A lookup ``s·E[t]``'s statistics as a layer's whose inputs are ``s`` times the one-hot
+    ids (its targets ``Y`` are the scaled rows): Gram ``s²·counts``, cross sums ``s·ΣY``."""
+    if scale == 1.0:
+        return stats
+    return stats._replace(diag=scale**2 * stats.diag, cross=scale * stats.cross,
+                          task_diag=scale**2 * stats.task_diag)  # fmt: skip
 
 
 def _solve_full(stats: EmbedStats, seen, start_table, prior, opt):
@@ -326,20 +337,30 @@ def _tied_energies(stats: TiedStats, scale, e0, e1):
     return b0, loss, rho
 
 
+def is_tied(spec) -> bool:
+    """Whether a layer is a tied table (read by lookups and by a head)."""
+    return spec.kind == EMBED.name and spec.form.startswith("tied")
+
+
+def check_tied_options(spec, opt) -> None:
+    """Raise unless a tied table's options are ones it is solved with (the full basis, no ridge
+    or prior)."""
+    if opt.basis != "full" or opt.ridge != 0 or opt.prior is not None:
+        raise ValueError(
+            f"layer {spec.path!r} is a tied embedding (read by lookups and by the head); it is "
+            f"solved in the full basis without a ridge only, got basis={opt.basis!r}, ridge="
+            f"{opt.ridge!r}{', a prior' if opt.prior is not None else ''}: set that layer's "
+            f"basis to 'full' (basis={{..., {spec.path!r}: 'full'}}), or its ridge to 0."
+        )
+
+
 def _solve_tied(spec, stats: TiedStats, base, centre, opt):
     r"""The full basis for a tied table, exactly (DESIGN: per row ``v``,
     ``(s²c_v I + A_h) E_vᵀ = s·Σₖ wₖ Σ_{i: v} Yₖ[i] + P_h[:, v]``): with ``A_h = QΛQᵀ`` every
     row is a diagonal solve in ``Q``'s coordinates. The update is taken from the fallback rows
     (``centre``) and is zero in directions neither use sees (an unseen token along ``A_h``'s
     null space), as the full basis does for a dense layer."""
-    basis = opt.basis
-    if basis != "full" or opt.ridge != 0 or opt.prior is not None:
-        raise ValueError(
-            f"layer {spec.path!r} is a tied embedding (read by lookups and by the head); it is "
-            f"solved in the full basis without a ridge only, got basis={basis!r}, ridge="
-            f"{opt.ridge!r}{', a prior' if opt.prior is not None else ''}: set that layer's "
-            f"basis to 'full' (basis={{..., {spec.path!r}: 'full'}}), or its ridge to 0."
-        )
+    check_tied_options(spec, opt)
     dtype = stats.gram.dtype
     scale = _lookup_scale(spec)
     start = jnp.asarray(centre[spec.kernel]).astype(dtype)

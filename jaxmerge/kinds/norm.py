@@ -118,33 +118,33 @@ def register_norm(
     api: str | None = None,
 ):
     r"""Tell jaxmerge that a Flax module class is a norm over the last axis:
-        ``y = x̂ ⊙ (scale + offset) + bias``, with ``x̂`` the layer's normalised input (whatever its
-        normalisation: the layer is run with an effective scale of one to compute it).
+    ``y = x̂ ⊙ (scale + offset) + bias``, with ``x̂`` the layer's normalised input (whatever its
+    normalisation: the layer is run with an effective scale of one to compute it).
 
-        Args:
-            cls: the ``flax.linen`` or ``flax.nnx`` module class, or its qualified name (then
-                ``api`` says which API), matched exactly.
-            input: the input argument of ``__call__`` (a position or a name).
-            scale: the scale parameter's name (EasyDeL's RMSNorm calls it ``"kernel"``).
-            bias: the bias parameter's name, or ``None``.
-            offset: a constant added to the stored scale (``1.0`` for Gemma's ``x̂ ⊙ (1 + scale)``),
-                or a function of the module returning it (MaxText's ``scale_offset`` attribute).
-            accepts: ``module -> bool``: whether a module's configuration is covered.
-            api: ``"linen"`` or ``"nnx"`` for a class given by name.
+    Args:
+        cls: the ``flax.linen`` or ``flax.nnx`` module class, or its qualified name (then
+            ``api`` says which API), matched exactly.
+        input: the input argument of ``__call__`` (a position or a name).
+        scale: the scale parameter's name (EasyDeL's RMSNorm calls it ``"kernel"``).
+        bias: the bias parameter's name, or ``None``.
+        offset: a constant added to the stored scale (``1.0`` for Gemma's ``x̂ ⊙ (1 + scale)``),
+            or a function of the module returning it (MaxText's ``scale_offset`` attribute).
+        accepts: ``module -> bool``: whether a module's configuration is covered.
+        api: ``"linen"`` or ``"nnx"`` for a class given by name.
 
-        Returns:
-            the norm kind.
+    Returns:
+        the norm kind.
 
-        Examples:
-            >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxmerge as jm
-            >>> class OffsetRMSNorm(nn.Module):  # x̂ ⊙ (1 + scale), as Gemma writes it
-            ...     @nn.compact
-            ...     def __call__(self, x):
-            ...         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
-            ...         x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-            ...         return x * (1 + scale)
-            >>> jm.register_norm(OffsetRMSNorm, offset=1.0).name
-            'norm'
+    Examples:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxmerge as jm
+        >>> class OffsetRMSNorm(nn.Module):  # x̂ ⊙ (1 + scale), as Gemma writes it
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+        ...         x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        ...         return x * (1 + scale)
+        >>> jm.register_norm(OffsetRMSNorm, offset=1.0).name
+        'norm'
     """
     api = api_of(cls, api, "register_norm")
     NORM.rules[cls] = _Rule(input, scale, bias, offset, accepts)

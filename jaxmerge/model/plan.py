@@ -34,8 +34,9 @@ def write_params(merged_flat: dict, spec: LayerSpec, params: Mapping, fill: Mapp
     into that leaf (started from ``fill``, the fallback merge, for slices not yet written)."""
     for name, value in params.items():
         leaf = spec.leaf(name)
-        merged_flat[leaf] = spec.put(merged_flat.get(leaf, fill[leaf]), value) if spec.slices \
-            else value
+        if spec.slices:
+            value = spec.put(merged_flat.get(leaf, fill[leaf]), value)
+        merged_flat[leaf] = value
 
 
 class _Plan:
@@ -95,10 +96,9 @@ class _Plan:
         self.specs: dict[str, LayerSpec] = {}
         per_path: dict[str, list[LayerSpec]] = {}
         for call in calls:
-            per_path.setdefault(call.path, []).append(
-                LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
-                          counts[call.path], call.form, call.scope, call.slices)  # fmt: skip
-            )
+            spec = LayerSpec(call.path, call.kind, call.n_in, call.n_out, call.kernel, call.bias,
+                             counts[call.path], call.form, call.scope, call.slices)  # fmt: skip
+            per_path.setdefault(call.path, []).append(spec)
         for call in calls:
             if call.path in self.specs or call.path in self.disagree:
                 continue

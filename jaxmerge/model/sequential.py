@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..kinds import kind_of
+from ..kinds.embed import check_tied_options, is_tied
 from .collect import GroupStats, _progress
 from .plan import _layer_params, row_mask, write_params
 from .solve import _check_solved, _layer_report, _metrics, _solve_all, _solve_group
@@ -164,6 +165,11 @@ def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *
     independent: :func:`_rows_independent`) every layer but the non-traceable ones (embeddings,
     solved first from their own statistics) is solved in one jitted pass
     (:func:`_sequential_pass`); otherwise one pass over the calibration per layer group.
+
+    A tied table is read first (its lookups) and last (the head): it is solved from its lookups
+    alone, the rest of the model is merged on that table, and then it is solved again from both
+    uses, the head's inputs taken from the merged model (with the lookups' table), which is its
+    report.
     """
     batches = [list(it) for it in iters]
     reports = []
@@ -173,18 +179,23 @@ def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *
         and _rows_independent(plan, trees.tree(trees.centre), [b[0] for b in batches])
     )
     embeds = [g for g in plan.groups if not kind_of(plan.specs[g[0]].kind).traceable]
+    tied = [g for g in embeds if is_tied(plan.specs[g[0]])]
+    for group in tied:  # before any work
+        check_tied_options(plan.specs[group[0]], options[group[0]])
     passes = embeds if single else plan.groups
+
+    def solve(group, label, lookups=False):
+        stats = collect([iter(b) for b in batches], groups=[group],
+                        tree_in=trees.tree(merged_flat), label=label)  # fmt: skip
+        if lookups:
+            stats = {key: GroupStats(g.stats.lookups(), g.layers) for key, g in stats.items()}
+        return _solve_all(stats, trees, options, throw=throw, progress=False,
+                          merged_flat=merged_flat)  # fmt: skip
+
     with _progress(progress) as bar:
-        job = bar.add_task("sequential merge", total=len(passes) + single)
+        job = bar.add_task("sequential merge", total=len(passes) + single + len(tied))
         for group in passes:  # one pass per group (or only the embeddings)
-            stats = collect(
-                [iter(b) for b in batches],
-                groups=[group],
-                tree_in=trees.tree(merged_flat),
-                label=f"layer {plan.key(group)}",
-            )
-            reports += _solve_all(stats, trees, options, throw=throw, progress=False,
-                                  merged_flat=merged_flat)  # fmt: skip
+            reports += solve(group, f"layer {plan.key(group)}", lookups=group in tied)
             bar.advance(job)
         if single:
             embed_params = {p: _layer_params(merged_flat, plan.specs[p]) for g in embeds for p in g}
@@ -206,4 +217,8 @@ def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *
                     reports.append(
                         _layer_report(plan.specs[path], options[path], _metrics(m), None, group)
                     )
+        for group in tied:  # both uses, on the merged model
+            (joint,) = solve(group, f"tied head {plan.key(group)}")
+            reports = [joint if r.path == joint.path else r for r in reports]
+            bar.advance(job)
     return reports
