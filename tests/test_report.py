@@ -1,5 +1,6 @@
 """MergeReport's text form and JSON round trip, and the public names of jaxmerge's errors."""
 
+import json
 import math
 import traceback
 
@@ -124,6 +125,25 @@ def test_json_round_trip_keeps_nan_condition_and_shared_inputs():
     back = jm.MergeReport.from_json(jm.MergeReport("parallel", 2, (layer,), {}, 0.5).to_json())
     assert back.layers[0].shared_input == ("Dense_1",)
     assert math.isnan(back.layers[0].condition)
+
+
+def test_forms_are_a_column_of_their_own_and_round_trip():
+    embed = jm.LayerReport("embed", "embed", "full", 4.0, 1.0, 0.75, 3.0, "CHOLESKY",
+                           form="tied;scale=2.0")  # fmt: skip
+    report = jm.MergeReport("sequential", 2, (embed, dense("Dense_0")), {}, 0.5)
+    lines = str(report).splitlines()
+    assert lines[0].split()[:4] == ["layer", "kind", "form", "basis"]
+    assert lines[2].split()[:4] == ["embed", "embed", "tied;scale=2.0", "full"]
+    assert lines[3].split()[:4] == ["Dense_0", "dense", "-", "full"]
+    back = jm.MergeReport.from_json(report.to_json())
+    assert back == report and back.layers[0].form == "tied;scale=2.0"
+    # a report written before LayerReport.form existed reads with form ""
+    data = json.loads(report.to_json())
+    for row in data["layers"]:
+        del row["form"]
+    old = jm.MergeReport.from_json(json.dumps(data))
+    assert [r.form for r in old.layers] == ["", ""]
+    assert "form" not in str(old).splitlines()[0].split()
 
 
 # ---- public names of the errors --------------------------------------------------------------

@@ -36,6 +36,10 @@ class LayerReport:
         shared_input: the other layers that share this layer's input (and Gram matrix).
         energy_base_heldout: ``E₀`` on the held-out calibration data, if given.
         rho_heldout: ``ρ`` on the held-out calibration data, if given.
+        form: how the layer's uses were read (its :attr:`~jaxmerge.LayerSpec.form`): an
+            einsum's equation (``"btd,dnh->btnh"``), a norm's offset (``"offset=1.0"``), an
+            embedding's lookup scale and whether the head reads its table (``"tied;scale=2.0"``);
+            ``""`` for a plain layer.
 
     Examples:
         >>> import flax.linen as nn, jax.numpy as jnp
@@ -62,6 +66,7 @@ class LayerReport:
     shared_input: tuple[str, ...] = ()
     energy_base_heldout: float | None = None
     rho_heldout: float | None = None
+    form: str = ""
 
 
 def _weighted(pairs) -> float | None:
@@ -168,9 +173,10 @@ class MergeReport:
 
     @classmethod
     def from_json(cls, text: str) -> "MergeReport":
-        """Read a report written by :meth:`to_json` (one written before :attr:`unsolved`
-        existed reads with ``unsolved == {}``). The non-finite ``E₀``, ``L*``, ``ρ`` and
-        condition that JSON holds as ``null`` read as ``nan``."""
+        """Read a report written by :meth:`to_json` (one written before :attr:`unsolved` or
+        :attr:`LayerReport.form` existed reads with ``unsolved == {}``, ``form == ""``). The
+        non-finite ``E₀``, ``L*``, ``ρ`` and condition that JSON holds as ``null`` read as
+        ``nan``."""
         data = json.loads(text)
         layers = []
         for row in data["layers"]:
@@ -196,11 +202,14 @@ class MergeReport:
                 return str(v)
             return "-" if v is None or math.isnan(v) else fmt.format(v)
 
-        head = ("layer", "kind", "basis", "E0", "L*", "rho", "rho(held)", "cond", "status", "s")
+        forms = any(r.form for r in self.layers)  # a column only when a layer has one
+        head = ("layer", "kind", *("form",) * forms, "basis", "E0", "L*", "rho", "rho(held)",
+                "cond", "status", "s")  # fmt: skip
         rows = [
             (
                 r.path,
                 r.kind,
+                *(r.form or "-",) * forms,
                 r.basis,
                 num(r.energy_base),
                 num(r.energy_merged),

@@ -174,6 +174,7 @@ def _layer_report(spec, opt, metrics, seconds, group):
         status=SolveStatus(int(status)).name,
         seconds=seconds,
         shared_input=tuple(p for p in group if p != spec.path),
+        form=spec.form,
     )
 
 
