@@ -15,7 +15,10 @@ compiles its own programs) and, for every solved layer, the reference:
   on fine-tune ``k``'s own pass over task ``k``'s calibration (parallel inputs; the targets
   ``Yₖ`` of both algorithms) and on the merged model's pass over each task's calibration
   (sequential inputs: in the sequential algorithm a layer is solved on the partially merged
-  model's activations, which at that layer are the merged model's);
+  model's activations, which at that layer are the merged model's; a tied table, read first by
+  its lookups and last by its head, is solved from its lookups alone, the rest of the model on
+  that table, and then from both uses, so the merged model is run with the table at its
+  lookups-only least squares, ``eco_reference.lookup_table``);
 * ``W_ref = argmin Σₖ ‖X̃ₖW − Yₖ‖² / Nₖ`` with ``np.linalg.lstsq`` (``eco_reference.py``: einsum
   layers transposed to ``(rows, contracted) @ (contracted, outputs)`` from their equation; norms
   per channel, on the effective scale, ``1 + scale`` for gemma's RMSNorm);
@@ -83,7 +86,8 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from eco_reference import embed_figures, layer_figures  # noqa: E402
+from eco_common import with_params  # noqa: E402
+from eco_reference import embed_figures, layer_figures, lookup_table  # noqa: E402
 
 import jaxmerge as jm  # noqa: E402
 
@@ -100,9 +104,6 @@ EASYDEL = ("EasyDeL 0.3.0 is not installed: `easydel.modules` imports every mode
            "PyTorch, so `easydel.LlamaForCausalLM` fails without torch; its ejkernel 0.0.78 "
            "also pins jax ~= 0.9.0 (this environment has jax 0.11.1, which maxtext needs). "
            "See benchmarks/ecosystem/setup.sh.")  # fmt: skip
-REPRO = "benchmarks/ecosystem/repro_nnx_rest_state.py"
-REPRO_TIED = "benchmarks/ecosystem/repro_tied_sequential.py"
-REPRO_COPY = "benchmarks/ecosystem/repro_nnx_copied_layers.py"
 
 
 # ---- one model ----------------------------------------------------------------------------------
@@ -168,15 +169,27 @@ def _figures(layer, inputs, targets, merged_flat, ft_flat) -> dict:
     return layer_figures(inputs, targets, layer.matrix(merged_flat), fts)
 
 
-def evaluate(adapter, algorithm, merged, report, own, ft_flat, cal, centre) -> dict:
-    """The figures of one merge (see the module docs); ``centre``: the fallback (mean) merge,
-    whose pass gives the alternative reference of a tied table in the sequential algorithm."""
+def _sequential_rows(adapter, merged, own, ft_flat, cal) -> list:
+    """Each task's calls on the merged model's pass, a tied table at its lookups-only least
+    squares (the table the sequential algorithm runs the model with until the table's head,
+    its last use, is solved on that pass; see the module docs)."""
+    tied = {layer.weight: lookup_table([o[key].calls for o in own], layer.scale,
+                                       [layer.matrix(f) for f in ft_flat])
+            for key, layer in own[0].items()
+            if layer.kind == "embed" and any(c.kind == "head" for c in layer.calls)}  # fmt: skip
+    tree = with_params(merged, tied) if tied else merged
+    return [adapter.record(tree, batches) for batches in cal]
+
+
+def evaluate(adapter, algorithm, merged, report, own, ft_flat, cal, same_as=None) -> dict:
+    """The figures of one merge (see the module docs). ``same_as``: ``(model, flat)``, another
+    model's merge in this one's layout, which the parameters not recorded here must equal (to
+    ``TOL``, relative to each parameter's largest entry)."""
     flat_merged = adapter.flat(merged)
     floats = [p for p, a in flat_merged.items() if np.issubdtype(np.asarray(a).dtype, np.floating)]
     solved = sorted(p for p in floats if p not in report.fallbacks)
     sequential = algorithm == "sequential"
-    rows = [adapter.record(merged, batches) for batches in cal] if sequential else own
-    centre_rows = None
+    rows = _sequential_rows(adapter, merged, own, ft_flat, cal) if sequential else own
     layers, covered = [], set()
     for key, layer in own[0].items():
         if not all(p in solved for p in layer.params):
@@ -205,19 +218,17 @@ def evaluate(adapter, algorithm, merged, report, own, ft_flat, cal, centre) -> d
             else {"kind": lr.kind, "status": lr.status, "condition": lr.condition, "rho": lr.rho},
         }
         fig.update(_verdict(fig))
-        if sequential and fig["kind"].startswith("embed (tied"):
-            if centre_rows is None:
-                centre_rows = [adapter.record(centre, batches) for batches in cal]
-            alt = _figures(layer, [r[key].calls for r in centre_rows], targets, flat_merged,
-                           ft_flat)  # fmt: skip
-            fig["alternative_reference"] = {
-                "head_inputs": "the fallback model's (every parameter the mean of the "
-                               "fine-tunes) instead of the merged model's",
-                "weight_rel_err": alt["weight_rel_err"],
-                "prediction_rel_err": alt["prediction_rel_err"],
-            }  # fmt: skip
         layers.append(fig)
     missing = [p for p in solved if p not in covered]
+    same = None
+    if same_as is not None:
+        other, want = same_as
+        diffs = {p: float(np.max(np.abs(np.asarray(flat_merged[p]) - np.asarray(want[p])))
+                          / np.max(np.abs(np.asarray(want[p])))) for p in missing}  # fmt: skip
+        same = {"model": other, "parameters": len(diffs),
+                "max_rel_err": max(diffs.values(), default=None),
+                "worst": max(diffs, key=diffs.get, default=None)}  # fmt: skip
+        missing = [p for p in missing if diffs[p] > TOL]
     good = [x for x in layers if "error" not in x]
     compared = [x for x in good if x["weights_compared"]]
 
@@ -240,6 +251,7 @@ def evaluate(adapter, algorithm, merged, report, own, ft_flat, cal, centre) -> d
         "layers_within_tolerance": sum(x["within_tolerance"] for x in layers),
         "layers_off": [x["layer"] for x in layers if not x["within_tolerance"]],
         "solved_without_reference": missing,
+        "unrecorded_against_other_merge": same,
         "worst_weight_rel_err": worst("weight_rel_err", compared),
         "worst_prediction_rel_err": worst("prediction_rel_err", good),
         "worst_weight_rel_err_of_layers_within": worst(
@@ -254,20 +266,21 @@ def evaluate(adapter, algorithm, merged, report, own, ft_flat, cal, centre) -> d
     }
 
 
-def run_model(adapter, sizes: dict, seed: int, as_built=None) -> dict:
+def run_model(adapter, sizes: dict, seed: int, fts=None, same_as=None):
     """Merge ``adapter``'s model with both algorithms (and, with several batches per task, the
-    sequential one again on the same rows as one batch per task) and check every solved layer."""
+    sequential one again on the same rows as one batch per task) and check every solved layer.
+
+    ``fts``: the fine-tunes (default: :func:`perturbed`); ``same_as``: ``(model, {run: flat
+    merge})``, another model's merges in this model's layout for the parameters the recorder
+    does not see (:func:`evaluate`). Returns the entry and ``{run: flat merge}``."""
     entry = {"model": adapter.name, "status": "ok", **adapter.describe(), "notes": adapter.notes}
-    if as_built is not None:
-        entry["as_built"] = as_built
     flat_base = adapter.flat(adapter.base)
     entry["parameters"] = {
         "arrays": len(flat_base),
         "scalars": int(sum(np.size(a) for a in flat_base.values())),
     }
-    fts = perturbed(adapter.base, seed)
+    fts = perturbed(adapter.base, seed) if fts is None else fts
     cal = calibration(adapter, sizes, seed)
-    centre = jax.tree.map(lambda *a: sum(a) / len(a), *fts)
     start = time.perf_counter()
     own = [adapter.record(ft, batches) for ft, batches in zip(fts, cal, strict=True)]
     entry["record_seconds"] = time.perf_counter() - start
@@ -283,7 +296,7 @@ def run_model(adapter, sizes: dict, seed: int, as_built=None) -> dict:
         # the same rows as one batch per task: the sequential merge's one-pass path
         joined = [[jax.tree.map(lambda *a: jnp.concatenate(a), *batches)] for batches in cal]
         runs.append(("sequential, one batch per task", "sequential", joined))
-    entry["algorithms"] = {}
+    entry["algorithms"], merges = {}, {}
     for name, algorithm, data in runs:
         try:
             merged, report, seconds, caught = _merge(adapter, fts, data, algorithm)
@@ -292,7 +305,9 @@ def run_model(adapter, sizes: dict, seed: int, as_built=None) -> dict:
             entry["status"] = "failed"
             print(f"  {name}: FAILED {_error(error)['message'][:300]}", flush=True)
             continue
-        figures = evaluate(adapter, algorithm, merged, report, own, ft_flat, data, centre)
+        merges[name] = adapter.flat(merged)
+        other = None if same_as is None else (same_as[0], same_as[1][name])
+        figures = evaluate(adapter, algorithm, merged, report, own, ft_flat, data, other)
         entry["algorithms"][name] = {"status": "ok", "algorithm": algorithm,
                                      "batches_per_task": len(data[0]), "merge_seconds": seconds,
                                      "warnings": caught, **figures}  # fmt: skip
@@ -300,20 +315,7 @@ def run_model(adapter, sizes: dict, seed: int, as_built=None) -> dict:
               f"solved, worst weight err {_num(figures['worst_weight_rel_err'])}, worst "
               f"prediction err {_num(figures['worst_prediction_rel_err'])}, "
               f"{seconds:.1f} s", flush=True)  # fmt: skip
-    return entry
-
-
-def attempt_as_built(adapter, seed: int, sizes: dict) -> dict:
-    """One parallel merge of the model exactly as built (``model.eval()`` only): what a user
-    gets before any of the benchmark's adjustments."""
-    fts = perturbed(adapter.base, seed)
-    cal = calibration(adapter, sizes, seed)
-    try:
-        _, report, seconds, _ = _merge(adapter, fts, cal, "parallel")
-    except Exception as error:
-        return {"status": "failed", "error": _error(error)}
-    return {"status": "ok", "merge_seconds": seconds, "layers_solved": len(report.layers),
-            "unsolved": dict(report.unsolved)}  # fmt: skip
+    return entry, merges
 
 
 def _error(error: BaseException) -> dict:
@@ -345,7 +347,7 @@ def gemma_entries(sizes, seed):
             yield {"model": f"{style}-tiny", "status": "failed", "stage": "build",
                    "error": _error(error)}  # fmt: skip
             continue
-        yield run_model(adapter, sizes, seed)
+        yield run_model(adapter, sizes, seed)[0]
 
 
 def maxtext_entries(sizes, seed):
@@ -355,24 +357,35 @@ def maxtext_entries(sizes, seed):
         yield {"model": "maxtext-llama2-tiny", "status": "failed", "stage": "import",
                "error": _error(error)}  # fmt: skip
         return
-    for scan, in_place in ((True, False), (False, False), (False, True)):
-        name = "scanned" if scan else "unscanned" + (", layers in place" if in_place else "")
+    unscanned = None
+    for scan in (False, True):
+        name = "scanned" if scan else "unscanned"
         print(f"maxtext llama2 ({name}):", flush=True)
         try:
-            as_built = None
-            if not in_place:  # the as-built attempt is the same model for the in-place variant
-                as_built = attempt_as_built(MaxTextModel(scan=scan, seed=seed, rngs=True),
-                                            seed, sizes)  # fmt: skip
-                print(f"  as built (model.eval() only): {as_built['status']}, "
-                      + (f"{as_built['layers_solved']} layers solved" if "error" not in as_built
-                         else as_built["error"]["message"].split("base parameters: ")[-1][:160]),
-                      flush=True)  # fmt: skip
-            adapter = MaxTextModel(scan=scan, in_place=in_place, seed=seed)
+            adapter = MaxTextModel(scan=scan, seed=seed)
         except Exception as error:
             yield {"model": f"maxtext-llama2-tiny-{name}", "status": "failed", "stage": "build",
                    "error": _error(error)}  # fmt: skip
             continue
-        yield run_model(adapter, sizes, seed, as_built)
+        if not scan:
+            fts = perturbed(adapter.base, seed)
+            entry, merges = run_model(adapter, sizes, seed, fts)
+            unscanned = (adapter, fts, merges)
+            yield entry
+            continue
+        if unscanned is None:
+            yield run_model(adapter, sizes, seed)[0]
+            continue
+        # the unscanned model's parameters stacked: the same merge, checked against it
+        other, fts, merges = unscanned
+        adapter.base = with_params(adapter.base, adapter.stacked(other.flat(other.base)))
+        adapter.notes.append(
+            "base and fine-tunes: the unscanned model's, stacked on the scan axis; the "
+            "parameters inside nnx.scan (not recorded) are compared with the unscanned merge"
+        )
+        fts = [with_params(adapter.base, adapter.stacked(other.flat(f))) for f in fts]
+        stacked = {run: adapter.stacked(flat) for run, flat in merges.items()}
+        yield run_model(adapter, sizes, seed, fts, (other.name, stacked))[0]
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -403,35 +416,15 @@ def findings(models: list[dict]) -> list[str]:
     """What the run shows about jaxmerge, worded from the results."""
     out, off = [], {}
     for m in models:
-        built = m.get("as_built") or {}
-        message = built.get("error", {}).get("message", "")
-        if "RngCount" in message:
-            out.append(f"{m['model']}: jaxmerge.merge fails on the model as built (after "
-                       f"model.eval()): {message.splitlines()[0][:240]} -- jaxmerge's NnxModel "
-                       "(jaxmerge/_flax/capture.py) closes over the non-Param state "
-                       "(nnx.split(module, nnx.Param, ...)'s third part, here MaxText's "
-                       "RngCount/RngKey) as constants of its traced function; a module that "
-                       "writes a child's state back (nnx.split -> nnx.merge -> nnx.update, as "
-                       f"MaxText's decoder does) then fails. Reproducer: {REPRO}. The benchmark "
-                       "removes the model's nnx.Rngs to go on.")  # fmt: skip
         for algorithm, a in m.get("algorithms", {}).items():
             if a.get("status") != "ok":
                 out.append(f"{m['model']} {algorithm}: merge failed: "
                            f"{a['error']['message'][:240]}")  # fmt: skip
                 continue
-            copies = [p for p, r in a["unsolved"].items() if "copy of it" in r]
-            if copies and algorithm == "parallel":
-                out.append(f"{m['model']}: {len(copies)} parameters of the decoder layers are "
-                           "not solved (reason: '" + _short(a["unsolved"][copies[0]])
-                           + "'). " + ("MaxText scans its layers with nnx.scan over stacked "
-                                      "parameters, which jaxmerge does not support yet."
-                                      if m["config"].get("scan_layers") else
-                                      "MaxText's unscanned NNXDecoder calls every layer "
-                                      "through nnx.split/nnx.merge (a copy) under "
-                                      "jax.checkpoint, and jaxmerge's NNX capture matches "
-                                      "modules by identity (capture.py: paths keyed by "
-                                      "id(module)), so it sees no call of any decoder layer "
-                                      f"unscanned either. Reproducer: {REPRO_COPY}"))  # fmt: skip
+            if a["unsolved"]:
+                path, reason = next(iter(a["unsolved"].items()))
+                out.append(f"{m['model']} {algorithm}: {len(a['unsolved'])} parameters not "
+                           f"solved, e.g. {path}: {_short(reason)}")  # fmt: skip
             if a["solved_without_reference"]:
                 out.append(
                     f"{m['model']} {algorithm}: solved parameters the benchmark could "
@@ -453,19 +446,6 @@ def findings(models: list[dict]) -> list[str]:
             f"plain mean of the fine-tunes: {x['mean_weight_rel_err']:.2e} / "
             f"{x['mean_prediction_rel_err']:.2e})"
         )
-        alt = x.get("alternative_reference")
-        if alt:
-            text += (
-                f". It matches least squares whose head rows are {alt['head_inputs']} to "
-                f"{alt['weight_rel_err']:.1e} (weights) / {alt['prediction_rel_err']:.1e} "
-                "(predictions): the sequential merge solves the tied table before the "
-                "pass, as an embedding (its first call is the lookup; "
-                "jaxmerge/model/sequential.py merge_sequential: the non-traceable embedding "
-                "groups collected and solved first, with every other layer at its fallback "
-                "value, in both the one-pass and the per-group paths), so the head half of "
-                "its objective sees the fallback model's final hidden states, not the "
-                f"merged model's. Reproducer: {REPRO_TIED}"
-            )
         out.append(text)
     return out
 
@@ -526,6 +506,17 @@ def summary(result: dict) -> str:
                     + ", ...): "
                     + " | ".join(reasons)
                 )
+        runs = m.get("algorithms", {}).items()
+        same = {name: a["unrecorded_against_other_merge"] for name, a in runs
+                if a.get("unrecorded_against_other_merge")}  # fmt: skip
+        if same:
+            first = next(iter(same.values()))
+            lines.append(
+                f"{m['model']}: the {first['parameters']} parameters the recorder does not see "
+                f"(inside nnx.scan), against the {first['model']} merge: max relative "
+                "difference " + ", ".join(f"{_num(x['max_rel_err'])} ({name})"
+                                          for name, x in same.items())
+            )  # fmt: skip
     if result["findings"]:
         lines.append("")
         lines.append("findings:")

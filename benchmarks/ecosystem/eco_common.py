@@ -2,10 +2,11 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 from eco_reference import Call, einsum_matrix
 
-__all__ = ["Layer", "flat_params", "add_call"]
+__all__ = ["Layer", "add_call", "flat_params", "with_params"]
 
 
 @dataclasses.dataclass
@@ -60,4 +61,23 @@ def flat_params(tree, prefix: str = "") -> dict:
             out.update(flat_params(v, f"{prefix}{k}/"))
         return out
     out[prefix[:-1]] = tree
+    return out
+
+
+def with_params(tree, values: dict):
+    """``tree`` with the parameters at the :func:`flat_params` paths of ``values`` replaced."""
+    used = set()
+
+    def put(path, leaf):
+        # dict keys and sequence indices (an nnx.State's Variable adds a GetAttrKey "value")
+        key = "/".join(str(getattr(k, "key", getattr(k, "idx", None))) for k in path
+                       if not isinstance(k, jax.tree_util.GetAttrKey))  # fmt: skip
+        key = key.removeprefix("params/") if key not in values else key
+        if key in values:
+            used.add(key)
+            return values[key]
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(put, tree)
+    assert used == set(values), f"no such parameters: {sorted(set(values) - used)}"
     return out

@@ -1,29 +1,22 @@
-"""A tiny MaxText Llama-style decoder (Flax NNX) for the ecosystem benchmark, the recorder of its
-layers' calls, and the two adjustments the benchmark makes to run it.
+"""A tiny MaxText Llama-style decoder (Flax NNX) for the ecosystem benchmark and the recorder of
+its layers' calls.
 
 The model: ``decoder_block="llama2"``, 2 layers, embedding 32, 4 query and 2 kv heads of 8,
 MLP 64 (SiLU-gated), vocabulary 64, random init (``model_creation_utils.from_config`` with
-``nnx.Rngs``), CPU, ``scan_layers`` as asked. MaxText's config admits no float64
-(``dtype``/``weight_dtype`` are bfloat16/float32/float16/fp8), so the validated config's
-``dtype`` and ``weight_dtype`` are set to float64 afterwards (``cfg._flat_config``), before the
-model is built. Its ``RMSNorm`` still computes ``x̂`` in float32 (and rounds the scale to float32)
-by design; the recorder computes ``x̂`` the same way.
+``nnx.Rngs``), CPU, ``scan_layers`` as asked, then ``model.eval()``, as jaxmerge asks of NNX
+models. MaxText's config admits no float64 (``dtype``/``weight_dtype`` are
+bfloat16/float32/float16/fp8), so the validated config's ``dtype`` and ``weight_dtype`` are set to
+float64 afterwards (``cfg._flat_config``), before the model is built. Its ``RMSNorm`` still
+computes ``x̂`` in float32 (and rounds the scale to float32) by design; the recorder computes
+``x̂`` the same way. The unscanned decoder calls every layer through ``nnx.split`` →
+``nnx.merge`` (a copy) under ``jax.checkpoint``, the scanned one through ``nnx.scan`` over
+stacked parameters: both as MaxText builds them, and so jaxmerge merges them.
 
-Adjustments, each recorded in the results:
-
-* :func:`drop_rngs`: MaxText keeps ``nnx.Rngs`` in the decoder and in each attention module. Their
-  ``RngCount`` is non-parameter state, which jaxmerge's NNX apply closes over as constants of its
-  traced function; MaxText's decoder writes each layer's state back with ``nnx.update``, which
-  then fails with ``TraceContextError: Cannot mutate RngCount from a different trace level``
-  (``repro_nnx_rest_state.py`` reproduces it without MaxText). With dropout off the Rngs are
-  unused, so the benchmark removes them (sets the attributes to ``None``) before merging.
-* :func:`layers_in_place`: MaxText's unscanned decoder calls every layer through
-  ``nnx.split(layer)`` → ``nnx.merge`` (a copy) → ``nnx.update(layer, new_state)``, under
-  ``jax.checkpoint`` (always: ``remat_policy="none"`` becomes ``None`` and passes its
-  ``!= "none"`` test). jaxmerge's NNX capture knows modules by identity, so it sees none of the
-  copies' calls. This patch (only in the ``…-in-place`` variant) makes that decoder call the
-  layer objects themselves, without ``jax.checkpoint``, so that jaxmerge's MaxText
-  registrations (``DenseGeneral``, ``RMSNorm``) are exercised; it changes no arithmetic.
+The recorder (not the merge) runs the unscanned decoder with its layers called in place
+(:func:`layers_in_place`: ``nnx.split`` gives the layer itself, ``nnx.merge`` returns it,
+``jax.checkpoint`` is the identity), since it knows the layers by identity; that changes no
+arithmetic. Inside the scanned decoder's ``nnx.scan`` the values are traced and nothing is
+recorded: the benchmark checks the scanned merge against the unscanned one instead.
 """
 
 import contextlib
@@ -38,7 +31,7 @@ from eco_common import Layer, add_call, flat_params
 from eco_reference import Call
 from flax import nnx
 
-__all__ = ["MaxTextModel", "drop_rngs", "layers_in_place"]
+__all__ = ["MaxTextModel"]
 
 SETTINGS = dict(
     decoder_block="llama2", base_emb_dim=32, base_num_query_heads=4, base_num_kv_heads=2,
@@ -61,18 +54,6 @@ def _imports():
                                  embeddings=embeddings,
                                  decoders=nnx_decoders, utils=maxtext_utils,
                                  creation=model_creation_utils)  # fmt: skip
-
-
-def drop_rngs(model: nnx.Module) -> list[str]:
-    """Set every ``nnx.Rngs`` attribute of ``model``'s modules to ``None``; their paths."""
-    dropped = []
-    for path, node in list(nnx.iter_graph(model)):
-        if isinstance(node, nnx.Module) and not isinstance(node, nnx.Rngs | nnx.RngStream):
-            for name, value in list(vars(node).items()):
-                if isinstance(value, nnx.Rngs | nnx.RngStream):
-                    object.__setattr__(node, name, None)
-                    dropped.append("/".join(map(str, path + (name,))))
-    return dropped
 
 
 class _InPlace:
@@ -136,12 +117,10 @@ class MaxTextModel:
     library = "maxtext"
     call_kwargs = {"enable_dropout": False}
 
-    def __init__(self, *, scan: bool, in_place: bool = False, seed: int = 0, rngs: bool = False):
+    def __init__(self, *, scan: bool, seed: int = 0):
         mt = _imports()
-        self.scan, self.in_place = scan, in_place
+        self.scan = scan
         self.name = "maxtext-llama2-tiny-" + ("scanned" if scan else "unscanned")
-        if in_place:
-            self.name += "-layers-in-place"
         base_yml = os.path.join(os.path.dirname(mt.pyconfig.__file__), "base.yml")
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxmerge-ecosystem-maxtext")
         self.cfg = mt.pyconfig.initialize(["", base_yml], base_output_directory=out,
@@ -155,17 +134,6 @@ class MaxTextModel:
         self.model.eval()  # as jaxmerge asks of NNX models with dropout
         self.notes = ["config dtype/weight_dtype set to float64 after validation "
                       "(cfg._flat_config); model.eval()"]  # fmt: skip
-        self.dropped = [] if rngs else drop_rngs(self.model)
-        if self.dropped:
-            self.notes.append(
-                "nnx.Rngs attributes set to None before merging (jaxmerge's NNX "
-                f"apply cannot run the model with them): {self.dropped}"
-            )
-        if in_place:
-            self.notes.append(
-                "layers_in_place(): the unscanned decoder calls its layer objects "
-                "instead of nnx.split/nnx.merge copies under jax.checkpoint"
-            )
         self.base = nnx.state(self.model, nnx.Param)
         self.vocab = self.cfg.vocab_size
         self._mt = mt
@@ -186,14 +154,21 @@ class MaxTextModel:
         return {"decoder_input_tokens": tokens, "decoder_positions": positions,
                 "decoder_segment_ids": jnp.ones_like(tokens)}  # fmt: skip
 
-    @contextlib.contextmanager
     def context(self):
-        with jax.set_mesh(self.mesh), (layers_in_place() if self.in_place
-                                       else contextlib.nullcontext()):  # fmt: skip
-            yield
+        return jax.set_mesh(self.mesh)
 
     def flat(self, params) -> dict:
         return flat_params(nnx.to_pure_dict(params))
+
+    def stacked(self, flat: dict) -> dict:
+        """The unscanned model's flat parameters in this scanned model's layout: each
+        ``decoder/layers_{i}/…`` stacked on axis 1 (MaxText's ``param_scan_axis``) as
+        ``decoder/layers/…``."""
+        n = SETTINGS["base_num_decoder_layers"]
+        return {p: np.stack([flat[p.replace("decoder/layers/", f"decoder/layers_{i}/")]
+                             for i in range(n)], axis=1)
+                if p.startswith("decoder/layers/") else flat[p]
+                for p in self.flat(self.base)}  # fmt: skip
 
     def logits(self, params, batch, *, jit: bool):
         """The model's logits, run eagerly or compiled (``jax.jit``)."""
@@ -208,9 +183,9 @@ class MaxTextModel:
     def record(self, params, batches) -> dict[str, Layer]:
         """``{weight path: Layer}`` of every ``DenseGeneral``, ``RMSNorm`` and ``Embed`` call
         (``__call__``: lookups, ``attend``: a tied head) on ``batches``
-        with ``params`` (a copy of the model, run eagerly with both classes' ``__call__``
-        wrapped; calls of modules outside the copy's graph, or with traced values, as inside
-        ``nnx.scan``, are not recorded)."""
+        with ``params`` (a copy of the model, run eagerly with the classes' methods wrapped and
+        the unscanned decoder's layers called in place, :func:`layers_in_place`; calls with
+        traced values, as inside ``nnx.scan``, are not recorded)."""
         mt = self._mt
         graphdef, _, rest = nnx.split(self.model, nnx.Param, ...)
         model = nnx.merge(graphdef, params, rest)
@@ -273,7 +248,7 @@ class MaxTextModel:
         dense.__call__, norm.__call__, embed.__call__ = dense_call, norm_call, embed_call
         embed.attend = attend_call
         try:
-            with self.context():
+            with self.context(), layers_in_place():
                 for batch in batches:
                     model(**batch, **self.call_kwargs)
         finally:

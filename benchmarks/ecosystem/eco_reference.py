@@ -37,7 +37,7 @@ import string
 
 import numpy as np
 
-__all__ = ["Call", "einsum_roles", "layer_figures"]
+__all__ = ["Call", "einsum_roles", "embed_figures", "layer_figures", "lookup_table"]
 
 
 @dataclasses.dataclass
@@ -134,6 +134,23 @@ def _embed_rows(calls: list[Call]):
     v = heads[0].y.shape[-1]
     return (t, y, np.concatenate([c.x.reshape(-1, d) for c in heads]),
             np.concatenate([c.y.reshape(-1, v) for c in heads]))  # fmt: skip
+
+
+def lookup_table(targets, scale: float, finetuned) -> np.ndarray:
+    """The table least squares gives from a tied table's lookups alone (the rows its head does
+    not enter): per seen row ``v`` the weighted mean of the targets ``ȳ_kv / s``, weights
+    ``c_kv/Nₖ``; unseen rows the mean of the fine-tunes. ``targets``: per task, the layer's
+    calls on fine-tune ``k``'s own pass."""
+    table = np.mean(np.stack(finetuned), axis=0)
+    num, den = np.zeros_like(table), np.zeros(table.shape[0])
+    for calls in targets:
+        tok, y, _, _ = _embed_rows(calls)
+        w = 1.0 / tok.shape[0]
+        np.add.at(num, tok, w * y / scale)
+        np.add.at(den, tok, w)
+    seen = den > 0
+    table[seen] = num[seen] / den[seen, None]
+    return table
 
 
 def embed_figures(inputs, targets, merged, finetuned, scale: float) -> dict:
