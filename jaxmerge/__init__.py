@@ -53,9 +53,9 @@ from .kinds import register_embedding as register_embedding
 from .kinds import register_kind as register_kind
 from .kinds import register_layer as register_layer
 from .kinds import register_norm as register_norm
-from .kinds.base import linen_kind as linen_kind
-from .kinds.base import nnx_kind as nnx_kind
-from .kinds.base import qualified_name as qualified_name
+from .kinds.registry import linen_kind as linen_kind
+from .kinds.registry import nnx_kind as nnx_kind
+from .kinds.registry import qualified_name as qualified_name
 
 # Baselines
 from .methods.dare import dare as dare

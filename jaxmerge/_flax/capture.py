@@ -39,7 +39,7 @@ from flax import nnx
 from jax._src import core as jax_core
 
 from .._errors import with_context
-from ..kinds.base import linen_kind, nnx_kind
+from ..kinds.registry import linen_kind, nnx_kind
 from .lifts import current_slices, inline_jax, inline_lifts, not_inline
 
 _local = threading.local()

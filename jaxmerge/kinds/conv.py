@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .base import AffineKind, CallShape, register_kind
+from .base import AffineKind, CallShape
+from .registry import register_kind
 
 __all__ = ["ConvKind"]
 

@@ -41,7 +41,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from ..core.stats import LayerStats, affine_targets
-from .base import AffineKind, CallShape, api_of, call_input, kinds, register_kind, rule_of
+from .base import AffineKind, CallShape, call_input
+from .registry import Rules, kinds, register_kind
 
 __all__ = ["EinsumCall", "EinsumKind", "GroupedStats", "einsum_layout", "register_layer"]
 
@@ -207,7 +208,7 @@ class _Rule:
         return self.weight(module) if callable(self.weight) else self.weight
 
 
-class EinsumKind(AffineKind):
+class EinsumKind(Rules, AffineKind):
     """Layers that are an einsum of their input and one weight (see the module docs).
 
     One instance, ``"einsum"``, serves every registered class without a parameter transform;
@@ -219,12 +220,9 @@ class EinsumKind(AffineKind):
     name = "einsum"
 
     def __init__(self, name: str = "einsum", transform=None):
+        super().__init__()
         self.name = name
         self.transform = transform
-        self.rules: dict[type | str, _Rule] = {}
-
-    def rule(self, module) -> _Rule:
-        return rule_of(self.rules, module)
 
     def accepts(self, module):
         test = self.rule(module).accepts
@@ -466,7 +464,6 @@ def register_layer(
         if len(lhs) != 2:
             raise ValueError(f"register_layer: equation {equation!r} is not 'x,w->y'.")
         einsum_layout(equation, len(lhs[0].replace("...", "")), len(lhs[1]))
-    api = api_of(cls, api, "register_layer")
     if transform is not None and not name:
         raise ValueError("register_layer: a transform needs a name for its kind.")
     if transform is None:
@@ -475,8 +472,7 @@ def register_layer(
         existing = kinds().get(name)
         kind = existing if isinstance(existing, EinsumKind) else EinsumKind(name, transform)
         kind.transform = transform
-    kind.rules[cls] = _Rule(input, weight, bias, equation, accepts)
-    return register_kind(kind, **{api: [cls]})
+    return kind.cover(cls, _Rule(input, weight, bias, equation, accepts), api, "register_layer")
 
 
 def _flax_einsum(call: EinsumCall) -> str | None:

@@ -23,7 +23,8 @@ from ..core.energy import energies
 from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .base import CallShape, LayerKind, api_of, register_kind, rule_of
+from .base import CallShape, LayerKind
+from .registry import Rules, register_kind
 
 __all__ = ["EmbedKind", "EmbedStats", "TiedStats", "register_embedding"]
 
@@ -121,7 +122,7 @@ def _lookup_scale(spec) -> float:
     return float(spec.form.partition("scale=")[2] or 1.0)
 
 
-class EmbedKind(LayerKind):
+class EmbedKind(Rules, LayerKind):
     """A table ``(V, d)`` read by integer token ids (``Embed``), and, when it is tied, by a
     head ``z = h Eᵀ`` (``Embed.attend``, Gemma's ``Embedder.decode``): both uses are output
     errors of the same rows (:class:`TiedStats`), solved together in the full basis."""
@@ -132,14 +133,8 @@ class EmbedKind(LayerKind):
     traceable = False
     stats_type = EmbedStats
 
-    def __init__(self):
-        self.rules: dict[type | str, _Rule] = {}
-
-    def rule(self, module) -> _Rule:
-        return rule_of(self.rules, module)
-
     def methods(self, cls):
-        rule = rule_of(self.rules, cls)
+        rule = self.rule(cls)
         return (rule.lookup,) + ((rule.head,) if rule.head else ())
 
     def param_names(self, module):
@@ -412,10 +407,35 @@ def register_embedding(
 
     Returns:
         the embedding kind.
+
+    Examples:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxmerge as jm
+        >>> class ScaledEmbed(nn.Module):  # rows times √d on lookup; the head reads the table
+        ...     vocab: int = 8
+        ...     dim: int = 4
+        ...     def setup(self):
+        ...         self.table = self.param("table", nn.initializers.normal(),
+        ...                                 (self.vocab, self.dim))
+        ...     def encode(self, ids):
+        ...         return self.table[ids] * jnp.sqrt(self.dim)
+        ...     def decode(self, h):
+        ...         return h @ self.table.T
+        >>> jm.register_embedding(ScaledEmbed, table="table", lookup="encode", head="decode",
+        ...                       scale=lambda module: module.dim**0.5).name
+        'embed'
+        >>> class TinyLM(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, ids):
+        ...         embed = ScaledEmbed(name="embed")
+        ...         return embed.decode(jnp.tanh(embed.encode(ids)))
+        >>> ids = jnp.arange(8).reshape(2, 4)
+        >>> base = TinyLM().init(jax.random.key(0), ids)["params"]
+        >>> fts = [jax.tree.map(lambda a, s=s: a + s, base) for s in (0.1, -0.1)]
+        >>> _, report = jm.merge(TinyLM(), base, fts, [[ids], [ids + 0]], progress=False)
+        >>> report.layers[0].path, report.layers[0].form
+        ('embed', 'tied;scale=2.0')
     """
-    api = api_of(cls, api, "register_embedding")
-    EMBED.rules[cls] = _Rule(table, lookup, head, scale)
-    return register_kind(EMBED, **{api: [cls]})
+    return EMBED.cover(cls, _Rule(table, lookup, head, scale), api, "register_embedding")
 
 
 register_kind(EMBED)

@@ -21,7 +21,8 @@ from flax import nnx
 from ..core.bases import LowRank
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
-from .base import AffineKind, CallShape, api_of, call_input, register_kind, rule_of
+from .base import AffineKind, CallShape, call_input
+from .registry import Rules, register_kind
 
 __all__ = ["NormKind", "register_norm"]
 
@@ -48,18 +49,12 @@ def _offset(spec) -> float:
     return float(spec.form.partition("offset=")[2] or 0.0)
 
 
-class NormKind(AffineKind):
+class NormKind(Rules, AffineKind):
     """``x̂ ⊙ (scale + offset) + bias`` over the last axis; each registered class's rule (input
     argument, parameter names, offset) is kept by class (:func:`register_norm`)."""
 
     name = "norm"
     kernel = "scale"
-
-    def __init__(self):
-        self.rules: dict[type | str, _Rule] = {}
-
-    def rule(self, module) -> _Rule:
-        return rule_of(self.rules, module)
 
     def accepts(self, module):
         test = self.rule(module).accepts
@@ -146,9 +141,7 @@ def register_norm(
         >>> jm.register_norm(OffsetRMSNorm, offset=1.0).name
         'norm'
     """
-    api = api_of(cls, api, "register_norm")
-    NORM.rules[cls] = _Rule(input, scale, bias, offset, accepts)
-    return register_kind(NORM, **{api: [cls]})
+    return NORM.cover(cls, _Rule(input, scale, bias, offset, accepts), api, "register_norm")
 
 
 def _solve_channels(stats: LayerStats, start, finetuned, prior, opt):
