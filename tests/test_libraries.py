@@ -3,6 +3,8 @@
 fine-tunes change solved by output matching, in both algorithms; tied embeddings against numpy
 least squares over both uses."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,8 @@ def _gemma(cfg, cls=lc.GemmaTransformer, **kwargs):
     return model, base, [[_tokens(1 + k)] for k in range(K)]
 
 
-def _maxtext(layers):
-    model = lc.MaxTextTransformer(layers=layers, rngs=nnx.Rngs(0))
+def _maxtext(layers, cfg=lc.MAXTEXT_TINY):
+    model = lc.MaxTextTransformer(cfg, layers=layers, rngs=nnx.Rngs(0))
     base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     cal = [[{"decoder_input_tokens": _tokens(1 + k), "decoder_positions": pos}] for k in range(K)]
@@ -271,6 +273,54 @@ def test_scaled_lookup_is_least_squares_of_its_rows(x64, basis):
     (layer,) = [r for r in report.layers if r.path == "embed"]
     np.testing.assert_allclose(layer.energy_base, loss(e0), rtol=1e-6)
     np.testing.assert_allclose(layer.rho, 1 - loss(_table(merged)) / loss(e0), rtol=1e-6)
+
+
+class FunctionHeadLM(nn.Module):
+    """An ``nn.Embed`` whose table the model also reads itself for the head (``h @ Eᵀ``)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(11, 4, name="embed")
+        h = jnp.tanh(nn.Dense(4, name="mix")(emb(ids)))
+        return h @ emb.embedding.T
+
+
+def _function_head_lm():
+    ids = [jnp.asarray(np.random.default_rng(k).integers(0, 11, (2, 5))) for k in range(K)]
+    model = FunctionHeadLM()
+    return model, model.init(jax.random.key(0), ids[0])["params"], [[i] for i in ids]
+
+
+@pytest.mark.parametrize(
+    "name, table",
+    [("linen", "embed/embedding"), ("maxtext", "token_embedder/embedding"),
+     ("easydel", "model/embed_tokens/embedding")],
+)  # fmt: skip
+def test_a_table_read_outside_its_layer_is_reported_not_solved(name, table):
+    """A tied head computed by the model itself (MaxText's ``attend_on_embedding``, EasyDeL's
+    ``lm_head(h, w=embedding.T)``) is a use the table's statistics do not see: the table is
+    reported unsolved with that reason (solving its lookups alone would ignore the head), and
+    every other layer is solved."""
+    model, base, cal = {
+        "linen": _function_head_lm,
+        "maxtext": lambda: _maxtext("unscanned", dataclasses.replace(
+            lc.MAXTEXT_TINY, logits_via_embedding=True)),
+        "easydel": lambda: _easydel(cfg=dataclasses.replace(lc.EASYDEL_TINY,
+                                                            tie_word_embeddings=True)),
+    }[name]()  # fmt: skip
+    fts = _perturbed(base)
+    with pytest.warns(jm.UnsolvedParametersWarning):
+        merged, report = jm.merge(model, base, fts, cal, progress=False)
+    # EasyDeL keeps an lm_head kernel that the tied head does not use
+    unused = {"lm_head/kernel"} if name == "easydel" else set()
+    assert set(report.unsolved) == {table} | unused
+    assert all("not used in the forward pass" in report.unsolved[p] for p in unused)
+    assert f"reads {table!r} outside the calls of its 'embed' layer" in report.unsolved[table]
+    assert report.fallbacks[table] == "mean"
+    assert table.rsplit("/", 1)[0] not in {r.path for r in report.layers}
+    assert {"dense", "einsum"} & {r.kind for r in report.layers}
+    with pytest.raises(jm.UnsolvedParametersError, match="outside the calls"):
+        jm.merge(model, base, fts, cal, strict=True, progress=False)
 
 
 def test_tied_embedding_other_bases_are_named(x64):

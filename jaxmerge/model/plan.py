@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.interpreters import partial_eval as pe
 
 from .._errors import with_context
 from .._flax.capture import as_model
@@ -133,6 +134,17 @@ class _Plan:
                     f"tree ({other}): a lifted transform (nn.map_variables, nn.scan, nn.vmap, "
                     "...) maps them",
                 )
+        for path, leaves in self._read_elsewhere(tree, batch, flat).items():
+            spec = self.specs.pop(path)
+            for n in spec.param_names:
+                self.lifted.setdefault(
+                    spec.leaf(n),
+                    f"the forward pass also reads {', '.join(map(repr, leaves))} outside the "
+                    f"calls of its {spec.kind!r} layer (a tied head computed by a function, as "
+                    "MaxText's attend_on_embedding or EasyDeL's lm_head(h, w=embedding.T); "
+                    "any use of the parameter beyond the layer's own methods), which the "
+                    "layer's statistics do not see",
+                )
         groups: dict[Any, list[str]] = {}
         for call in calls:
             spec = self.specs.get(call.path)
@@ -144,6 +156,27 @@ class _Plan:
         self.groups = [tuple(g) for g in groups.values()]
         self.group_of = {p: g for g in self.groups for p in g}
         self.fns = {}  # {key + (argument signature,): jitted function with one program}
+
+    def _read_elsewhere(self, tree, batch, flat) -> dict[str, list[str]]:
+        """``{layer path: its parameter leaves}`` of the layers whose parameters the forward
+        pass reads outside their calls: traced with every layer's call run on stand-in
+        parameters (zeros), a leaf the dead-code-eliminated pass still reads is read elsewhere
+        too (a slice of stacked parameters taken for a call is not)."""
+
+        def hook(call):
+            if call.path not in self.specs:
+                return call.default()
+            return call.run(jax.tree.map(jnp.zeros_like, call.params))
+
+        jaxpr = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook))(tree, batch).jaxpr
+        _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        read = {p for p, u in zip(flat, used[: len(jax.tree.leaves(tree))], strict=True) if u}
+        out = {}
+        for path, spec in self.specs.items():
+            leaves = [spec.leaf(n) for n in spec.param_names if spec.leaf(n) in read]
+            if leaves:
+                out[path] = leaves
+        return out
 
     def program(self, key, make):
         """``jax.jit(make())`` as a function of its arguments, compiled once per argument
