@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create benchmarks/.ecosystem-venv (Python 3.12) with the JAX LLM libraries that jaxmerge is to
 # merge: Google DeepMind's gemma 4.0.1 (Flax linen) and MaxText 0.2.5 (Flax NNX), CPU only,
-# isolated from the project's environment.
+# isolated from the project's environment; with pytest, for the tests against the real libraries:
+#   benchmarks/.ecosystem-venv/bin/python -m pytest -p no:cacheprovider tests/test_real_libraries.py
 #
 # Usage: bash benchmarks/ecosystem/setup.sh   (from anywhere; idempotent)
 #
@@ -39,7 +40,7 @@ if stub:
 from maxtext.configs import pyconfig
 from maxtext.models import models
 from maxtext.utils import model_creation_utils
-import jax, flax
+import jax, flax, pytest, beartype
 v = importlib.metadata.version
 print(f"jax {jax.__version__}, flax {flax.__version__}, gemma {v('gemma')}, maxtext {v('maxtext')}")
 PY
@@ -119,6 +120,9 @@ pip_install -c "$constraints" einops==0.8.2 jaxtyping==0.3.11 immutabledict==4.3
 pip_install -c "$constraints" omegaconf==2.4.0 Jinja2==3.1.6 qwix==0.1.8 einshape==1.0 \
     pydantic==2.14.4 huggingface_hub==2.4.0 transformers==5.24.0 grain==0.2.18 drjax==0.2.1 \
     tiktoken==0.14.0 sympy==1.14.0 fastapi==0.165.0 uvicorn==0.54.0 fire==0.7.1 six==1.17.0
+# pytest for tests/test_real_libraries.py (run with this environment's python; beartype for the
+# project's --jaxtyping-packages option).
+pip_install -c "$constraints" pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 beartype==0.23.1
 check | { grep -v '^\[NO-OP\] gcs_storage dependency missing' || true; }
 n="$("$venv/bin/python" -m pip list 2>/dev/null | tail -n +3 | wc -l)"
 echo "Built $venv: $n packages, $(du -sh "$venv" | cut -f1), $((SECONDS - start)) s"

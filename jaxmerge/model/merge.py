@@ -30,7 +30,9 @@ Algorithms:
   first and the last task, and a model that mixes them (subtracting the batch mean, normalising
   over the batch) gets the per-group passes over each task's own batches instead. Embeddings
   read token ids, which do not depend on the merge, so they are solved beforehand from their own
-  (cheap) statistics. With several batches the statistics of a layer need every batch before it
+  (cheap) statistics; a tied table, whose head is its last use, is solved from its lookups
+  first and again from both uses once the rest of the model is merged on that table. With
+  several batches the statistics of a layer need every batch before it
   can be solved, so the merge makes one pass over the calibration data per layer group (each pass
   jitted; XLA drops the work after the group collected); concatenate the calibration into one
   batch per task when it fits in memory.
