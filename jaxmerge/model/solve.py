@@ -119,7 +119,8 @@ def _structure(specs, opts):
     is zero), and ``knobs``, what it takes as arguments (per member the ridge, ``α``, the
     prior and a custom basis' directions): one program serves every group with the same
     ``static`` and argument shapes. :func:`_from_structure` inverts it."""
-    anonymous = tuple(dataclasses.replace(s, path="") for s in specs)
+    # where a layer is (its path, scope, slice of a stacked leaf) changes nothing in its solve
+    anonymous = tuple(dataclasses.replace(s, path="", scope=None, slices=()) for s in specs)
     per_member, knobs = [], []
     for o in opts:
         custom = isinstance(o.basis, Custom)
