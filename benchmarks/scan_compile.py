@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from sequential_vs_parallel import Block, batch, timed
+from sequential_vs_parallel import Block, batch, finetunes, timed
 
 from jaxmerge import merge
 from jaxmerge._internal import plan_cache
@@ -68,14 +68,7 @@ def stacked(params, depth):
 def measure(depth, args):
     loop, scan = Model(depth, False), Model(depth, True)
     base = loop.init(jax.random.key(0), **batch(0, 2))["params"]
-    leaves, treedef = jax.tree.flatten(base)
-    fts = []
-    for t in range(args.tasks):
-        keys = jax.random.split(jax.random.key(1 + t), len(leaves))
-        noisy = [
-            a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)
-        ]
-        fts.append(jax.tree.unflatten(treedef, noisy))
+    fts = finetunes(base, args.tasks)
     cal = [[batch(10 + t, args.examples)] for t in range(args.tasks)]
     layouts = {
         "loop": (loop, base, fts),

@@ -117,17 +117,24 @@ def split(data, parts):
     ]
 
 
-def measure(depth, args):
-    model = Transformer(depth)
-    base = model.init(jax.random.key(0), **batch(0, 2))["params"]
+def finetunes(base, tasks):
+    """``tasks`` fine-tunes: ``base + 0.05·N(0, 1)`` on every parameter, task ``t`` from key
+    ``1 + t``."""
     leaves, treedef = jax.tree.flatten(base)
     fts = []
-    for t in range(args.tasks):
+    for t in range(tasks):
         keys = jax.random.split(jax.random.key(1 + t), len(leaves))
         noisy = [
             a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)
         ]
         fts.append(jax.tree.unflatten(treedef, noisy))
+    return fts
+
+
+def measure(depth, args):
+    model = Transformer(depth)
+    base = model.init(jax.random.key(0), **batch(0, 2))["params"]
+    fts = finetunes(base, args.tasks)
     data = [batch(10 + t, args.examples) for t in range(args.tasks)]
 
     def run(cal, algorithm):
