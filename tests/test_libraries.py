@@ -4,6 +4,7 @@ fine-tunes change solved by output matching, in both algorithms; tied embeddings
 least squares over both uses."""
 
 import dataclasses
+import warnings
 
 import flax.linen as nn
 import jax
@@ -126,10 +127,14 @@ def test_maxtext_layer_modes_merge_as_the_unscanned_model(x64, mode, algorithm):
 
 
 class TiedLM(nn.Module):
-    """A table read by lookups and by the head, with a layer between (nn.Embed.attend), or as
-    gemma's ``Embedder`` (rows scaled by √d on lookup, ``decode`` the head)."""
+    """A table read by lookups and by the head, with a layer between. ``head``: ``"method"``
+    (``nn.Embed.attend``; with ``gemma``, gemma's ``Embedder``: rows scaled by √d on lookup,
+    ``decode`` the head), or a head the model computes itself from the table: ``"function"``
+    (``h @ E.T``), ``"attend_on_embedding"`` (MaxText's function: the table cast to bfloat16,
+    ``jnp.dot``), ``"jit"`` (``h @ E.T`` in a jitted function)."""
 
     gemma: bool = False
+    head: str = "method"
 
     @nn.compact
     def __call__(self, ids):
@@ -138,7 +143,13 @@ class TiedLM(nn.Module):
             lookup, head = emb.encode, emb.decode
         else:
             emb = nn.Embed(11, 4, param_dtype=jnp.float64, name="embed")
-            lookup, head = emb, emb.attend
+            lookup, head = emb, {
+                "method": emb.attend,
+                "function": lambda h: h @ emb.embedding.T,
+                "attend_on_embedding": lambda h: lc.attend_on_embedding(h, emb.embedding,
+                                                                        jnp.float64),
+                "jit": lambda h: jax.jit(lambda h, e: h @ e.T)(h, emb.embedding),
+            }[self.head]  # fmt: skip
         h = jnp.tanh(nn.Dense(4, param_dtype=jnp.float64, name="mix")(lookup(ids)))
         return head(h)
 
@@ -173,9 +184,15 @@ def _tied_lstsq(tasks, s, v=11, d=4):
     return np.linalg.lstsq(design, np.concatenate(rhs), rcond=None)[0].reshape(v, d)
 
 
-@pytest.mark.parametrize("gemma", [False, True], ids=["nn.Embed", "gemma.Embedder"])
-def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, gemma):
-    model = TiedLM(gemma)
+HEADS = {"nn.Embed": (False, "method"), "gemma.Embedder": (True, "method"),
+         "h @ E.T": (False, "function"), "attend_on_embedding": (False, "attend_on_embedding"),
+         "jit": (False, "jit")}  # fmt: skip
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, head):
+    gemma = HEADS[head][0]
+    model = TiedLM(*HEADS[head])
     rng = np.random.default_rng(0)
     ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
     base = model.init(jax.random.key(0), ids[0])["params"]
@@ -193,11 +210,13 @@ def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, gemma):
     assert (embed.kind, embed.form) == ("embed", "tied;scale=2.0" if gemma else "tied")
 
 
+@pytest.mark.parametrize("head", ["gemma.Embedder", "h @ E.T"])
 @pytest.mark.parametrize("passes", ["one pass", "per group"])
-def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, passes):
+def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, passes, head):
     """The table solved from its lookups, the layer between solved on that table's lookups, and
     the table solved again from both uses with the head's inputs from that merged model."""
-    model = TiedLM(gemma=True)
+    gemma = HEADS[head][0]
+    model = TiedLM(*HEADS[head])
     rng = np.random.default_rng(1)
     ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
     base = model.init(jax.random.key(0), ids[0])["params"]
@@ -206,7 +225,8 @@ def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, pass
     cal = [[i] if passes == "one pass" else [i[:2], i[2:]] for i in ids]
     merged, report = jm.merge(model, base, fts, cal, algorithm="sequential", strict=True,
                               progress=False)  # fmt: skip
-    s, mix = 2.0, lambda p, x: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+    s = 2.0 if gemma else 1.0  # √embed_dim
+    mix = lambda p, x: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])  # noqa: E731
     ts = [np.asarray(i).reshape(-1) for i in ids]
     lookups = [(t, s * _table(f)[t], None, None) for f, t in zip(fts, ts, strict=True)]
     first = _tied_lstsq(lookups, s)
@@ -275,52 +295,70 @@ def test_scaled_lookup_is_least_squares_of_its_rows(x64, basis):
     np.testing.assert_allclose(layer.rho, 1 - loss(_table(merged)) / loss(e0), rtol=1e-6)
 
 
-class FunctionHeadLM(nn.Module):
-    """An ``nn.Embed`` whose table the model also reads itself for the head (``h @ Eᵀ``)."""
-
-    @nn.compact
-    def __call__(self, ids):
-        emb = nn.Embed(11, 4, name="embed")
-        h = jnp.tanh(nn.Dense(4, name="mix")(emb(ids)))
-        return h @ emb.embedding.T
-
-
-def _function_head_lm():
-    ids = [jnp.asarray(np.random.default_rng(k).integers(0, 11, (2, 5))) for k in range(K)]
-    model = FunctionHeadLM()
-    return model, model.init(jax.random.key(0), ids[0])["params"], [[i] for i in ids]
-
-
 @pytest.mark.parametrize(
     "name, table",
-    [("linen", "embed/embedding"), ("maxtext", "token_embedder/embedding"),
-     ("easydel", "model/embed_tokens/embedding")],
-)  # fmt: skip
-def test_a_table_read_outside_its_layer_is_reported_not_solved(name, table):
-    """A tied head computed by the model itself (MaxText's ``attend_on_embedding``, EasyDeL's
-    ``lm_head(h, w=embedding.T)``) is a use the table's statistics do not see: the table is
-    reported unsolved with that reason (solving its lookups alone would ignore the head), and
-    every other layer is solved."""
+    [("maxtext", "token_embedder/embedding"), ("easydel", "model/embed_tokens/embedding")],
+)
+def test_library_heads_computed_from_the_table_are_solved(name, table):
+    """MaxText's ``logits_via_embedding`` (``attend_on_embedding(y, table)``) and EasyDeL's
+    ``tie_word_embeddings`` (``lm_head(h, w=table.T)``): heads the model computes itself from
+    the table, found in the traced pass, so the table is a tied one solved from both uses
+    (checked against least squares on ``TiedLM``'s heads above)."""
     model, base, cal = {
-        "linen": _function_head_lm,
         "maxtext": lambda: _maxtext("unscanned", dataclasses.replace(
             lc.MAXTEXT_TINY, logits_via_embedding=True)),
         "easydel": lambda: _easydel(cfg=dataclasses.replace(lc.EASYDEL_TINY,
                                                             tie_word_embeddings=True)),
     }[name]()  # fmt: skip
     fts = _perturbed(base)
-    with pytest.warns(jm.UnsolvedParametersWarning):
-        merged, report = jm.merge(model, base, fts, cal, progress=False)
     # EasyDeL keeps an lm_head kernel that the tied head does not use
     unused = {"lm_head/kernel"} if name == "easydel" else set()
-    assert set(report.unsolved) == {table} | unused
-    assert all("not used in the forward pass" in report.unsolved[p] for p in unused)
-    assert f"reads {table!r} outside the calls of its 'embed' layer" in report.unsolved[table]
-    assert report.fallbacks[table] == "mean"
-    assert table.rsplit("/", 1)[0] not in {r.path for r in report.layers}
-    assert {"dense", "einsum"} & {r.kind for r in report.layers}
+    for algorithm in ("parallel", "sequential"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged, report = jm.merge(model, base, fts, cal, algorithm=algorithm,
+                                      progress=False)  # fmt: skip
+        assert set(report.unsolved) == unused
+        assert bool(caught) == bool(unused)
+        assert all("not used in the forward pass" in report.unsolved[p] for p in unused)
+        (embed,) = [r for r in report.layers if r.path == table.rsplit("/", 1)[0]]
+        assert (embed.kind, embed.form) == ("embed", "tied")
+        assert 0 < embed.rho < 1
+
+
+class OtherReadLM(nn.Module):
+    """An ``nn.Embed`` whose table the model also reads otherwise than as a head ``h Eᵀ``."""
+
+    use: str = "scaled"
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(11, 4, name="embed")
+        h = jnp.tanh(nn.Dense(4, name="mix")(emb(ids)))
+        if self.use == "scaled":  # a product: not the table itself
+            return h @ (2.0 * emb.embedding).T
+        return h + jnp.sum(emb.embedding[:2])  # a slice
+
+
+@pytest.mark.parametrize("use, primitive", [("scaled", "mul"), ("slice", "slice")])
+def test_a_table_read_otherwise_outside_its_layer_is_reported_not_solved(use, primitive):
+    """A read of the table outside its layer that is not a head ``h Eᵀ`` is a use the table's
+    statistics do not see: the table is reported unsolved with the primitive that reads it,
+    and every other layer is solved."""
+    ids = [jnp.asarray(np.random.default_rng(k).integers(0, 11, (2, 5))) for k in range(K)]
+    model = OtherReadLM(use)
+    base = model.init(jax.random.key(0), ids[0])["params"]
+    fts = _perturbed(base)
+    with pytest.warns(jm.UnsolvedParametersWarning):
+        _, report = jm.merge(model, base, fts, [[i] for i in ids], progress=False)
+    assert set(report.unsolved) == {"embed/embedding"}
+    why = report.unsolved["embed/embedding"]
+    assert "reads 'embed/embedding' outside the calls of its 'embed' layer" in why
+    assert f"read by {primitive!r}, which is not a head" in why
+    assert report.fallbacks["embed/embedding"] == "mean"
+    assert [r.path for r in report.layers] == ["mix"]
     with pytest.raises(jm.UnsolvedParametersError, match="outside the calls"):
-        jm.merge(model, base, fts, cal, strict=True, progress=False)
+        jm.merge(model, base, fts, [[i] for i in ids], strict=True, progress=False)
 
 
 def test_tied_embedding_other_bases_are_named(x64):

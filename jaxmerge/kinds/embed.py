@@ -166,10 +166,7 @@ class EmbedKind(Rules, LayerKind):
         lookups = [s for s in specs if s.form != "head"]
         if not lookups or len({s.form for s in lookups}) != 1:
             return None
-        spec = lookups[0]
-        if len(lookups) == len(specs):
-            return spec
-        return dataclasses.replace(spec, form=("tied;" + spec.form).rstrip(";"))
+        return lookups[0] if len(lookups) == len(specs) else tied(lookups[0])
 
     def container(self, specs):
         return TiedStats if specs[0].form.startswith("tied") else EmbedStats
@@ -330,6 +327,13 @@ def _tied_energies(stats: TiedStats, scale, e0, e1):
     b0, loss = jnp.maximum(residual(e0), 0.0), jnp.maximum(residual(e1), 0.0)
     rho = jnp.where(b0 > 0, 1.0 - loss / jnp.where(b0 > 0, b0, 1.0), 1.0)
     return b0, loss, rho
+
+
+def tied(spec):
+    """The spec of a table read by lookups (``spec``) and by a head."""
+    if is_tied(spec):
+        return spec
+    return dataclasses.replace(spec, form=("tied;" + spec.form).rstrip(";"))
 
 
 def is_tied(spec) -> bool:

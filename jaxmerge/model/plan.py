@@ -18,6 +18,8 @@ from .._flax.capture import as_model
 from .._flax.fold import flatten, has_collections
 from .._flax.provenance import locate
 from ..kinds import LayerSpec, kind_of
+from ..kinds.embed import EMBED, tied
+from .heads import NotAHead, find_heads, run_with_heads
 
 # ---- the plan: which layers, grouped how -----------------------------------------------------
 
@@ -134,17 +136,11 @@ class _Plan:
                     f"tree ({other}): a lifted transform (nn.map_variables, nn.scan, nn.vmap, "
                     "...) maps them",
                 )
-        for path, leaves in self._read_elsewhere(tree, batch, flat).items():
+        self.heads: dict[str, int] = {}  # {tied table: heads h Eᵀ the model computes itself}
+        for path, reason in self._read_elsewhere(tree, batch, flat).items():
             spec = self.specs.pop(path)
             for n in spec.param_names:
-                self.lifted.setdefault(
-                    spec.leaf(n),
-                    f"the forward pass also reads {', '.join(map(repr, leaves))} outside the "
-                    f"calls of its {spec.kind!r} layer (a tied head computed by a function, as "
-                    "MaxText's attend_on_embedding or EasyDeL's lm_head(h, w=embedding.T); "
-                    "any use of the parameter beyond the layer's own methods), which the "
-                    "layer's statistics do not see",
-                )
+                self.lifted.setdefault(spec.leaf(n), reason)
         groups: dict[Any, list[str]] = {}
         for call in calls:
             spec = self.specs.get(call.path)
@@ -157,25 +153,44 @@ class _Plan:
         self.group_of = {p: g for g in self.groups for p in g}
         self.fns = {}  # {key + (argument signature,): jitted function with one program}
 
-    def _read_elsewhere(self, tree, batch, flat) -> dict[str, list[str]]:
-        """``{layer path: its parameter leaves}`` of the layers whose parameters the forward
+    def _read_elsewhere(self, tree, batch, flat) -> dict[str, str]:
+        """``{layer path: why it is not solved}`` of the layers whose parameters the forward
         pass reads outside their calls: traced with every layer's call run on stand-in
         parameters (zeros), a leaf the dead-code-eliminated pass still reads is read elsewhere
-        too (a slice of stacked parameters taken for a call is not)."""
+        too (a slice of stacked parameters taken for a call is not). A table read there only by
+        heads ``h Eᵀ`` (:mod:`~jaxmerge.model.heads`) is a tied table instead, its heads
+        counted in :attr:`heads`."""
 
         def hook(call):
             if call.path not in self.specs:
                 return call.default()
             return call.run(jax.tree.map(jnp.zeros_like, call.params))
 
-        jaxpr = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook))(tree, batch).jaxpr
-        _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        read = {p for p, u in zip(flat, used[: len(jax.tree.leaves(tree))], strict=True) if u}
+        closed = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook))(tree, batch)
+        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        consts = len(closed.consts)
+        position = {p: i for i, p in enumerate(flat)}
+        kept = [i for i, u in enumerate(used) if u]
+        read = {p for p in flat if used[consts + position[p]]}
         out = {}
-        for path, spec in self.specs.items():
+        for path, spec in list(self.specs.items()):
             leaves = [spec.leaf(n) for n in spec.param_names if spec.leaf(n) in read]
-            if leaves:
-                out[path] = leaves
+            if not leaves:
+                continue
+            use = ""
+            if spec.kind == EMBED.name and leaves == [spec.leaf(spec.kernel)] and not spec.slices:
+                try:
+                    heads = find_heads(jaxpr, kept.index(consts + position[leaves[0]]))
+                    self.heads[path] = len(heads)
+                    self.specs[path] = tied(spec)
+                    continue
+                except NotAHead as error:
+                    use = f" ({error})"
+            out[path] = (
+                f"the forward pass also reads {', '.join(map(repr, leaves))} outside the calls "
+                f"of its {spec.kind!r} layer{use}, which the layer's statistics do not see"
+            )
         return out
 
     def program(self, key, make):
@@ -221,17 +236,62 @@ class _Plan:
         return tuple(self.specs[p] for p in group)
 
     def record(self, tree, batch, keep):
-        """``{path: [(x rows, row shape, y rows) per call]}`` of one forward pass."""
-        out = {}
+        """``{path: [(x rows, row shape, y rows) per call]}`` of one forward pass. The heads a
+        tied table's model computes itself (:attr:`heads`) follow its own calls, as calls of its
+        head: rows ``h`` and outputs ``h Eᵀ``."""
+        heads = {p: self.specs[p] for p in self.heads if p in keep}
+        out, own = {}, {}
 
         def hook(call):
-            y = call.default()
+            spec = heads.get(call.path)
+            if spec is None:
+                y = call.default()
+            else:  # its own table, so that the tree's is read by the heads alone
+                y = call.run({**call.params, spec.kernel: own[call.path]})
             if call.path in keep:
                 x, lead = call.rows()
                 out.setdefault(call.path, []).append((x, lead, call.output_rows(y)))
             return y
 
-        self.apply(tree, batch, hook)
+        if not heads:
+            self.apply(tree, batch, hook)
+            return out
+        flat, _ = flatten(tree)
+        tables = {p: flat[s.leaf(s.kernel)] for p, s in heads.items()}
+
+        def forward(tree, batch, tables):
+            out.clear()
+            own.update(tables)
+            y = self.apply(tree, batch, hook)
+            return y, {p: [(x, z) for x, _, z in calls] for p, calls in out.items()}
+
+        closed, shape = jax.make_jaxpr(forward, return_shape=True)(tree, batch, tables)
+        leads = {p: [lead for _, lead, _ in calls] for p, calls in out.items()}
+        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        args = [*closed.consts, *jax.tree.leaves((tree, batch, tables))]
+        kept = [i for i, u in enumerate(used) if u]
+        position = {p: len(closed.consts) + i for i, p in enumerate(flat)}
+        found = {}
+        for path, spec in heads.items():
+            found[path] = find_heads(jaxpr, kept.index(position[spec.leaf(spec.kernel)]))
+            if len(found[path]) != self.heads[path]:
+                raise ValueError(
+                    f"merge: the forward pass computes {len(found[path])} heads from the table "
+                    f"of layer {path!r} on this batch but {self.heads[path]} on the first one."
+                )
+        values, inputs = run_with_heads(jaxpr, (), [args[i] for i in kept],
+                                        [h for p in heads for h in found[p]])  # fmt: skip
+        _, recorded = jax.tree.unflatten(jax.tree.structure(shape), values)
+        out = {p: [(x, lead, z) for (x, z), lead in zip(calls, leads[p], strict=True)]
+               for p, calls in recorded.items()}  # fmt: skip
+        inputs = iter(inputs)
+        for path in heads:
+            for head in found[path]:
+                h = jnp.moveaxis(next(inputs), head.axis, -1)
+                rows = h.reshape(-1, h.shape[-1])
+                z = rows @ tables[path].astype(rows.dtype).T
+                out.setdefault(path, []).append((rows, h.shape[:-1], z))
         return out
 
 
