@@ -1,5 +1,6 @@
-"""Einsum layers (``nn.Einsum``, ``nnx.Einsum``, registered layers, grouped einsums) and norms
-with offsets, against numpy least squares on activations recorded with numpy (float64)."""
+"""Einsum layers (``nn.Einsum``, ``nnx.Einsum``, registered layers, grouped einsums,
+``DenseGeneral`` with and without batch axes) and norms with offsets, against numpy least squares
+on activations recorded with numpy (float64)."""
 
 import flax.linen as nn
 import jax
@@ -14,10 +15,12 @@ import jaxmerge as jm
 TOL = 1e-6
 
 
-def lstsq(xs, ys):
-    """The full-basis parallel merge: Σₖ ‖X̃ₖ W̄ − Yₖ‖² / Nₖ minimised by numpy.linalg.lstsq."""
-    a = np.vstack([augment(x) / np.sqrt(len(augment(x))) for x in xs])
-    b = np.vstack([np.reshape(y, (len(augment(x)), -1)) / np.sqrt(len(augment(x)))
+def lstsq(xs, ys, bias=True):
+    """The full-basis parallel merge: Σₖ ‖X̃ₖ W̄ − Yₖ‖² / Nₖ minimised by numpy.linalg.lstsq
+    (``bias=False``: ``X`` without the constant column)."""
+    xs = [augment(x) if bias else np.reshape(x, (-1, np.shape(x)[-1])) for x in xs]
+    a = np.vstack([x / np.sqrt(len(x)) for x in xs])
+    b = np.vstack([np.reshape(y, (len(x), -1)) / np.sqrt(len(x))
                    for x, y in zip(xs, ys, strict=True)])  # fmt: skip
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
@@ -165,6 +168,93 @@ def test_group_einsum_statistics_save_and_solve(x64, tmp_path):
     got, _ = jm.solve_stats(loaded, base, fts, progress=False)
     want, _ = jm.merge(model, base, fts, cal, progress=False)
     close(got["experts"]["kernel"], want["experts"]["kernel"])
+
+
+# ---- DenseGeneral / LinearGeneral: batch axes are groups, no batch axes a dense layer ---------
+
+
+class BatchedGeneral(nn.Module):
+    """A ``DenseGeneral`` with a batch axis (a kernel per index ``g``), its input ``(b, g, t, d)``
+    moved to ``(g, b, t, d)`` (the merge keeps the examples on axis 0 of the model's input)."""
+
+    bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        general = nn.DenseGeneral((2, 3), axis=-1, batch_dims=(0,), use_bias=self.bias,
+                                  param_dtype=jnp.float64, name="general")  # fmt: skip
+        return general(jnp.swapaxes(x, 0, 1))
+
+
+class NnxBatchedGeneral(nnx.Module):
+    def __init__(self, bias, rngs):
+        self.general = nnx.LinearGeneral(4, (2, 3), axis=-1, batch_axis={0: 3}, use_bias=bias,
+                                         param_dtype=jnp.float64, rngs=rngs)  # fmt: skip
+
+    def __call__(self, x):
+        return self.general(jnp.swapaxes(x, 0, 1))
+
+
+@pytest.mark.parametrize("algorithm", ["parallel", "sequential"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_dense_general_batch_axes_are_solved_per_index(x64, api, bias, algorithm):
+    cal = calibration((4, 3, 5, 4), 3)
+    if api == "linen":
+        model = BatchedGeneral(bias)
+        base = model.init(jax.random.key(0), cal[0][0])["params"]
+    else:
+        model = NnxBatchedGeneral(bias, nnx.Rngs(0))
+        base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    fts = perturbed(base, 3)
+    merged, report = jm.merge(model, base, fts, cal, algorithm=algorithm, progress=False)
+    xs = [b[0] for b in cal]
+    for g in range(3):  # kernel (g, d, 2, 3), bias (g, 2, 3)
+        xg = [x[:, g].reshape(-1, 4) for x in xs]
+        ys = [x @ f64(f["general"]["kernel"][g]).reshape(4, 6)
+              + (f64(f["general"]["bias"][g]).reshape(6) if bias else 0)
+              for x, f in zip(xg, fts, strict=True)]  # fmt: skip
+        got = f64(merged["general"]["kernel"][g]).reshape(4, 6)
+        if bias:
+            got = np.vstack([got, f64(merged["general"]["bias"][g]).reshape(1, 6)])
+        close(got, lstsq(xg, ys, bias))
+    (row,) = report.layers
+    assert row.kind == "dense_general" and row.form == "abcd,adef->abcef;a=3"
+    assert report.unsolved == {} and report.fallbacks == {}
+
+
+class Generals(nn.Module):
+    """``DenseGeneral`` without batch axes: over the last axis, sharing its input with a
+    ``Dense``, and over two axes given out of order."""
+
+    @nn.compact
+    def __call__(self, x):  # x (b, 4, 4)
+        h = nn.DenseGeneral((2, 3), param_dtype=jnp.float64, name="general")(x)
+        d = nn.Dense(3, param_dtype=jnp.float64, name="dense")(x)
+        s = nn.DenseGeneral(2, axis=(2, 1), param_dtype=jnp.float64, name="swapped")(x)
+        return h.sum() + d.sum() + s.sum()
+
+
+def _general_matrix(p, n_in):
+    return np.vstack([f64(p["kernel"]).reshape(n_in, -1), f64(p["bias"]).reshape(1, -1)])
+
+
+def test_dense_general_without_batch_axes_is_a_dense_layer(x64):
+    model = Generals()
+    cal = calibration((12, 4, 4), 2)
+    base = model.init(jax.random.key(0), cal[0][0])["params"]
+    fts = perturbed(base, 2)
+    merged, report = jm.merge(model, base, fts, cal, progress=False)
+    rows = {r.path: r for r in report.layers}
+    assert {p: (r.kind, r.form) for p, r in rows.items() if p != "dense"} == {
+        "general": ("dense_general", ""), "swapped": ("dense_general", "")
+    }  # fmt: skip
+    assert rows["general"].shared_input == ("dense",) and rows["swapped"].shared_input == ()
+    xs = [b[0] for b in cal]
+    for path, n_in in (("general", 4), ("swapped", 16)):  # rows: the contracted axes in order
+        hs = [x.reshape(-1, n_in) for x in xs]
+        ys = [augment(h) @ _general_matrix(f[path], n_in) for h, f in zip(hs, fts, strict=True)]
+        close(_general_matrix(merged[path], n_in), lstsq(hs, ys))
 
 
 # ---- a user's layer: called as (eqn, x), weight "w", a stored transform ---------------------

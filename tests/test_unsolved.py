@@ -68,7 +68,7 @@ class Everything(nn.Module):
         mapped = nn.map_variables(nn.Dense, "params", trans_in_fn=_transposed,
                                   trans_out_fn=_transposed, init=True)  # fmt: skip
         y = mapped(3, name="mapped")(x)
-        return nn.DenseGeneral(4, axis=-1, batch_dims=(0,))(jnp.stack([y, y]))
+        return nn.LayerNorm(reduction_axes=(-2, -1))(y)  # a configuration its kind refuses
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def everything():
         ("MyDense_0/kernel", ["'MyDense_0' (MyDense) is a subclass of flax.linen.Dense",
                               "registered classes match exactly", "jaxmerge.register_kind"]),
         ("MyDense_0/bias", ["is a subclass of flax.linen.Dense"]),
-        ("DenseGeneral_0/kernel", ["the 'dense_general' kind does not cover this configuration",
-                                   "'DenseGeneral_0'", "batch_dims=(0,)"]),
+        ("LayerNorm_0/scale", ["the 'norm' kind does not cover this configuration",
+                               "'LayerNorm_0'", "reduction_axes=(-2, -1)"]),
         ("mapped/kernel", ["its layer's parameters have other shapes in the traced call than "
                            "in the tree (kernel (4, 3) against (3, 4)): a lifted transform "
                            "(nn.map_variables, nn.scan, nn.vmap, ...) maps them"]),
@@ -119,9 +119,9 @@ def test_one_warning_naming_the_count_paths_reasons_and_ways_out(everything):
     assert len(caught) == 1
     text = str(caught[0].message)
     assert text.startswith(f"merge: {len(report.unsolved)} parameters the fine-tunes changed")
-    assert "'DenseGeneral_0/bias', 'DenseGeneral_0/kernel' (mean: the 'dense_general' kind" in text
+    assert "'LayerNorm_0/bias', 'LayerNorm_0/scale' (mean: the 'norm' kind" in text
     assert "and 4 more" in text and "report.unsolved lists them all" in text
-    for way in ("jaxmerge.register_kind", "fallback={'DenseGeneral_0/bias': 'mean'}",
+    for way in ("jaxmerge.register_kind", "fallback={'LayerNorm_0/bias': 'mean'}",
                 "strict=True", "warnings.filterwarnings('ignore', "
                 "category=jaxmerge.UnsolvedParametersWarning)"):  # fmt: skip
         assert way in text
@@ -134,7 +134,7 @@ def test_the_report_lists_the_unsolved_parameters(everything):
     start = lines.index(f"unsolved: {len(report.unsolved)} parameters the fine-tunes changed, "
                         "not solved by output matching")  # fmt: skip
     rows = lines[start + 1 : start + 1 + len(report.unsolved)]
-    assert rows[0].split()[:2] == ["DenseGeneral_0/bias", "mean"]
+    assert rows[0].split()[:2] == ["LayerNorm_0/bias", "mean"]
     assert [row.split()[0] for row in rows] == list(report.unsolved)
     assert lines[-1].endswith(
         f"{len(report.fallbacks)} parameters by fallback ({len(report.unsolved)} changed), "
@@ -304,12 +304,12 @@ class NEverything(nnx.Module):
         self.solved = nnx.Linear(4, 4, rngs=rngs)
         self.proj = NProj()
         self.sub = NSub(4, 4, rngs=rngs)
-        self.general = nnx.LinearGeneral(4, 4, axis=-1, batch_axis={0: 2}, rngs=rngs)
+        self.ln = nnx.LayerNorm(4, reduction_axes=(-2, -1), rngs=rngs)
         self.unused = nnx.Linear(4, 4, rngs=rngs)
 
     def __call__(self, x):
         y = self.sub(self.proj(self.solved(x)))
-        return self.general(jnp.stack([y, y]))
+        return self.ln(y)
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +327,8 @@ def nnx_everything():
         ("sub/kernel", ["'sub' (NSub) is a subclass of flax.nnx.Linear (kind 'dense')",
                         "registered classes match exactly: register it with "
                         "jaxmerge.register_kind"]),
-        ("general/kernel", ["the 'dense_general' kind does not cover this configuration of "
-                            "'general' (LinearGeneral", "batch_axis="]),
+        ("ln/scale", ["the 'norm' kind does not cover this configuration of 'ln' (LayerNorm",
+                      "reduction_axes=(-2, -1)"]),
         ("unused/kernel", ["not used in the forward pass"]),
         ("unused/bias", ["not used in the forward pass"]),
     ],
@@ -344,7 +344,7 @@ def test_nnx_unsolved_set_and_warning(nnx_everything):
     *_, report, caught = nnx_everything
     assert [r.path for r in report.layers] == ["solved"]
     assert set(report.unsolved) == {
-        "proj/kernel", "sub/kernel", "sub/bias", "general/kernel", "general/bias",
+        "proj/kernel", "sub/kernel", "sub/bias", "ln/scale", "ln/bias",
         "unused/kernel", "unused/bias",
     }  # fmt: skip
     assert len(caught) == 1 and "7 parameters the fine-tunes changed" in str(caught[0].message)

@@ -25,7 +25,9 @@ ellipsis in the weight is a clear error naming the layer.
 
 Layers are told to jaxmerge with :func:`register_layer` (the input argument, the weight and bias
 names, the equation: a string, or a function of the call); ``nn.Einsum`` and ``nnx.Einsum`` are
-registered here, the JAX LLM libraries' classes in :mod:`jaxmerge.kinds.library`.
+registered here, the JAX LLM libraries' classes in :mod:`jaxmerge.kinds.library`; the
+``"dense_general"`` kind (:mod:`jaxmerge.kinds.dense`) is an :class:`EinsumKind` too, whose
+layers' batch axes are group indices.
 """
 
 import dataclasses
@@ -44,7 +46,8 @@ from ..core.stats import LayerStats, affine_targets
 from .base import AffineKind, CallShape, call_input
 from .registry import Rules, kinds, register_kind
 
-__all__ = ["EinsumCall", "EinsumKind", "GroupedStats", "einsum_layout", "register_layer"]
+__all__ = ["EinsumCall", "EinsumKind", "GroupedStats", "contraction_equation", "einsum_layout",
+           "register_layer"]  # fmt: skip
 
 
 # ---- equations ----------------------------------------------------------------------------------
@@ -122,6 +125,19 @@ def einsum_layout(equation: str, x_ndim: int, w_ndim: int) -> _Layout:
         outs="".join(c for c in w if c in y and c not in x),
         groups="".join(c for c in w if c in x and c in y),
     )
+
+
+def contraction_equation(ndim: int, axes, n_out: int, batch: int = 0) -> str:
+    """The einsum of a dense layer contracting ``axes`` (in the kernel's order) of an
+    ``ndim``-axis input with a kernel ``(*batch, *in, *out)`` of ``n_out`` output axes, the
+    input's first ``batch`` axes its batch axes, leading in the output too (Flax's and
+    MaxText's ``DenseGeneral``)."""
+    axes = [int(a) % ndim for a in np.atleast_1d(axes)]
+    x = string.ascii_letters[:ndim]
+    out = string.ascii_letters[ndim : ndim + n_out]
+    w = x[:batch] + "".join(x[a] for a in axes) + out
+    y = "".join(c for i, c in enumerate(x) if i not in axes) + out
+    return f"{x},{w}->{y}"
 
 
 def _perm(src: str, dst: str) -> tuple[int, ...]:
@@ -288,10 +304,10 @@ class EinsumKind(Rules, AffineKind):
         if not spec.form:
             kernel = weight.reshape(spec.n_in, spec.n_out)
             return kernel, None if bias is None else jnp.asarray(bias).reshape(-1)
-        lay, groups = _parse_form(spec.form)
+        lay, _ = _parse_form(spec.form)
         shape = (spec.n_in, spec.n_out)
-        if groups:
-            shape = (int(np.prod(list(groups.values()))),) + shape
+        if self._groups(spec) > 1:  # groups of one value are a dense layer (``container``)
+            shape = (self._groups(spec),) + shape
         kernel = jnp.transpose(weight, _perm(lay.w, lay.groups + lay.ins + lay.outs))
         kernel = kernel.reshape(shape)
         if bias is not None:

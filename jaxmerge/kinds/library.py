@@ -19,28 +19,10 @@ libraries is imported.
 """
 
 import math
-import string
 
-import numpy as np
-
-from .einsum import EinsumCall, register_layer
+from .einsum import EinsumCall, contraction_equation, register_layer
 from .embed import register_embedding
 from .norm import register_norm
-
-__all__ = ["contraction_equation"]
-
-
-def contraction_equation(ndim: int, axes, n_out: int) -> str:
-    """The einsum of a dense layer contracting ``axes`` of an ``ndim``-axis input with a kernel
-    ``(*in, *out)`` of ``n_out`` output axes (Flax's and MaxText's ``DenseGeneral``)."""
-    letters = string.ascii_letters
-    axes = [int(a) % ndim for a in np.atleast_1d(axes)]
-    x = letters[:ndim]
-    out = letters[ndim : ndim + n_out]
-    w = "".join(x[a] for a in axes) + out
-    y = "".join(c for i, c in enumerate(x) if i not in axes) + out
-    return f"{x},{w}->{y}"
-
 
 # ---- gemma ----------------------------------------------------------------------------------
 
