@@ -159,11 +159,11 @@ def _table(p):
                                   "embedding"], np.float64)  # fmt: skip
 
 
-def _tied_lstsq(tasks, s, v=11, d=4):
-    """Numpy least squares of a table ``E (v, d)`` over its lookups (``s·E[t] ≈`` targets) and
-    its head (``h Eᵀ ≈`` targets, left out where ``h`` is ``None``), each task's tokens
-    weighted ``1/n``: ``tasks`` is ``[(ids t (n,), lookup targets (n, d), h (n, d), head
-    targets (n, v))]``. Every token must be seen (a unique minimiser)."""
+def _tied_design(tasks, s, v=11, d=4):
+    """The least-squares problem ``‖A vec(E) − b‖²`` of a table ``E (v, d)`` over its lookups
+    (``s·E[t] ≈`` targets) and its head (``h Eᵀ ≈`` targets, left out where ``h`` is
+    ``None``), each task's tokens weighted ``1/n``: ``tasks`` is ``[(ids t (n,), lookup targets
+    (n, d), h (n, d), head targets (n, v))]``."""
     rows, rhs = [], []
     for t, lookup_y, h, head_y in tasks:
         n = len(t)
@@ -179,9 +179,14 @@ def _tied_lstsq(tasks, s, v=11, d=4):
                     head[r * v + u, u * d : (u + 1) * d] = h[r]
             rows.append(head / np.sqrt(n))
             rhs.append(np.reshape(head_y, -1) / np.sqrt(n))
-    design = np.vstack(rows)
+    return np.vstack(rows), np.concatenate(rhs)
+
+
+def _tied_lstsq(tasks, s, v=11, d=4):
+    """numpy's least squares of :func:`_tied_design` (every token seen: a unique minimiser)."""
+    design, rhs = _tied_design(tasks, s, v, d)
     assert np.linalg.matrix_rank(design) == v * d
-    return np.linalg.lstsq(design, np.concatenate(rhs), rcond=None)[0].reshape(v, d)
+    return np.linalg.lstsq(design, rhs, rcond=None)[0].reshape(v, d)
 
 
 HEADS = {"nn.Embed": (False, "method"), "gemma.Embedder": (True, "method"),
@@ -361,9 +366,80 @@ def test_a_table_read_otherwise_outside_its_layer_is_reported_not_solved(use, pr
         jm.merge(model, base, fts, [[i] for i in ids], strict=True, progress=False)
 
 
-def test_tied_embedding_other_bases_are_named(x64):
-    model = TiedLM()
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 6)))
-    base = model.init(jax.random.key(0), ids)["params"]
-    with pytest.raises(ValueError, match="tied embedding.*full basis"):
-        jm.merge(model, base, _perturbed(base), [[ids], [ids]], basis="scalar", progress=False)
+def _tied_case(seed=0):
+    """``TiedLM`` (gemma's scaled ``Embedder``), float64, its base, 3 fine-tunes, their ids and
+    the tasks of :func:`_tied_design`."""
+    model = TiedLM(gemma=True)
+    rng = np.random.default_rng(seed)
+    ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
+    base = model.init(jax.random.key(0), ids[0])["params"]
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), base)
+    fts = [jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), base) for _ in range(3)]
+    s, tasks = 2.0, []
+    for f, i in zip(fts, ids, strict=True):
+        e_k, t = _table(f), np.asarray(i).reshape(-1)
+        h = np.tanh(s * e_k[t] @ np.asarray(f["mix"]["kernel"]) + np.asarray(f["mix"]["bias"]))
+        tasks.append((t, s * e_k[t], h, h @ e_k.T))
+    return model, base, fts, [[i] for i in ids], _tied_design(tasks, s)
+
+
+def _ridged(design, rhs, directions, start, ridge, c0):
+    """numpy's ``min ‖A(start + B c) − b‖² + λ Σ_q D_qq (c_q − c0_q)²`` with ``D = diag(BᵀAᵀAB)``
+    (:func:`jaxmerge.solve_layer`'s ridge), ``B``'s columns the ``directions``."""
+    a = design @ directions
+    h = a.T @ a
+    dh = np.diag(np.diag(h))
+    return np.linalg.solve(h + ridge * dh, a.T @ (rhs - design @ start) + ridge * dh @ c0)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+@pytest.mark.parametrize("basis", ["scalar", "diagonal", "custom", "full"])
+def test_tied_embedding_in_every_basis_is_least_squares(x64, basis, ridge):
+    """A tied table in the scalar, diagonal (per column of the table), custom and full bases,
+    with and without a ridge (toward a prior for the full basis), against numpy on the
+    explicit design of both uses."""
+    model, base, fts, cal, (design, rhs) = _tied_case()
+    e0, tables = _table(base), [_table(f) for f in fts]
+    v, d = e0.shape
+    rng = np.random.default_rng(5)
+    if basis == "full":
+        start = np.mean(tables, axis=0)  # the fallback merge
+        prior = start + 0.1 * rng.normal(size=e0.shape)
+        directions = np.eye(v * d)
+        c0 = (prior - start).ravel() if ridge else np.zeros(v * d)
+        option = "full"
+        prior_option = {"embed": {"input_embedding": prior}} if ridge else None
+    else:
+        start, prior_option = e0, None
+        deltas = [t - e0 for t in tables]
+        if basis == "custom":
+            deltas = [rng.normal(size=e0.shape) for _ in range(2)]
+            option = jm.Custom([{"input_embedding": x} for x in deltas])
+        else:
+            option = basis
+        if basis == "diagonal":  # one coefficient per direction and column j of the table
+            cols = [np.zeros((v, d)) for _ in range(d * len(deltas))]
+            for j in range(d):
+                for q, delta in enumerate(deltas):
+                    cols[j * len(deltas) + q][:, j] = delta[:, j]
+            directions = np.stack([c.ravel() for c in cols], 1)
+        else:
+            directions = np.stack([x.ravel() for x in deltas], 1)
+        c0 = np.zeros(directions.shape[1])
+    c = _ridged(design, rhs, directions, start.ravel(), ridge, c0)
+    want = (start.ravel() + directions @ c).reshape(v, d)
+    merged, report = jm.merge(model, base, fts, cal, basis={"embed": option, "mix": "full"},
+                              ridge={"embed": ridge, "mix": 0.0}, prior=prior_option,
+                              strict=True, progress=False)  # fmt: skip
+    np.testing.assert_allclose(_table(merged), want, rtol=1e-6, atol=1e-8)
+    (embed,) = [r for r in report.layers if r.path == "embed"]
+    loss = lambda e: np.sum((design @ e.ravel() - rhs) ** 2)  # noqa: E731
+    np.testing.assert_allclose(embed.rho, 1 - loss(want) / loss(e0), rtol=1e-6)
+
+
+def test_tied_embedding_unsupported_options_are_named(x64):
+    model, base, fts, cal, _ = _tied_case()
+    with pytest.raises(ValueError, match="tied embedding.*basis=LowRank"):
+        jm.merge(model, base, fts, cal, basis=jm.LowRank(2), progress=False)
+    with pytest.raises(ValueError, match="tied embedding.*alpha=0.5"):
+        jm.merge(model, base, fts, cal, alpha=0.5, progress=False)

@@ -74,6 +74,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..kinds.embed import check_tied_options, is_tied
 from .collect import StatsCollector, _checked_ids, _collect, _peek
 from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
@@ -217,6 +218,9 @@ def _run(model, base, finetuned, calibration, *, algorithm, basis, prior, ridge,
     trees.check_patterns(basis=basis, prior=prior, ridge=ridge)
     _check_layer_patterns(plan.specs, basis=basis, prior=prior, ridge=ridge)
     options = _options(plan.specs, basis, prior, ridge, alpha, rcond)
+    for path, spec in plan.specs.items():  # before any work
+        if is_tied(spec):
+            check_tied_options(spec, options[path])
     unsolved = find_unsolved(trees, plan.specs.values(), plan_reasons(plan, trees))
     check_unsolved(unsolved, trees, strict=strict, caller=caller)
     iters = _checked_ids(plan, iters)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..kinds import kind_of
-from ..kinds.embed import check_tied_options, is_tied
+from ..kinds.embed import is_tied
 from .collect import GroupStats, _progress
 from .plan import _layer_params, row_mask, write_params
 from .solve import _check_solved, _layer_report, _metrics, _solve_all, _solve_group
@@ -180,8 +180,6 @@ def merge_sequential(plan, trees, options, iters, collect, merged_flat, dtype, *
     )
     embeds = [g for g in plan.groups if not kind_of(plan.specs[g[0]].kind).traceable]
     tied = [g for g in embeds if is_tied(plan.specs[g[0]])]
-    for group in tied:  # before any work
-        check_tied_options(plan.specs[group[0]], options[group[0]])
     passes = embeds if single else plan.groups
 
     def solve(group, label, lookups=False):
