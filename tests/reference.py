@@ -41,3 +41,33 @@ def lstsq_merge(xs, ys, w0bar, directions, weights=None, bias=True):
         targets.append(sw * (y - xa @ w0bar).ravel())
     c = np.linalg.lstsq(np.vstack(rows), np.concatenate(targets), rcond=None)[0]
     return c, w0bar + np.tensordot(c, np.asarray(directions), axes=1)
+
+
+def tied_design(tasks, s, v, d):
+    """The least-squares problem ``‖A vec(E) − b‖²`` of a table ``E (v, d)`` over its lookups
+    (``s·E[t] ≈`` targets) and its head (``h Eᵀ ≈`` targets, left out where ``h`` is
+    ``None``), each task's tokens weighted ``1/n``: ``tasks`` is ``[(ids t (n,), lookup targets
+    (n, d), h (n, d), head targets (n, v))]``."""
+    rows, rhs = [], []
+    for t, lookup_y, h, head_y in tasks:
+        n = len(t)
+        lookup = np.zeros((n * d, v * d))
+        for r, tok in enumerate(t):
+            lookup[r * d : (r + 1) * d, tok * d : (tok + 1) * d] = s * np.eye(d)
+        rows.append(lookup / np.sqrt(n))
+        rhs.append(np.reshape(lookup_y, -1) / np.sqrt(n))
+        if h is not None:
+            head = np.zeros((n * v, v * d))
+            for r in range(n):
+                for u in range(v):
+                    head[r * v + u, u * d : (u + 1) * d] = h[r]
+            rows.append(head / np.sqrt(n))
+            rhs.append(np.reshape(head_y, -1) / np.sqrt(n))
+    return np.vstack(rows), np.concatenate(rhs)
+
+
+def tied_lstsq(tasks, s, v, d):
+    """numpy's least squares of :func:`tied_design` (every token seen: a unique minimiser)."""
+    design, rhs = tied_design(tasks, s, v, d)
+    assert np.linalg.matrix_rank(design) == v * d
+    return np.linalg.lstsq(design, rhs, rcond=None)[0].reshape(v, d)

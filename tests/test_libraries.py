@@ -13,7 +13,7 @@ import library_conventions as lc
 import numpy as np
 import pytest
 from flax import nnx
-from reference import augment
+from reference import augment, tied_design, tied_lstsq
 from test_merge_linen import regmean
 
 import jaxmerge as jm
@@ -159,36 +159,6 @@ def _table(p):
                                   "embedding"], np.float64)  # fmt: skip
 
 
-def _tied_design(tasks, s, v=11, d=4):
-    """The least-squares problem ``‖A vec(E) − b‖²`` of a table ``E (v, d)`` over its lookups
-    (``s·E[t] ≈`` targets) and its head (``h Eᵀ ≈`` targets, left out where ``h`` is
-    ``None``), each task's tokens weighted ``1/n``: ``tasks`` is ``[(ids t (n,), lookup targets
-    (n, d), h (n, d), head targets (n, v))]``."""
-    rows, rhs = [], []
-    for t, lookup_y, h, head_y in tasks:
-        n = len(t)
-        lookup = np.zeros((n * d, v * d))
-        for r, tok in enumerate(t):
-            lookup[r * d : (r + 1) * d, tok * d : (tok + 1) * d] = s * np.eye(d)
-        rows.append(lookup / np.sqrt(n))
-        rhs.append(np.reshape(lookup_y, -1) / np.sqrt(n))
-        if h is not None:
-            head = np.zeros((n * v, v * d))
-            for r in range(n):
-                for u in range(v):
-                    head[r * v + u, u * d : (u + 1) * d] = h[r]
-            rows.append(head / np.sqrt(n))
-            rhs.append(np.reshape(head_y, -1) / np.sqrt(n))
-    return np.vstack(rows), np.concatenate(rhs)
-
-
-def _tied_lstsq(tasks, s, v=11, d=4):
-    """numpy's least squares of :func:`_tied_design` (every token seen: a unique minimiser)."""
-    design, rhs = _tied_design(tasks, s, v, d)
-    assert np.linalg.matrix_rank(design) == v * d
-    return np.linalg.lstsq(design, rhs, rcond=None)[0].reshape(v, d)
-
-
 HEADS = {"nn.Embed": (False, "method"), "gemma.Embedder": (True, "method"),
          "h @ E.T": (False, "function"), "attend_on_embedding": (False, "attend_on_embedding"),
          "jit": (False, "jit")}  # fmt: skip
@@ -210,7 +180,7 @@ def test_tied_embedding_is_least_squares_over_lookups_and_head(x64, head):
         e_k, t = _table(f), np.asarray(i).reshape(-1)
         h = np.tanh(s * e_k[t] @ np.asarray(f["mix"]["kernel"]) + np.asarray(f["mix"]["bias"]))
         tasks.append((t, s * e_k[t], h, h @ e_k.T))
-    np.testing.assert_allclose(_table(merged), _tied_lstsq(tasks, s), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_table(merged), tied_lstsq(tasks, s, 11, 4), rtol=1e-6, atol=1e-6)
     (embed,) = [r for r in report.layers if r.path == "embed"]
     assert (embed.kind, embed.form) == ("embed", "tied;scale=2.0" if gemma else "tied")
 
@@ -234,7 +204,7 @@ def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, pass
     mix = lambda p, x: x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])  # noqa: E731
     ts = [np.asarray(i).reshape(-1) for i in ids]
     lookups = [(t, s * _table(f)[t], None, None) for f, t in zip(fts, ts, strict=True)]
-    first = _tied_lstsq(lookups, s)
+    first = tied_lstsq(lookups, s, 11, 4)
     xs = [s * first[t] for t in ts]
     ys = [mix(f["mix"], s * _table(f)[t]) for f, t in zip(fts, ts, strict=True)]
     want_mix = regmean(xs, ys)
@@ -243,7 +213,7 @@ def test_sequential_tied_embedding_solves_its_head_on_the_merged_model(x64, pass
                                rtol=1e-6, atol=1e-9)  # fmt: skip
     tasks = [(t, s * _table(f)[t], np.tanh(augment(x) @ want_mix), np.tanh(y) @ _table(f).T)
              for f, t, x, y in zip(fts, ts, xs, ys, strict=True)]  # fmt: skip
-    want = _tied_lstsq(tasks, s)
+    want = tied_lstsq(tasks, s, 11, 4)
     np.testing.assert_allclose(_table(merged), want, rtol=1e-6, atol=1e-6)
     assert np.max(np.abs(want - first)) > 1e-2  # the head moves the table
     # the report is the joint solve's: its energies are both uses' (ρ of the lookups alone on
@@ -368,7 +338,7 @@ def test_a_table_read_otherwise_outside_its_layer_is_reported_not_solved(use, pr
 
 def _tied_case(seed=0):
     """``TiedLM`` (gemma's scaled ``Embedder``), float64, its base, 3 fine-tunes, their ids and
-    the tasks of :func:`_tied_design`."""
+    the tasks of :func:`reference.tied_design`."""
     model = TiedLM(gemma=True)
     rng = np.random.default_rng(seed)
     ids = [jnp.asarray(rng.integers(0, 11, (4, 6))) for _ in range(3)]
@@ -380,7 +350,7 @@ def _tied_case(seed=0):
         e_k, t = _table(f), np.asarray(i).reshape(-1)
         h = np.tanh(s * e_k[t] @ np.asarray(f["mix"]["kernel"]) + np.asarray(f["mix"]["bias"]))
         tasks.append((t, s * e_k[t], h, h @ e_k.T))
-    return model, base, fts, [[i] for i in ids], _tied_design(tasks, s)
+    return model, base, fts, [[i] for i in ids], tied_design(tasks, s, 11, 4)
 
 
 def _ridged(design, rhs, directions, start, ridge, c0):

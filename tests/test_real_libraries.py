@@ -9,7 +9,8 @@ gemma 4.0.1 and MaxText 0.2.5 need Python 3.12 and their own environment
 Elsewhere (the project's environment, CI) it is skipped. The ecosystem benchmark checks the same
 models layer by layer against numpy least squares; here the real gemma ``Transformer`` must give
 the mimic's logits on the same parameters and the same merge, and the real MaxText decoder must
-merge whole, its ``scan_layers`` layout to the unscanned layout's merge.
+merge whole, its ``scan_layers`` layout to the unscanned layout's merge, and its tied head
+(``logits_via_embedding``) against numpy least squares.
 """
 
 import importlib.util
@@ -126,3 +127,46 @@ def test_real_maxtext_merges_whole_and_scanned_as_unscanned(x64):
                                progress=False)  # fmt: skip
     assert not report.unsolved
     _close(scanned.flat(got), scanned.stacked(plain.flat(want)), 1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_real_maxtext_tied_head_is_least_squares(x64, monkeypatch):
+    """MaxText with ``logits_via_embedding``: the decoder computes the head itself,
+    ``attend_on_embedding(y, table)``. The table is solved from its lookups and that head,
+    against numpy least squares over both uses, with the head inputs recorded from the real
+    decoder (each fine-tune's own, as the parallel merge takes them); the sequential merge
+    solves it too."""
+    from eco_maxtext import MaxTextModel
+    from maxtext.layers import nnx_decoders
+    from reference import tied_lstsq
+
+    tied = MaxTextModel(scan=False, tied=True)
+    fts = _perturbed(tied.base)
+    rng = np.random.default_rng(3)
+    cal = [[tied.batch(rng.integers(0, tied.vocab, (4, 16)))] for _ in fts]
+    with tied.context():
+        merged, report = jm.merge(tied.model, tied.base, fts, cal, strict=True,
+                                  call_kwargs=tied.call_kwargs, progress=False)  # fmt: skip
+    (table,) = [p for p in tied.flat(tied.base) if p.endswith("token_embedder/embedding")]
+    (embed,) = [r for r in report.layers if r.kind == "embed"]
+    assert not report.unsolved and embed.form == "tied"
+    with tied.context():
+        _, report = jm.merge(tied.model, tied.base, fts, cal, strict=True, algorithm="sequential",
+                             call_kwargs=tied.call_kwargs, progress=False)  # fmt: skip
+    assert not report.unsolved
+    assert [r.form for r in report.layers if r.kind == "embed"] == ["tied"]
+    heads, original = [], nnx_decoders.attend_on_embedding
+    monkeypatch.setattr(nnx_decoders, "attend_on_embedding",
+                        lambda query, *a, **k: heads.append(np.asarray(query)) or original(
+                            query, *a, **k))  # fmt: skip
+    tasks = []
+    for f, (batch,) in zip(fts, cal, strict=True):
+        heads.clear()
+        tied.logits(f, batch, jit=False)
+        (h,) = heads
+        e_k, t = np.asarray(tied.flat(f)[table], np.float64), np.asarray(
+            batch["decoder_input_tokens"]).reshape(-1)  # fmt: skip
+        h = h.reshape(-1, h.shape[-1]).astype(np.float64)
+        tasks.append((t, e_k[t], h, h @ e_k.T))
+    want = tied_lstsq(tasks, 1.0, *np.shape(tied.flat(tied.base)[table]))
+    _close(tied.flat(merged)[table], want, 1e-6)

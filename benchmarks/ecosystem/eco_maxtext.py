@@ -117,14 +117,16 @@ class MaxTextModel:
     library = "maxtext"
     call_kwargs = {"enable_dropout": False}
 
-    def __init__(self, *, scan: bool, seed: int = 0):
+    def __init__(self, *, scan: bool, seed: int = 0, tied: bool = False):
         mt = _imports()
         self.scan = scan
         self.name = "maxtext-llama2-tiny-" + ("scanned" if scan else "unscanned")
+        self.name += "-tied" * tied
         base_yml = os.path.join(os.path.dirname(mt.pyconfig.__file__), "base.yml")
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxmerge-ecosystem-maxtext")
         self.cfg = mt.pyconfig.initialize(["", base_yml], base_output_directory=out,
-                                          scan_layers=scan, **SETTINGS)  # fmt: skip
+                                          scan_layers=scan, logits_via_embedding=tied,
+                                          **SETTINGS)  # fmt: skip
         self.cfg._flat_config["dtype"] = jnp.dtype("float64")  # not admitted by the validator
         self.cfg._flat_config["weight_dtype"] = jnp.dtype("float64")
         self.mesh = mt.utils.get_mesh_from_config(self.cfg, jax.devices())
