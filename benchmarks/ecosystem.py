@@ -1,5 +1,6 @@
 r"""jaxmerge on the JAX LLM libraries' own models: tiny gemma (Gemma 2- and Gemma 3-style, Flax
-linen) and MaxText (Llama-style, Flax NNX, scanned and unscanned) Transformers, merged layer by
+linen) and MaxText (Llama-style, Flax NNX, scanned and unscanned, and unscanned with
+``logits_via_embedding``: a tied head the decoder computes itself) Transformers, merged layer by
 layer and checked against numpy float64 least squares computed independently of jaxmerge.
 
 For every model: random init in float64 (``jax_enable_x64``), ``K = 3`` fine-tunes made by adding
@@ -386,6 +387,14 @@ def maxtext_entries(sizes, seed):
         fts = [with_params(adapter.base, adapter.stacked(other.flat(f))) for f in fts]
         stacked = {run: adapter.stacked(flat) for run, flat in merges.items()}
         yield run_model(adapter, sizes, seed, fts, (other.name, stacked))[0]
+    print("maxtext llama2 (unscanned, logits_via_embedding):", flush=True)
+    try:
+        adapter = MaxTextModel(scan=False, seed=seed, tied=True)
+    except Exception as error:
+        yield {"model": "maxtext-llama2-tiny-unscanned-tied", "status": "failed",
+               "stage": "build", "error": _error(error)}  # fmt: skip
+        return
+    yield run_model(adapter, sizes, seed)[0]
 
 
 # ---- results ------------------------------------------------------------------------------------

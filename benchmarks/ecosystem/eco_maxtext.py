@@ -184,7 +184,9 @@ class MaxTextModel:
 
     def record(self, params, batches) -> dict[str, Layer]:
         """``{weight path: Layer}`` of every ``DenseGeneral``, ``RMSNorm`` and ``Embed`` call
-        (``__call__``: lookups, ``attend``: a tied head) on ``batches``
+        (``__call__``: lookups, ``attend`` or the decoder's ``attend_on_embedding``
+        with ``logits_via_embedding``: a tied head, its targets ``h Eᵀ`` in float64) on
+        ``batches``
         with ``params`` (a copy of the model, run eagerly with the classes' methods wrapped and
         the unscanned decoder's layers called in place, :func:`layers_in_place`; calls with
         traced values, as inside ``nnx.scan``, are not recorded)."""
@@ -195,7 +197,9 @@ class MaxTextModel:
         layers: dict[str, Layer] = {}
         dense, norm, embed = mt.linears.DenseGeneral, mt.norms.RMSNorm, mt.embeddings.Embed
         originals = {dense: dense.__call__, norm: norm.__call__, embed: embed.__call__,
-                     "attend": embed.attend}  # fmt: skip
+                     "attend": embed.attend, "head": mt.decoders.attend_on_embedding}  # fmt: skip
+        (table,) = ["/".join(map(str, p)) + "/embedding" for p, m in nnx.iter_modules(model)
+                    if isinstance(m, embed)]  # fmt: skip
 
         def concrete(*arrays):
             return all(not isinstance(a, jax.core.Tracer) for a in arrays)
@@ -247,8 +251,16 @@ class MaxTextModel:
                 add_call(layers, path + "/embedding", Layer("embed", path + "/embedding"), call)
             return out
 
+        def head_call(query, embedding_table, *args, **kwargs):  # logits_via_embedding
+            out = originals["head"](query, embedding_table, *args, **kwargs)
+            if concrete(query, embedding_table):  # targets h Eᵀ exactly (the head rounds E)
+                q = np.asarray(query, np.float64)
+                call = Call("head", q, q @ np.asarray(embedding_table, np.float64).T)
+                add_call(layers, table, Layer("embed", table), call)
+            return out
+
         dense.__call__, norm.__call__, embed.__call__ = dense_call, norm_call, embed_call
-        embed.attend = attend_call
+        embed.attend, mt.decoders.attend_on_embedding = attend_call, head_call
         try:
             with self.context(), layers_in_place():
                 for batch in batches:
@@ -256,4 +268,5 @@ class MaxTextModel:
         finally:
             dense.__call__, norm.__call__ = originals[dense], originals[norm]
             embed.__call__, embed.attend = originals[embed], originals["attend"]
+            mt.decoders.attend_on_embedding = originals["head"]
         return layers

@@ -12,11 +12,14 @@ returns the heads' inputs as well as its outputs; the statistics take the head's
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
+from jax._src.interpreters import partial_eval as pe
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-__all__ = ["Head", "NotAHead", "find_heads", "run_with_heads"]
+__all__ = ["Head", "NotAHead", "Traced", "find_heads", "run_with_heads", "trace"]
 
 # primitives that pass the table's values on unchanged in shape (casts, copies, placement)
 _SAME = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -37,6 +40,36 @@ class Head:
     where: tuple[int, ...]
     operand: int
     axis: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A function traced to a jaxpr whose inputs are its constants and arguments, its dead code
+    eliminated.
+
+    Attributes:
+        jaxpr: the jaxpr (no constants of its own).
+        args: the values of its inputs (under the caller's trace, when there is one).
+        shape: the function's output, as shapes and dtypes.
+        index: ``{argument leaf number: input number}`` of the argument leaves it reads.
+    """
+
+    jaxpr: Jaxpr
+    args: list
+    shape: Any
+    index: dict[int, int]
+
+
+def trace(fn: Callable, *args) -> Traced:
+    """:class:`Traced` of ``fn(*args)``."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+    jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    values = [*closed.consts, *jax.tree.leaves(args)]
+    kept = [i for i, u in enumerate(used) if u]
+    n = len(closed.consts)
+    index = {i - n: j for j, i in enumerate(kept) if i >= n}
+    return Traced(jaxpr, [values[i] for i in kept], shape, index)
 
 
 class NotAHead(ValueError):
@@ -79,8 +112,8 @@ def _find(jaxpr: Jaxpr, tracked: dict, where: tuple[int, ...]) -> list[Head]:
             continue
         name = eqn.primitive.name
         (j, transposed), single = hits[0], len(hits) == 1
-        if name in _SAME and single and len(eqn.outvars) == 1:
-            tracked[eqn.outvars[0]] = transposed
+        if name in _SAME and len(eqn.outvars) == len(eqn.invars):  # operand i -> output i
+            tracked.update((eqn.outvars[k], t) for k, t in hits)
             continue
         if name == "transpose" and single and tuple(eqn.params["permutation"]) == (1, 0):
             tracked[eqn.outvars[0]] = not transposed
@@ -105,11 +138,12 @@ def _find(jaxpr: Jaxpr, tracked: dict, where: tuple[int, ...]) -> list[Head]:
     return heads
 
 
-def run_with_heads(jaxpr: Jaxpr, consts, args, heads: Sequence[Head]):
-    """``(outputs, [h of each head])``: ``jaxpr`` evaluated on ``args`` (under the caller's
+def run_with_heads(traced: Traced, heads: Sequence[Head]):
+    """``(outputs, [h of each head])``: the traced function evaluated again (under the caller's
     trace), the call equations holding heads evaluated equation by equation."""
     found: dict[tuple[int, ...], object] = {}
-    outs = _run(jaxpr, consts, args, {h.where: h.operand for h in heads}, (), found)
+    wanted = {h.where: h.operand for h in heads}
+    outs = _run(traced.jaxpr, (), traced.args, wanted, (), found)
     return outs, [found[h.where] for h in heads]
 
 

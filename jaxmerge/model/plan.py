@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import partial_eval as pe
 
 from .._errors import with_context
 from .._flax.capture import as_model
@@ -19,7 +18,7 @@ from .._flax.fold import flatten, has_collections
 from .._flax.provenance import locate
 from ..kinds import LayerSpec, kind_of
 from ..kinds.embed import EMBED, tied
-from .heads import NotAHead, find_heads, run_with_heads
+from .heads import NotAHead, find_heads, run_with_heads, trace
 
 # ---- the plan: which layers, grouped how -----------------------------------------------------
 
@@ -166,13 +165,9 @@ class _Plan:
                 return call.default()
             return call.run(jax.tree.map(jnp.zeros_like, call.params))
 
-        closed = jax.make_jaxpr(lambda t, b: self.apply(t, b, hook))(tree, batch)
-        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
-        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        consts = len(closed.consts)
+        traced = trace(lambda t, b: self.apply(t, b, hook), tree, batch)
         position = {p: i for i, p in enumerate(flat)}
-        kept = [i for i, u in enumerate(used) if u]
-        read = {p for p in flat if used[consts + position[p]]}
+        read = {p for p in flat if position[p] in traced.index}
         out = {}
         for path, spec in list(self.specs.items()):
             leaves = [spec.leaf(n) for n in spec.param_names if spec.leaf(n) in read]
@@ -181,7 +176,7 @@ class _Plan:
             use = ""
             if spec.kind == EMBED.name and leaves == [spec.leaf(spec.kernel)] and not spec.slices:
                 try:
-                    heads = find_heads(jaxpr, kept.index(consts + position[leaves[0]]))
+                    heads = find_heads(traced.jaxpr, traced.index[position[leaves[0]]])
                     self.heads[path] = len(heads)
                     self.specs[path] = tied(spec)
                     continue
@@ -265,24 +260,19 @@ class _Plan:
             y = self.apply(tree, batch, hook)
             return y, {p: [(x, z) for x, _, z in calls] for p, calls in out.items()}
 
-        closed, shape = jax.make_jaxpr(forward, return_shape=True)(tree, batch, tables)
+        traced = trace(forward, tree, batch, tables)
         leads = {p: [lead for _, lead, _ in calls] for p, calls in out.items()}
-        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
-        jaxpr, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        args = [*closed.consts, *jax.tree.leaves((tree, batch, tables))]
-        kept = [i for i, u in enumerate(used) if u]
-        position = {p: len(closed.consts) + i for i, p in enumerate(flat)}
+        position = {p: i for i, p in enumerate(flat)}
         found = {}
         for path, spec in heads.items():
-            found[path] = find_heads(jaxpr, kept.index(position[spec.leaf(spec.kernel)]))
+            found[path] = find_heads(traced.jaxpr, traced.index[position[spec.leaf(spec.kernel)]])
             if len(found[path]) != self.heads[path]:
                 raise ValueError(
                     f"merge: the forward pass computes {len(found[path])} heads from the table "
                     f"of layer {path!r} on this batch but {self.heads[path]} on the first one."
                 )
-        values, inputs = run_with_heads(jaxpr, (), [args[i] for i in kept],
-                                        [h for p in heads for h in found[p]])  # fmt: skip
-        _, recorded = jax.tree.unflatten(jax.tree.structure(shape), values)
+        values, inputs = run_with_heads(traced, [h for p in heads for h in found[p]])
+        _, recorded = jax.tree.unflatten(jax.tree.structure(traced.shape), values)
         out = {p: [(x, lead, z) for (x, z), lead in zip(calls, leads[p], strict=True)]
                for p, calls in recorded.items()}  # fmt: skip
         inputs = iter(inputs)
