@@ -541,6 +541,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sizes = SIZES[args.quick]
     start = time.perf_counter()
+    env = environment()  # the code the run imports: the repository as it starts
     models = []
     for entries in (gemma_entries, maxtext_entries):
         for entry in entries(sizes, args.seed):
@@ -569,7 +570,7 @@ def main(argv=None) -> dict:
             "merge_seconds": "time.perf_counter around jaxmerge.merge, including tracing "
             "and XLA compilation",
         },  # fmt: skip
-        "environment": environment(),
+        "environment": env,
         "models": models,
     }
     result["findings"] = findings(models)
