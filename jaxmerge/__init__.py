@@ -96,6 +96,8 @@ from .io.store import load_stats as load_stats
 from .io.store import save_stats as save_stats
 from .io.hf import load_bert_safetensors as load_bert_safetensors
 from .io.hf import save_bert_safetensors as save_bert_safetensors
+from .io.hf import load_llama_safetensors as load_llama_safetensors
+from .io.hf import save_llama_safetensors as save_llama_safetensors
 from .io.gguf import load_llama_gguf as load_llama_gguf
 
 # Command line and statistics artifacts

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 import jaxmerge as jm
 from jaxmerge.cli import main
 from jaxmerge.models.bert import BertConfig, BertModel
+from jaxmerge.models.llama import LlamaConfig, LlamaForCausalLM
 
 # Reading a corrupted Orbax checkpoint, Orbax's metadata reader leaves a tensorstore callback that
 # fires on its closed asyncio event loop ("Event loop is closed", reported as unraisable, possibly
@@ -64,10 +65,12 @@ def ctx(tmp_path_factory):
     shapes = jax.eval_shape(BertModel(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
     bert = jm.save_bert_safetensors(variables, files / "bert", cfg)
+    llama = jm.save_llama_safetensors(LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(0)),
+                                      files / "llama")  # fmt: skip
     return SimpleNamespace(
         xs=xs, ys=ys, base=base, fts=fts, stats=stats, model=model, cal=[[x] for x in cal_x],
         params=params, model_fts=model_fts, merge_stats=merge_stats, saved_params=saved_params,
-        saved_stats=saved_stats, bert=Path(bert),
+        saved_stats=saved_stats, bert=Path(bert), llama=Path(llama),
     )  # fmt: skip
 
 
@@ -753,6 +756,20 @@ CASES = [
     Case("load_bert_safetensors: malformed config.json",
          lambda c, t: jm.load_bert_safetensors(_torn(_copy(c.bert, t), "config.json")),
          ValueError, r"load_bert_safetensors: .*config\.json is not valid JSON"),
+    Case("load_llama_safetensors: missing tensor",
+         lambda c, t: jm.load_llama_safetensors(_edited(_copy(c.llama, t), _drop_down_proj)),
+         ValueError, r"Llama config: missing model/layers/1/mlp/down_proj/kernel"),
+    Case("load_llama_safetensors: a tied head that differs",
+         lambda c, t: jm.load_llama_safetensors(_edited(_copy(c.llama, t), _other_head)),
+         ValueError, r"lm_head\.weight differs from model\.embed_tokens\.weight, but the config "
+                     r"ties them"),
+    Case("load_llama_safetensors: not a llama config",
+         lambda c, t: jm.load_llama_safetensors(_edited_config(_copy(c.llama, t),
+                                                               model_type="mistral")),
+         ValueError, r"model_type 'mistral' is not llama"),
+    Case("load_llama_gguf: not a gguf file",
+         lambda c, t: jm.load_llama_gguf(_copy(c.llama, t) / "model.safetensors"),
+         ValueError, r"load_llama_gguf: .*model\.safetensors is not a GGUF file"),
 ]  # fmt: skip
 
 
@@ -782,6 +799,20 @@ def _drop_query_bias(tensors):
 
 def _widen_pooler(tensors):
     tensors["pooler.dense.weight"] = np.ones((16, 17), np.float32)
+
+
+def _drop_down_proj(tensors):
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+
+
+def _other_head(tensors):
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+
+
+def _edited_config(path: Path, **changes) -> Path:
+    f = path / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return path
 
 
 def _truncated(path: Path) -> Path:

@@ -107,3 +107,18 @@ def test_bad_configs_are_named(changes, match):
 def test_from_dict_refuses_what_the_model_does_not_have():
     with pytest.raises(ValueError, match="rope_scaling"):
         LlamaConfig.from_dict({"rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_safetensors_round_trip(tmp_path, tied):
+    from safetensors.numpy import load_file
+
+    model = LlamaForCausalLM(LlamaConfig.tiny(tie_word_embeddings=tied), rngs=nnx.Rngs(0))
+    path = jm.save_llama_safetensors(model, tmp_path / "llama")
+    names = set(load_file(path / "model.safetensors"))
+    assert ("lm_head.weight" in names) == (not tied)
+    assert "model.layers.1.self_attn.q_proj.weight" in names
+    loaded = jm.load_llama_safetensors(path)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 5)))
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))

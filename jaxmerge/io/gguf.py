@@ -110,8 +110,9 @@ def load_llama_gguf(
     Raises:
         ImportError: the ``gguf`` package is not installed.
         FileNotFoundError: no such file.
-        ValueError: the digest differs; the file is not a Llama (architecture, rope scaling,
-            partial RoPE); a tensor is missing, unexpected, or of the wrong shape (named).
+        ValueError: the digest differs; the file is not GGUF; it is not a Llama (architecture,
+            rope scaling, partial RoPE); a tensor is missing, unexpected, or of the wrong shape
+            (named).
     """
     try:
         import gguf
@@ -124,7 +125,12 @@ def load_llama_gguf(
         got = _sha256(path)
         if got != sha256.lower():
             raise ValueError(f"load_llama_gguf: {path} has sha256 {got}, expected {sha256}.")
-    reader = gguf.GGUFReader(path, "r")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, OSError) as error:
+        raise ValueError(
+            f"load_llama_gguf: {path} is not a GGUF file (or is truncated): {error}"
+        ) from error
     names = {t.name: i for i, t in enumerate(reader.tensors)}
     config = _config(reader, path, names)
 

@@ -106,9 +106,14 @@ class LlamaConfig:
         ``num_key_value_heads`` means one per query head, as in Hugging Face).
 
         Raises:
-            ValueError: the config sets a feature this model does not have (rope scaling,
-                attention or MLP biases, a head width other than ``hidden_size / heads``).
+            ValueError: ``model_type`` is present and is not ``"llama"``, or the config sets a
+                feature this model does not have (rope scaling, attention or MLP biases, a head
+                width other than ``hidden_size / heads``, an activation other than SiLU).
         """
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"LlamaConfig.from_dict: model_type {d['model_type']!r} is not llama.")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"LlamaConfig.from_dict: hidden_act {d['hidden_act']!r} is not silu.")
         unsupported = [k for k in ("rope_scaling", "attention_bias", "mlp_bias") if d.get(k)]
         if "head_dim" in d and "hidden_size" in d and "num_attention_heads" in d:
             if d["head_dim"] * d["num_attention_heads"] != d["hidden_size"]:
@@ -119,6 +124,12 @@ class LlamaConfig:
         fields = {k: v for k, v in d.items() if k in names}
         fields.setdefault("num_key_value_heads", fields.get("num_attention_heads", 9))
         return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dictionary of this configuration."""
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "hidden_act": "silu", "head_dim": self.head_dim, "attention_bias": False,
+                "mlp_bias": False} | dataclasses.asdict(self)  # fmt: skip
 
 
 def rope(x: Float[Array, "batch seq heads dim"], positions: Int[Array, "batch seq"], theta: float):
