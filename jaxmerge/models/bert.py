@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Real
 
+from ._config import check_positive_ints
+
 __all__ = ["BertConfig", "BertModel", "BertOutput", "mean_pool"]
 
 _ACTIVATIONS = {
@@ -72,12 +74,7 @@ class BertConfig:
     add_pooler: bool = True
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"BertConfig.{field.name} must be an int, got {value!r}.")
-            if field.type is int and value < 1:
-                raise ValueError(f"BertConfig.{field.name} must be positive, got {value}.")
+        check_positive_ints(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig: hidden_size {self.hidden_size} is not divisible by "

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int, Real
 
+from ._config import check_positive_ints
+
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "rope"]
 
 
@@ -66,12 +68,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"LlamaConfig.{field.name} must be an int, got {value!r}.")
-            if field.type is int and value < 1:
-                raise ValueError(f"LlamaConfig.{field.name} must be positive, got {value}.")
+        check_positive_ints(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"LlamaConfig: num_attention_heads {self.num_attention_heads} does not divide "
