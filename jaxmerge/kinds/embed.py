@@ -20,11 +20,12 @@ from jaxtyping import Array, Float
 
 from ..core.bases import Custom, LowRank, combine_directions
 from ..core.energy import energies
-from ..core.psd import SolveStatus, psd_solve
+from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
 from .base import CallShape, LayerKind
 from .registry import Rules, register_kind
+from .tied import check_tied_options, solve_tied, tied_energies
 
 __all__ = ["EmbedKind", "EmbedStats", "TiedStats", "register_embedding"]
 
@@ -125,7 +126,7 @@ def _lookup_scale(spec) -> float:
 class EmbedKind(Rules, LayerKind):
     """A table ``(V, d)`` read by integer token ids (``Embed``), and, when it is tied, by a
     head ``z = h Eᵀ`` (``Embed.attend``, Gemma's ``Embedder.decode``): both uses are output
-    errors of the same rows (:class:`TiedStats`), solved together (:func:`_solve_tied`)."""
+    errors of the same rows (:class:`TiedStats`), solved together (:mod:`~jaxmerge.kinds.tied`)."""
 
     name = "embed"
     kernel = "embedding"
@@ -225,7 +226,17 @@ class EmbedKind(Rules, LayerKind):
     def solve(self, spec, stats, base, finetuned, centre, opt):
         """Rows of the seen tokens solved; unseen rows keep the fallback (``centre``)."""
         if isinstance(stats, TiedStats):
-            return _solve_tied(spec, stats, self, base, finetuned, centre, opt)
+            check_tied_options(spec, opt)
+            table = lambda tree: jnp.asarray(tree[spec.kernel])  # noqa: E731
+            prior = opt.prior
+            if opt.basis == "full":
+                directions = None
+                prior = None if prior is None else table(prior)
+            else:
+                directions = _directions(self, spec, opt.basis, base, finetuned)
+            merged, sol = solve_tied(stats, _lookup_scale(spec), table(base), table(centre),
+                                     directions, prior, opt)  # fmt: skip
+            return {spec.kernel: merged}, sol
         stats = _scaled(stats, _lookup_scale(spec))
         e0 = jnp.asarray(base[spec.kernel])
         eks = [jnp.asarray(f[spec.kernel]) for f in finetuned]
@@ -272,7 +283,7 @@ class EmbedKind(Rules, LayerKind):
     def energy(self, spec, stats, base, merged):
         if isinstance(stats, TiedStats):
             k0, k1 = jnp.asarray(base[spec.kernel]), jnp.asarray(merged[spec.kernel])
-            return _tied_energies(stats, _lookup_scale(spec), k0, k1)
+            return tied_energies(stats, _lookup_scale(spec), k0, k1)
         stats = _scaled(stats, _lookup_scale(spec))
         seen = _seen(stats)
         k0 = jnp.asarray(base[spec.kernel])[seen].astype(stats.diag.dtype)
@@ -306,24 +317,6 @@ def _solve_full(stats: EmbedStats, seen, start_table, prior, opt):
     return merged, jnp.int32(SolveStatus.CHOLESKY), cond
 
 
-def _tied_energies(stats: TiedStats, scale, e0, e1):
-    """``(E₀, L, ρ)`` of the table ``e1`` against ``e0``: the lookups' output error (rows
-    ``scale · E[t]``) plus the head's (``z = h Eᵀ``)."""
-    dtype = stats.gram.dtype
-    e0, e1 = e0.astype(dtype), e1.astype(dtype)
-
-    def residual(e):  # Σ of both uses' squared output errors, from the sums
-        lookups = (jnp.sum(stats.out_sq) - 2 * scale * jnp.vdot(e, stats.cross)
-                   + scale**2 * jnp.vdot(stats.diag[:, None] * e, e))  # fmt: skip
-        head = (jnp.sum(stats.head_out_sq) - 2 * jnp.vdot(e.T, stats.head_cross)
-                + jnp.vdot(e @ stats.gram, e))  # fmt: skip
-        return lookups + head
-
-    b0, loss = jnp.maximum(residual(e0), 0.0), jnp.maximum(residual(e1), 0.0)
-    rho = jnp.where(b0 > 0, 1.0 - loss / jnp.where(b0 > 0, b0, 1.0), 1.0)
-    return b0, loss, rho
-
-
 def tied(spec):
     """The spec of a table read by lookups (``spec``) and by a head."""
     if is_tied(spec):
@@ -334,99 +327,6 @@ def tied(spec):
 def is_tied(spec) -> bool:
     """Whether a layer is a tied table (read by lookups and by a head)."""
     return spec.kind == EMBED.name and spec.form.startswith("tied")
-
-
-def check_tied_options(spec, opt) -> None:
-    """Raise unless a tied table's options are ones it is solved with: any basis but
-    :class:`~jaxmerge.LowRank`, RegMean's ``α = 1``."""
-    if isinstance(opt.basis, LowRank) or opt.alpha != 1:
-        what = f"basis={opt.basis!r}" if isinstance(opt.basis, LowRank) else f"alpha={opt.alpha!r}"
-        raise ValueError(
-            f"layer {spec.path!r} is a tied embedding (read by lookups and by the head); it is "
-            f"not solved with {what} (a low-rank basis, or RegMean's alpha, needs a metric that "
-            "its two uses do not share): give that layer another basis, or alpha=1 "
-            f"(basis={{..., {spec.path!r}: 'full'}})."
-        )
-
-
-def _tied_residual(stats: TiedStats, scale, table):
-    """``-½ ∇L`` at ``table`` (``V × d``): both uses' target sums less their outputs' at
-    ``table``, ``s·ΣY + ΣZᵀH − (s²·counts ⊙ E + E A_h)``."""
-    return (scale * stats.cross + stats.head_cross.T
-            - (scale**2 * stats.diag[:, None] * table + table @ stats.gram))  # fmt: skip
-
-
-def _solve_tied(spec, stats: TiedStats, kind, base, finetuned, centre, opt):
-    r"""A tied table from both uses (DESIGN §5), its loss
-    ``L(E) = Σ‖s·E[t] − Y‖² + Σ‖h Eᵀ − Z‖²``, whose metric is ``s²·counts ⊗ I + I ⊗ A_h``.
-
-    The full basis row by row (``(s²c_v I + A_h) E_vᵀ = s·Σₖ wₖ Σ_{i: v} Yₖ[i] + P_h[:, v]``):
-    with ``A_h = QΛQᵀ`` every row is a diagonal solve in ``Q``'s coordinates, the update taken
-    from the fallback rows (``centre``) and zero in directions neither use sees (an unseen
-    token along ``A_h``'s null space), as the full basis does for a dense layer. The ridge's
-    ``D = diag(metric)`` is ``s²c_v + (A_h)_jj``, so the ridged row system is ``s²c_v I + M``
-    with ``M = θA_h + (1−θ)Diag(A_h)``, diagonalised the same way. The scalar, diagonal and
-    custom bases form their ``J × J`` (per column of the table: ``dJ × dJ``) system from the
-    metric and solve it as :func:`~jaxmerge.solve_layer` does."""
-    check_tied_options(spec, opt)
-    dtype = stats.gram.dtype
-    scale = _lookup_scale(spec)
-    e0 = jnp.asarray(base[spec.kernel]).astype(dtype)
-    theta = 1.0 / (1.0 + opt.ridge)
-    prior = opt.prior
-    if opt.basis == "full":
-        start = jnp.asarray(centre[spec.kernel]).astype(dtype)
-        u0 = (jnp.zeros_like(start) if prior is None
-              else jnp.asarray(prior[spec.kernel]).astype(dtype) - start)  # fmt: skip
-        g = stats.gram
-        lam, q = jnp.linalg.eigh(theta * g + (1 - theta) * jnp.diag(jnp.diagonal(g)))
-        lam = jnp.maximum(lam, 0.0)
-        counts = scale**2 * stats.diag[:, None]
-        rhs = theta * _tied_residual(stats, scale, start)
-        rhs = rhs + (1 - theta) * (counts + jnp.diagonal(g)[None, :]) * u0
-        denom = counts + lam[None, :]
-        tol = (jnp.finfo(dtype).eps * max(g.shape[0], 1)
-               * jnp.maximum(jnp.max(denom), jnp.finfo(dtype).tiny))  # fmt: skip
-        coords = jnp.where(denom > tol, (rhs @ q) / jnp.where(denom > tol, denom, 1.0), 0.0)
-        update = jnp.where(theta == 0, u0, coords @ q.T)
-        merged = start + update
-        singular = jnp.any((denom <= tol) & (stats.diag[:, None] > 0) | (lam[None, :] <= tol))
-        status = jnp.where(singular, SolveStatus.PSEUDO_INVERSE, SolveStatus.CHOLESKY)
-        cond = jnp.max(denom) / jnp.maximum(jnp.min(jnp.where(denom > tol, denom, jnp.inf)), tol)
-        coefficients = None
-    else:
-        dirs, per_output = _directions(kind, spec, opt.basis, base, finetuned)
-        dirs = dirs.astype(dtype)
-        j_dirs, d = dirs.shape[0], dirs.shape[2]
-        counts = scale**2 * stats.diag
-        residual = _tied_residual(stats, scale, e0)
-        if per_output:  # coefficients (d, J): column j of the table is E0[:, j] + Σ c_jq D_q[:, j]
-            head = jnp.einsum("qvj,rvi,ji->jqir", dirs, dirs, stats.gram)
-            lookups = jnp.einsum("v,qvj,rvj->jqr", counts, dirs, dirs)
-            eye = jnp.eye(d, dtype=dtype)[:, None, :, None]
-            h = (head + eye * lookups[:, :, None, :]).reshape(d * j_dirs, d * j_dirs)
-            f = jnp.einsum("qvj,vj->jq", dirs, residual).reshape(-1)
-            shape = (d, j_dirs)
-        else:
-            h = (jnp.einsum("qvj,rvi,ji->qr", dirs, dirs, stats.gram)
-                 + jnp.einsum("v,qvj,rvj->qr", counts, dirs, dirs))  # fmt: skip
-            f = jnp.einsum("qvj,vj->q", dirs, residual)
-            shape = (j_dirs,)
-        c0 = jnp.zeros(shape, dtype) if prior is None else jnp.broadcast_to(
-            jnp.asarray(prior, dtype), shape)  # fmt: skip
-        dh = jnp.diagonal(h)
-        mean = jnp.mean(dh)
-        dh = jnp.maximum(dh, jnp.finfo(dtype).eps * jnp.where(mean > 0, mean, 1.0))
-        system = theta * h + (1 - theta) * jnp.diag(dh)
-        rhs = theta * f + (1 - theta) * dh * c0.reshape(-1)
-        c, status, cond = psd_solve(system, rhs[:, None], rcond=opt.rcond, jitter=opt.jitter)
-        coefficients = jnp.where(theta == 0, c0, c[:, 0].reshape(shape))
-        merged = e0 + combine_directions(coefficients, dirs, per_output)
-    merged = merged.astype(jnp.asarray(base[spec.kernel]).dtype)
-    e_0, loss, rho = _tied_energies(stats, scale, jnp.asarray(base[spec.kernel]), merged)
-    status = jnp.asarray(status, jnp.int32)
-    solution = LayerSolution(merged, None, coefficients, e_0, loss, rho, status, cond, None)
-    return {spec.kernel: merged}, solution
 
 
 def _directions(kind, spec, basis, base, finetuned):

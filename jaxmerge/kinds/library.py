@@ -14,7 +14,8 @@ libraries is imported.
   ``attend``.
 * **EasyDeL** (Flax NNX): ``ColumnParallelLinear`` and ``RowParallelLinear``, kernel
   ``(in, out)`` and an optional bias over the input's last axis (not covered with an output
-  ``scale`` or a weight passed as ``w=``); its ``RMSNorm``, whose scale is named ``kernel``; its
+  ``scale`` or a weight passed as ``w=``: the tied head ``lm_head(h, w=table.T)`` is the
+  embedding's, :mod:`jaxmerge.model.heads`); its ``RMSNorm``, whose scale is named ``kernel``; its
   ``Embed``, read by ``__call__`` and the tied head ``attend``.
 """
 

@@ -74,7 +74,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..kinds.embed import check_tied_options, is_tied
+from ..kinds.embed import is_tied
+from ..kinds.tied import check_tied_options
 from .collect import StatsCollector, _checked_ids, _collect, _peek
 from .options import _check_layer_patterns, _check_options, _options
 from .plan import _default_dtype, _plan
