@@ -13,6 +13,9 @@ Cholesky factorisation (``psd_solve``'s ``jitter``) would give instead:
   calls it (status recorded), and of ``psd_solve`` with ``jitter = 2 · rcond · λ_max``.
 * Per solution, the captured energy ``ρ`` on the fit and on the held-out statistics, and the
   update's norm; the shifted solution also with ten times that shift.
+* ``exact_null``: exactly singular systems ``H = BBᵀ`` (rank ``p/2``, ``f = Hg``, float32 and
+  float64): how far the shifted solution lies from the minimum-norm one, and how much of it
+  lies in ``ker H`` (the rounding of ``f`` there, amplified by ``1/δ``).
 
 Run ``python benchmarks/solve_path.py``; results in ``benchmarks/results/solve_path.json``.
 """
@@ -75,6 +78,31 @@ def rho(system, update) -> float:
     e0 = out_sq.sum() - 2 * np.sum(w0 * cross) + np.sum(w0 * (gram @ w0))
     loss = e0 + np.sum(update * (gram @ update)) - 2 * np.sum(update * residual)
     return float(1 - loss / e0)
+
+
+def exact_null(sizes=(6, 64, 577), seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dtype in ("float32", "float64"):
+        with jax.enable_x64(dtype == "float64"):
+            for p in sizes:
+                b = rng.normal(size=(p, p // 2))
+                h64 = b @ b.T
+                h, f = h64.astype(dtype), (h64 @ rng.normal(size=(p, 2))).astype(dtype)
+                scaled = h64 / np.mean(np.diag(h64))
+                top = float(np.linalg.eigvalsh(scaled).max())
+                jitter = 2 * p * float(np.finfo(dtype).eps) * top
+                exact = np.linalg.pinv(h.astype(np.float64), rcond=1e-6) @ f.astype(np.float64)
+                x, status, _ = jm.psd_solve(h, f, jitter=jitter)
+                x = np.asarray(x, np.float64)
+                distance = np.linalg.norm(x - exact) / np.linalg.norm(exact)
+                null = np.linalg.svd(b, full_matrices=True)[0][:, p // 2 :]
+                rows.append({
+                    "dtype": dtype, "p": p, "status": jm.SolveStatus(int(status)).name,
+                    "distance_to_min_norm": float(distance),
+                    "share_in_null_space": float(np.linalg.norm(null.T @ x) / np.linalg.norm(x)),
+                })  # fmt: skip
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -142,6 +170,7 @@ def main(argv=None) -> dict:
         "default_over_cholesky_solve": total["default_s"] / total["cholesky_solve_s"],
         "shifted_over_cholesky_solve": total["shifted_s"] / total["cholesky_solve_s"],
         "systems": rows,
+        "exact_null": exact_null(),
         "devices": [str(d) for d in jax.devices()],
     }
     (HERE / "results" / "solve_path.json").write_text(json.dumps(result, indent=1) + "\n")
