@@ -102,6 +102,28 @@ def _broadcast_prior(prior, shape, what):
         ) from None
 
 
+def _floored(d):
+    """The diagonal ``D`` of the ridge, floored at ``eps · mean(d)`` so that it is invertible."""
+    mean = jnp.mean(d, axis=-1, keepdims=True)
+    return jnp.maximum(d, jnp.finfo(d.dtype).eps * jnp.where(mean > 0, mean, 1.0))
+
+
+def ridged_solve(h, f, prior, theta, *, rcond, jitter):
+    """A directional QP ``H c = f`` with the ridge toward ``c₀ = prior``, batched over leading
+    axes: ``(θH + (1−θ)D) c = θf + (1−θ)D c₀`` with ``D = diag(H)`` floored and
+    ``θ = 1/(1+λ)``, so that ``λ = ∞`` (``θ = 0``) returns ``c₀`` exactly.
+
+    Returns ``(c, status, cond)``: the coefficients, the worst :class:`SolveStatus` and the
+    largest condition estimate over the batch.
+    """
+    d = _floored(jnp.diagonal(h, axis1=-2, axis2=-1))
+    eye = jnp.eye(h.shape[-1], dtype=h.dtype)
+    system = theta * h + (1 - theta) * d[..., None] * eye
+    rhs = theta * f + (1 - theta) * d * prior
+    c, status, cond = psd_solve(system, rhs[..., None], rcond=rcond, jitter=jitter)
+    return jnp.where(theta == 0, prior, c[..., 0]), jnp.max(status), jnp.max(cond)
+
+
 @functools.partial(jax.jit, static_argnames=("per_output", "rank", "rcond", "jitter", "full"))
 def _solve_kernel(
     gram,
@@ -134,12 +156,8 @@ def _solve_kernel(
     theta = 1.0 / (1.0 + ridge)
     spectrum = None
 
-    def floored(d):
-        mean = jnp.mean(d, axis=-1, keepdims=True)
-        return jnp.maximum(d, jnp.finfo(dtype).eps * jnp.where(mean > 0, mean, 1.0))
-
     if full:
-        d = floored(jnp.diagonal(gram_a))
+        d = _floored(jnp.diagonal(gram_a))
         h = theta * gram_a + (1 - theta) * jnp.diag(d)
         f = theta * residual + (1 - theta) * d[:, None] * prior
         update, status, cond = psd_solve(h, f, rcond=rcond, jitter=jitter)
@@ -150,13 +168,7 @@ def _solve_kernel(
         coefficients = update
     else:
         h, f = directional_system(dirs, gram_a, residual, per_output)
-        d = floored(jnp.diagonal(h, axis1=-2, axis2=-1))
-        eye = jnp.eye(h.shape[-1], dtype=dtype)
-        h = theta * h + (1 - theta) * d[..., None] * eye
-        f = theta * f + (1 - theta) * d * prior
-        coefficients, status, cond = psd_solve(h, f[..., None], rcond=rcond, jitter=jitter)
-        coefficients = jnp.where(theta == 0, prior, coefficients[..., 0])  # λ = ∞: exactly c₀
-        status, cond = jnp.max(status), jnp.max(cond)
+        coefficients, status, cond = ridged_solve(h, f, prior, theta, rcond=rcond, jitter=jitter)
         update = combine_directions(coefficients, dirs, per_output)
     e0, loss, rho = energies(gram, cross, jnp.sum(out_sq), w0, update)
     return w0 + update, coefficients, e0, loss, rho, status, cond, spectrum

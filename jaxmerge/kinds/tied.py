@@ -10,8 +10,8 @@ with ``A_h`` the head inputs' Gram matrix. Any basis but low rank; RegMean's ``Î
 import jax.numpy as jnp
 
 from ..core.bases import LowRank, combine_directions
-from ..core.psd import SolveStatus, psd_solve
-from ..core.qp import LayerSolution
+from ..core.psd import SolveStatus
+from ..core.qp import LayerSolution, ridged_solve
 
 __all__ = ["check_tied_options", "solve_tied", "tied_energies"]
 
@@ -110,13 +110,9 @@ def _directional(stats, scale, base, dirs, per_output, prior, theta, opt):
         shape = (j_dirs,)
     c0 = jnp.zeros(shape, dtype) if prior is None else jnp.broadcast_to(
         jnp.asarray(prior, dtype), shape)  # fmt: skip
-    dh = jnp.diagonal(h)
-    mean = jnp.mean(dh)
-    dh = jnp.maximum(dh, jnp.finfo(dtype).eps * jnp.where(mean > 0, mean, 1.0))
-    system = theta * h + (1 - theta) * jnp.diag(dh)
-    rhs = theta * f + (1 - theta) * dh * c0.reshape(-1)
-    c, status, cond = psd_solve(system, rhs[:, None], rcond=opt.rcond, jitter=opt.jitter)
-    return jnp.where(theta == 0, c0, c[:, 0].reshape(shape)), status, cond
+    c, status, cond = ridged_solve(h, f, c0.reshape(-1), theta, rcond=opt.rcond,
+                                   jitter=opt.jitter)  # fmt: skip
+    return c.reshape(shape), status, cond
 
 
 def tied_energies(stats, scale, e0, e1):
