@@ -10,9 +10,10 @@ and what a shifted Cholesky factorisation (``psd_solve``'s ``jitter``) would giv
   4 × 64 random token ids per expert (the fit) and on another draw (held out). MiniLM: every
   dense layer, on 16 packed sequences of 128 tokens of one text task's calibration texts per
   expert (the fit) and on 16 more (held out).
-* Per system, float32: the median wall time of ``cholesky`` alone and of ``cholesky`` +
-  ``cho_solve`` (the reference: what an accepted system costs), of ``psd_solve`` as the merge
-  calls it (status recorded), and of ``psd_solve`` with ``jitter = 2 · rcond · λ_max``.
+* Per system, float32: the median wall time (timed in turn, ``speed.median_seconds``) of
+  ``cholesky`` alone and of ``cholesky`` + ``cho_solve`` (the reference: what an accepted
+  system costs), of ``psd_solve`` as the merge calls it (status recorded), and of
+  ``psd_solve`` with ``jitter = 2 · rcond · λ_max``.
 * Per solution, the captured energy ``ρ`` on the fit and on the held-out statistics, and the
   update's norm; the shifted solution also with ten times that shift.
 * ``exact_null``: exactly singular systems ``H = BBᵀ`` (rank ``p/2``, ``f = Hg``, float32 and
@@ -24,10 +25,10 @@ Run ``python benchmarks/solve_path.py``; results in ``benchmarks/results/solve_p
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import subprocess
-import time
 
 import data
 import jax
@@ -36,27 +37,12 @@ import models
 import numpy as np
 from flax import nnx
 from smollm2_greedy import SHA256, gguf_file
+from speed import get_path, median_seconds
 
 import jaxmerge as jm
 
 HERE = pathlib.Path(__file__).resolve().parent
 GROUPS = ("self_attn/q_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/down_proj")
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def get(tree, path):
-    for part in path.split("/"):
-        tree = tree[part] if part in tree else tree[int(part)]
-    return tree
 
 
 def perturbed(params, count: int = 4) -> list:
@@ -75,7 +61,7 @@ def systems(model, params, experts, calibration, paths=None) -> dict:
             continue
         kernels, biases = [], []
         for spec in group.layers:
-            layer = get(params, spec.path)
+            layer = get_path(params, spec.path)
             kernel = np.asarray(layer[spec.kernel][...])
             kernels.append(kernel.reshape(kernel.shape[0], -1))
             bias = np.zeros(kernels[-1].shape[1]) if spec.bias is None else layer[spec.bias][...]
@@ -176,11 +162,12 @@ def measure(fit, held, repeats: int) -> list[dict]:
             "system": name, "p": p, "columns": int(f.shape[1]),
             "eigenvalues_below_cut": int(np.sum(eig < rcond * eig.max())),
             "cond_float64": float(eig.max() / eig.min()) if eig.min() > 0 else None,
-            "cholesky_s": median_seconds(cholesky, h, repeats=repeats),
-            "cholesky_solve_s": median_seconds(cho, h, f, repeats=repeats),
-            "default_s": median_seconds(default, h, f, repeats=repeats),
-            "shifted_s": median_seconds(shifted[1], h, f, repeats=repeats),
         }  # fmt: skip
+        timed = {"cholesky_s": (cholesky, h), "cholesky_solve_s": (cho, h, f),
+                 "default_s": (default, h, f), "shifted_s": (shifted[1], h, f)}  # fmt: skip
+        calls = [functools.partial(lambda fn, *a: jax.block_until_ready(fn(*a)), *c)
+                 for c in timed.values()]  # fmt: skip
+        row.update(zip(timed, median_seconds(*calls, repeats=repeats), strict=True))
         paths = (("default", default), ("shifted", shifted[1]), ("shifted_x10", shifted[10]))
         for label, fn in paths:
             update, status, _ = fn(h, f)

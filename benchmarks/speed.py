@@ -201,8 +201,9 @@ def scaling(quick: bool, repeats: int) -> dict:
 
 
 def get_path(tree, path: str):
+    """The node at a ``/``-joined path (an NNX state's list indices as digits)."""
     for key in path.split("/"):
-        tree = tree[key]
+        tree = tree[key] if key in tree else tree[int(key)]
     return tree
 
 
