@@ -4,6 +4,7 @@ with ridge 0 it never captures less energy than them; RegMean against a numpy fo
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from reference import augment, layer_matrix
 
 import jaxmerge as jm
@@ -278,6 +279,33 @@ def test_dare_basis_gives_whole_model_dare(x64, rng):
     # Paths without the leading "params" also find the layer when the tree has none.
     bare = jm.dare_basis(base["params"], [f["params"] for f in fts], key, drop_rate=0.5)
     assert len(bare.basis("Dense_1").directions) == 3
+
+
+def test_bases_take_nnx_states(rng):
+    """An NNX model's states (list indices in the layer paths) give the bases: merged with an
+    infinite ridge toward their priors they return TIES and DARE of the whole model."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(4, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+    model = Net(nnx.Rngs(0))
+    base = nnx.state(model, nnx.Param)
+    fts = [jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), base)
+           for _ in range(2)]  # fmt: skip
+    calib = [[rng.normal(size=(16, 4)).astype(np.float32)] for _ in fts]
+    key = jax.random.key(1)
+    for factory, want in (
+        (jm.ties_basis(base, fts, density=0.5), jm.ties(base, fts, density=0.5)),
+        (jm.dare_basis(base, fts, key, drop_rate=0.5), jm.dare(base, fts, key, drop_rate=0.5)),
+    ):
+        merged, _ = jm.merge(model, base, fts, calib, basis=factory.basis, prior=factory.prior,
+                             ridge=np.inf, progress=False)  # fmt: skip
+        for got, ref in zip(jax.tree.leaves(merged), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_factory_errors_name_the_path(rng):

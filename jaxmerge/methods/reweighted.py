@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from .._flax.fold import path_of
+from .._flax.fold import path_of, to_pure
 from ..core.bases import Custom
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
@@ -245,6 +246,8 @@ def _subtree(fn: str, tree, path: str):
     for name in path.split("/") if path else []:
         if isinstance(node, Mapping) and name in node:
             node = node[name]
+        elif isinstance(node, Mapping) and name.isdigit() and int(name) in node:
+            node = node[int(name)]  # an NNX list's index in a pure dict
         elif isinstance(node, Sequence) and name.isdigit() and int(name) < len(node):
             node = node[int(name)]
         else:
@@ -256,6 +259,7 @@ def _subtree(fn: str, tree, path: str):
 
 
 def _factory(fn: str, directions, scale: Scale, per_output: bool) -> BasisFactory:
+    directions = [to_pure(d) if isinstance(d, nnx.State) else d for d in directions]
     check_scale_keys(fn, scale, _layer_paths(directions[0]))
 
     def basis(path: str) -> Custom:
