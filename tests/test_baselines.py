@@ -208,6 +208,31 @@ def test_dare_hand_worked_fixed_masks(x64):
     np.testing.assert_array_equal(total[1]["w"], [0.0, 4.0, 6.0, 0.0])
 
 
+def test_dare_l1_rescale_hand_worked(x64):
+    """``rescale="l1"`` (mergekit's): each tensor's kept entries scaled to the whole task
+    vector's L1 norm; a tensor with nothing kept stays zero; then the same TIES merge."""
+    base = {"w": np.zeros(4), "v": np.zeros(2)}
+    fts = [{"w": np.array([1.0, 2.0, 3.0, 4.0]), "v": np.array([5.0, 6.0])},
+           {"w": np.array([-1.0, 2.0, 3.0, 4.0]), "v": np.array([1.0, 1.0])}]  # fmt: skip
+    masks = [{"w": np.array([1, 0, 1, 0]), "v": np.array([0, 0])},
+             {"w": np.array([True, True, True, False]), "v": np.array([1, 1])}]  # fmt: skip
+    ta = jm.dare_task_vectors(base, fts, masks, drop_rate=0.5, rescale="l1")
+    # |τ₀|₁ = 10 over kept 1 + 3 = 4: ×2.5; |τ₁|₁ = 10 over kept 1 + 2 + 3 = 6: ×5/3
+    np.testing.assert_allclose(ta[0]["w"], [2.5, 0.0, 7.5, 0.0], rtol=1e-14)
+    np.testing.assert_allclose(ta[1]["w"], [-5 / 3, 10 / 3, 5.0, 0.0], rtol=1e-14)
+    np.testing.assert_array_equal(ta[0]["v"], [0.0, 0.0])
+    np.testing.assert_array_equal(ta[1]["v"], [1.0, 1.0])
+    mean = jm.dare_task_vectors(base, fts, masks, drop_rate=0.5, merge="ties", rescale="l1")
+    # entry 0: 2.5 − 5/3 > 0 elects +, only model 0 agrees; entry 2: both agree, mean 7.5/2
+    np.testing.assert_allclose(mean[0]["w"], [2.5, 0.0, 3.75, 0.0], rtol=1e-14)
+    merged = jm.dare(base, fts, jax.random.key(0), drop_rate=0.5, rescale="l1")
+    drawn = jm.dare_masks(jax.random.key(0), base, 2, drop_rate=0.5)
+    dirs = jm.dare_task_vectors(base, fts, drawn, drop_rate=0.5, rescale="l1")
+    assert_trees_close(merged, jax.tree.map(lambda b, *d: b + sum(d), base, *dirs), rtol=1e-14)
+    with pytest.raises(ValueError, match="rescale"):
+        jm.dare_task_vectors(base, fts, masks, drop_rate=0.5, rescale="L1")
+
+
 @pytest.mark.parametrize("merge", ["task_arithmetic", "ties"])
 def test_dare_is_its_masks_and_reproducible(x64, rng, merge):
     base, fts = models(rng)

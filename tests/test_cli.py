@@ -194,6 +194,10 @@ def test_merge_from_statistics_of_several_runs(inputs, tmp_path):
             'method = "dare"\ndrop_rate = 0.5\nseed = 3\n',
             lambda b, f: jm.dare(b, f, jax.random.key(3), drop_rate=0.5),
         ),
+        (
+            'method = "dare"\ndrop_rate = 0.5\nrescale = "l1"\n',
+            lambda b, f: jm.dare(b, f, jax.random.key(0), drop_rate=0.5, rescale="l1"),
+        ),
     ],
 )
 def test_data_free_methods_equal_the_baselines(inputs, tmp_path, merge, expected):
@@ -224,6 +228,11 @@ def test_refuses_to_overwrite_without_the_flag(inputs, tmp_path, capsys):
         ('basis = "lowrank:0"\n', {}, "'merge.basis': expected"),
         ('basis = { "Dense_*" = "ful" }\n', {}, "'merge.basis.Dense_*': expected"),
         ('method = "dare"\n', {"calibration": None}, "'merge.drop_rate': is required"),
+        (
+            'method = "dare"\ndrop_rate = 0.5\nrescale = "l2"\n',
+            {"calibration": None},
+            "'merge.rescale': expected 'expectation' or 'l1'",
+        ),
         ('method = "soup"\ndensity = 0.5\n', {"calibration": None}, "'merge.density': applies to"),
         ("ridge = -1.0\n", {}, "'merge.ridge': expected a number >= 0"),
         ("alpha = 2.0\n", {}, "'merge.alpha': expected a number in [0, 1]"),

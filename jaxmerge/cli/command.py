@@ -58,7 +58,8 @@ CONFIG_HELP = """configuration file (TOML; paths relative to it):
                                  or --strict)
   scale = 1.0                    λ of task_arithmetic, ties, dare (and the ties/dare bases)
   density = 0.2, trim = "tensor", aggregate = "mean"   ties options
-  drop_rate = P, seed = 0                              dare options (drop_rate required)
+  drop_rate = P, seed = 0, rescale = "expectation"     dare options (drop_rate required;
+                                 rescale "l1" keeps each tensor's L1 norm, as mergekit)
 Unknown keys, options of another method, and keys that would have no effect (calibration
 beside stats, mask_key or call_kwargs where no batch is run, scale of a ties/dare basis
 without a ridge) are errors. `jaxmerge stats` ignores [merge] and heldout."""
@@ -286,7 +287,7 @@ def _run_merge(config, *, quiet: bool, check_source: bool = True, strict: bool =
     if method == "task_arithmetic":
         return arithmetic.task_arithmetic(base, finetuned, scale=opts["scale"]), None
     ties_opts = {k: opts[k] for k in ("density", "trim", "aggregate") if k in opts}
-    dare_opts = {"drop_rate": opts["drop_rate"]} if "drop_rate" in opts else {}
+    dare_opts = {k: opts[k] for k in ("drop_rate", "rescale") if k in opts}
     if method == "ties":
         return ties.ties(base, finetuned, scale=opts["scale"], **ties_opts), None
     if method == "dare":

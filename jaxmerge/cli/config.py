@@ -29,6 +29,7 @@ Example (paths are relative to the configuration file)::
     aggregate = "mean"     # ties (and basis ties): "mean" | "sum"
     drop_rate = 0.9        # dare (required): drop probability p
     seed = 0               # dare: seed of the drop masks
+    rescale = "expectation"  # dare: "expectation" (1/(1 − p)) | "l1" (mergekit's)
 
 ``calibration`` (and ``heldout``) name a callable taking no arguments and returning a sequence of
 ``K`` iterables of batches, one per fine-tuned model in order; a batch is an array (the model's
@@ -75,7 +76,7 @@ OPTIONS = {
     "soup": (),
     "task_arithmetic": ("scale",),
     "ties": ("scale", "density", "trim", "aggregate"),
-    "dare": ("scale", "drop_rate", "seed"),  # DARE by task arithmetic: no aggregate
+    "dare": ("scale", "drop_rate", "seed", "rescale"),  # DARE by task arithmetic: no aggregate
 }
 KNOWN = ("method", *dict.fromkeys(o for opts in OPTIONS.values() for o in opts))
 BASIS_NAMES = ("scalar", "diagonal", "full")
@@ -230,6 +231,9 @@ def _merge_table(raw) -> dict[str, Any]:
         if not out["drop_rate"] < 1:
             _fail("merge.drop_rate", f"expected a number in [0, 1), got {out['drop_rate']!r}")
         out["seed"] = _number(raw, "seed", integer=True, low=0, default=0)
+        out["rescale"] = raw.get("rescale", "expectation")
+        if out["rescale"] not in ("expectation", "l1"):
+            _fail("merge.rescale", f"expected 'expectation' or 'l1', got {out['rescale']!r}")
     if special and "scale" in raw:
         ridges = out["ridge"].values() if isinstance(out["ridge"], dict) else [out["ridge"]]
         if not any(ridges):

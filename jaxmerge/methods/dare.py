@@ -95,10 +95,14 @@ def dare_task_vectors(
     drop_rate: float | Float[ArrayLike, ""],
     merge: str = "task_arithmetic",
     aggregate: str = "mean",
+    rescale: str = "expectation",
 ) -> list[PyTree]:
     """DARE's processed task vectors ``Bₖ``, so that DARE is ``θ₀ + λ Σₖ Bₖ``.
 
-    Drop and rescale: ``τ̃ₖ = mₖ ⊙ τₖ / (1 − p)``, which keeps ``E[τ̃ₖ] = τₖ``. With
+    Drop and rescale: ``τ̃ₖ = mₖ ⊙ τₖ / (1 − p)``, which keeps ``E[τ̃ₖ] = τₖ`` (the paper's
+    ``rescale="expectation"``), or, ``rescale="l1"``, ``τ̃ₖ = mₖ ⊙ τₖ · ‖τₖ‖₁ / ‖mₖ ⊙ τₖ‖₁``
+    per tensor, which keeps each tensor's L1 norm (mergekit's ``dare_linear`` and
+    ``dare_ties``; a tensor whose kept entries are all zero stays zero). With
     ``merge="task_arithmetic"``, ``Bₖ = τ̃ₖ``; with ``merge="ties"`` the dropout replaces TIES'
     magnitude trim and ``Bₖ`` is TIES' sign election and disjoint merge of the ``τ̃ₖ`` (as
     mergekit's ``dare_ties``; see :func:`ties_task_vectors`, step 2 and 3).
@@ -112,6 +116,7 @@ def dare_task_vectors(
         merge: ``"task_arithmetic"`` or ``"ties"`` (static).
         aggregate: ``"mean"`` or ``"sum"``, for ``merge="ties"`` only (static; ``"sum"`` with
             ``merge="task_arithmetic"`` is an error).
+        rescale: ``"expectation"`` or ``"l1"`` (static).
 
     Returns:
         ``K`` pytrees ``Bₖ`` with the base's structure, in at least float32.
@@ -130,10 +135,14 @@ def dare_task_vectors(
         >>> dare_task_vectors(base, fts, [{"w": jnp.array([True, False])}],
         ...                   drop_rate=0.5)[0]["w"].tolist()
         [2.0, 0.0]
+        >>> dare_task_vectors(base, fts, [{"w": jnp.array([True, False])}],
+        ...                   drop_rate=0.5, rescale="l1")[0]["w"].tolist()
+        [3.0, 0.0]
     """
     fn = "dare_task_vectors"
     _check_option(fn, "merge", merge, ("task_arithmetic", "ties"))
     _check_option(fn, "aggregate", aggregate, ("mean", "sum"))
+    _check_option(fn, "rescale", rescale, ("expectation", "l1"))
     if merge != "ties" and aggregate != "mean":
         raise ValueError(
             f"{fn}: aggregate={aggregate!r} applies to merge='ties' only (the disjoint merge "
@@ -168,15 +177,21 @@ def dare_task_vectors(
                     "is boolean or 0/1 (every nonzero entry would be kept, not weighted)."
                 )
     rescaled = [
-        [
-            jnp.where(jnp.asarray(m).astype(bool), d / (1 - jnp.asarray(drop_rate, d.dtype)), 0)
-            for m, d in zip(flat, delta, strict=True)
-        ]
+        [_drop(m, d, drop_rate, rescale) for m, d in zip(flat, delta, strict=True)]
         for flat, delta in zip(flats, _deltas(base_leaves, models), strict=True)
     ]
     if merge == "ties":
         rescaled = _disjoint(rescaled, aggregate)
     return [jax.tree.unflatten(treedef, b) for b in rescaled]
+
+
+def _drop(mask, delta, drop_rate, rescale: str):
+    """One tensor's ``τ̃ = m ⊙ τ``, rescaled by ``1/(1 − p)`` or to ``τ``'s L1 norm."""
+    kept = jnp.where(jnp.asarray(mask).astype(bool), delta, 0)
+    if rescale == "expectation":
+        return kept / (1 - jnp.asarray(drop_rate, delta.dtype))
+    after = jnp.sum(jnp.abs(kept))
+    return kept * jnp.where(after > 0, jnp.sum(jnp.abs(delta)) / jnp.where(after > 0, after, 1), 1)
 
 
 def dare(
@@ -188,6 +203,7 @@ def dare(
     scale: Scale = 1.0,
     merge: str = "task_arithmetic",
     aggregate: str = "mean",
+    rescale: str = "expectation",
 ) -> PyTree:
     """DARE: drop each task-vector entry with probability ``p``, rescale by ``1/(1 − p)``, merge.
 
@@ -202,6 +218,8 @@ def dare(
         scale: ``λ``, as in :func:`task_arithmetic`.
         merge: ``"task_arithmetic"`` or ``"ties"`` (static).
         aggregate: ``"mean"`` or ``"sum"``, for ``merge="ties"`` (static).
+        rescale: ``"expectation"`` (``1/(1 − p)``) or ``"l1"`` (each tensor's L1 norm kept, as
+            mergekit does; see :func:`dare_task_vectors`).
 
     Returns:
         The merged parameters, with the base's structure and dtypes.
@@ -219,8 +237,9 @@ def dare(
         (True, True)
     """
     directions = dare_directions(
-        "dare", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate
-    )
+        "dare", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate,
+        rescale=rescale,
+    )  # fmt: skip
     paths, base_leaves, treedef = flatten_params("dare", base, "base")
     leaves = [jax.tree.leaves(d) for d in directions]
     return _combine("dare", paths, base_leaves, leaves, scale, treedef)

@@ -178,6 +178,7 @@ def dare_layer(
     scale: float | ArrayLike | Sequence[float | int] = 1.0,
     merge: str = "task_arithmetic",
     aggregate: str = "mean",
+    rescale: str = "expectation",
     per_output: bool = False,
     ridge: float | Float[ArrayLike, ""] = 0.0,
     rcond: float | None = None,
@@ -195,7 +196,7 @@ def dare_layer(
         base: the base layer (kernel, ``(kernel, bias)`` or ``{"kernel", "bias"}``).
         finetuned: the ``K`` fine-tuned layers, in the same form.
         key: a ``jax.random`` key.
-        drop_rate, merge, aggregate: DARE's options (see :func:`dare_task_vectors`).
+        drop_rate, merge, aggregate, rescale: DARE's options (see :func:`dare_task_vectors`).
         scale: DARE's ``λ`` (a number or ``(K,)``): the prior of the ridge (with ``ridge=0``
             it has no effect).
         per_output: one coefficient per direction (``False``) or per direction and output unit.
@@ -216,8 +217,9 @@ def dare_layer(
         True
     """
     directions = dare_directions(
-        "dare_layer", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate
-    )
+        "dare_layer", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate,
+        rescale=rescale,
+    )  # fmt: skip
     return solve_layer(
         stats,
         base,
@@ -320,6 +322,7 @@ def dare_basis(
     scale: Scale = 1.0,
     merge: str = "task_arithmetic",
     aggregate: str = "mean",
+    rescale: str = "expectation",
     per_output: bool = False,
 ) -> BasisFactory:
     """QP-reweighted DARE for whole models: per-layer ``Custom`` bases and priors.
@@ -333,7 +336,7 @@ def dare_basis(
         base: base parameters (a Flax-style nested dict; a leading ``"params"`` key is skipped).
         finetuned: the ``K`` fine-tuned parameter pytrees.
         key: a ``jax.random`` key.
-        drop_rate, merge, aggregate: DARE's options (see :func:`dare_task_vectors`).
+        drop_rate, merge, aggregate, rescale: DARE's options (see :func:`dare_task_vectors`).
         scale: ``λ``, as in :func:`task_arithmetic`.
         per_output: one coefficient per direction, or per direction and output unit.
 
@@ -349,6 +352,7 @@ def dare_basis(
         (2, 1)
     """
     directions = dare_directions(
-        "dare_basis", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate
-    )
+        "dare_basis", base, finetuned, key, drop_rate=drop_rate, merge=merge, aggregate=aggregate,
+        rescale=rescale,
+    )  # fmt: skip
     return _factory("dare_basis", directions, scale, per_output)
