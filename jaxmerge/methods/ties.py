@@ -1,6 +1,7 @@
 """TIES merging: trim each task vector to its largest entries, elect a sign per entry, merge
 the agreeing parts (see :mod:`jaxmerge.methods`)."""
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -42,8 +43,11 @@ def _kth_largest(magnitudes, density: float):
     return lax.bitcast_convert_type(lo, dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _trim(deltas, density: float, trim: str):
-    """Keep the entries with ``|τ|`` at least the ``r``-th largest, per tensor or per model."""
+    """Keep the entries with ``|τ|`` at least the ``r``-th largest, per tensor or per model
+    (one compiled program per model structure: the bisection's loop run eagerly would be traced
+    and compiled again for every tensor of every call)."""
     if trim == "tensor":
         thresholds = [_kth_largest([jnp.abs(d)], density) for d in deltas]
     else:
