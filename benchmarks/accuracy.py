@@ -1,8 +1,13 @@
-"""Accuracy benchmark: ``python benchmarks/accuracy.py --suite images|text [--quick]``.
+"""Accuracy benchmark: ``python benchmarks/accuracy.py --suite images|text|llm [--quick]``.
 
-For every model of the suite (images: the MLP and the CNN trunks; text: MiniLM-L6), every subset
-of tasks (all pairs, K = 2, and all tasks together) and every merging method, the merged trunk is
-evaluated on each task's test split with that task's own head:
+For every model of the suite (images: the MLP and the CNN trunks; text: MiniLM-L6; llm:
+SmolLM2-135M-Instruct), every subset of tasks (all pairs, K = 2, and all tasks together) and
+every merging method, the merged trunk is evaluated on each task's test split with that task's
+own head. The language suite has no per-task heads: the four text tasks are asked as
+instructions (``data.llm_prompt``) and every task reads the model's one tied head at its label
+words' first tokens (restricted argmax); the merged trunk is the top four blocks and the final
+norm, the rest of the model (the token embedding, so the head, included) stays frozen in
+fine-tuning (``finetune.llm_models``). Per method:
 
 * ``per_task``: accuracy of the merged model on each task of the subset;
 * ``mean_accuracy``; ``mean_normalized``: the mean of merged / individual fine-tune accuracy;
@@ -23,6 +28,9 @@ evaluated on each task's test split with that task's own head:
   f(θₖ; xₖ)‖²``; ``rho_logits_heldout``: the same with each task's head applied (its logits);
   ``agreement_heldout``: the fraction of those held-out inputs on which the merge predicts the
   fine-tune's class (mean over tasks), which weighs the argmax rather than squared errors;
+* ``perplexity_general`` (llm): the merged model's perplexity on general text, news articles'
+  bodies packed into 16 × 128 tokens (``data.general_text``): whether the merge keeps the base's
+  language ability (for ``individual``, the mean over the subset's fine-tunes);
 
 Methods (hyper-parameters chosen on the validation split where marked):
 
@@ -52,8 +60,8 @@ second-moment matrices (Frobenius inner product); so is the full basis' gain ove
 arithmetic (``full_minus_task_arithmetic``), to test whether the least-squares layer loses where
 two tasks share their inputs and it must compromise between conflicting outputs on them.
 
-``--quick`` (a smoke test): the MLP only, MiniLM's top block only, all tasks together (no
-pairs), small data, few training steps, short hyper-parameter grids.
+``--quick`` (a smoke test): the MLP only, MiniLM's and SmolLM2's top block only, all tasks
+together (no pairs), small data, few training steps, short hyper-parameter grids.
 
 Results: ``benchmarks/results/accuracy_<suite>.json`` and ``.png`` (``--quick``:
 ``accuracy_<suite>_quick.*``).
@@ -72,6 +80,7 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import optax
+from flax import nnx
 from scipy.stats import spearmanr
 
 import jaxmerge as jm
@@ -87,7 +96,8 @@ LOWRANK = 16
 class Suite:
     """One model of a suite: its trunk, base and fine-tuned parameters, tasks and evaluation."""
 
-    def __init__(self, name, trunk, base, tuned, tasks, *, correct, loss, mask_key=None):
+    def __init__(self, name, trunk, base, tuned, tasks, *, correct, loss, mask_key=None,
+                 features_and_logits=None, perplexity=None):  # fmt: skip
         self.name = name
         self.trunk = trunk
         self.base = base
@@ -96,6 +106,13 @@ class Suite:
         self.correct = correct  # (trunk_params, head_params, (x, y)) -> bool per example
         self.loss = loss  # (trunk_params, head_params, batch) -> scalar
         self.mask_key = mask_key  # key of the padding mask in dict inputs
+        # (trunk_params, head, x) -> (features, logits); by default a linen trunk and Dense head
+        self.features_and_logits = features_and_logits or (
+            lambda trunk_params, head, x: models.features_and_logits(
+                trunk, {"trunk": trunk_params, "head": head}, x
+            )
+        )
+        self.perplexity = perplexity  # trunk_params -> perplexity on general text, or None
         self.calib_batch = lambda t: t.calib[0]
         self.heldout_batch = lambda t: t.heldout[0]
 
@@ -108,8 +125,10 @@ def layer_paths(stats) -> list[str]:
 
 
 def subtree(tree, path: str):
+    """The node of a parameter tree at a ``/``-joined layer path (an NNX state's list indices
+    are integers)."""
     for key in path.split("/") if path else ():
-        tree = tree[key]
+        tree = tree[key] if key in tree else tree[int(key)]
     return tree
 
 
@@ -141,10 +160,8 @@ def heldout_outputs(suite: Suite, idx, trunk_params) -> list:
     """``(features, logits)`` of ``trunk_params`` with task ``k``'s head on its held-out
     calibration inputs, for every ``k`` in ``idx``."""
     return [
-        models.features_and_logits(
-            suite.trunk,
-            {"trunk": trunk_params, "head": suite.tuned[k]["head"]},
-            suite.heldout_batch(suite.tasks[k]),
+        suite.features_and_logits(
+            trunk_params, suite.tuned[k]["head"], suite.heldout_batch(suite.tasks[k])
         )
         for k in idx
     ]
@@ -317,6 +334,8 @@ def run_subset(suite: Suite, idx, individual, individual_val, *, quick: bool) ->
             "agreement_heldout": prediction_agreement(outputs, targets),
             **info,
         }
+        if suite.perplexity is not None:
+            out[method]["perplexity_general"] = suite.perplexity(merged)
     out["individual"] = {
         "per_task": {suite.tasks[k].name: individual[k] for k in idx},
         "mean_accuracy": float(np.mean(ref)),
@@ -324,6 +343,10 @@ def run_subset(suite: Suite, idx, individual, individual_val, *, quick: bool) ->
         "rho_calib": None,  # not one merged model: each task keeps its own trunk
         "rho_heldout": None,
     }
+    if suite.perplexity is not None:  # the mean over the subset's fine-tunes
+        out["individual"]["perplexity_general"] = float(
+            np.mean([suite.perplexity(suite.tuned[k]["trunk"]) for k in idx])
+        )
     paired_vs_best_baseline(out, correct, ref)
     for method in ALL_METHODS:
         out.setdefault(method, {"status": "unavailable"})
@@ -398,7 +421,9 @@ def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
     return float(1 - np.vdot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_model(suite: Suite, *, quick: bool) -> dict:
+def run_model(suite: Suite, *, quick: bool, partial: pathlib.Path | None = None) -> dict:
+    """Every subset of ``suite`` (all tasks, then each pair); each subset's results are written
+    to ``partial`` as it finishes, so that a long run that stops keeps what it measured."""
     individual, individual_val = (
         [
             float(np.mean(suite.correct(p["trunk"], p["head"], getattr(t, split))))
@@ -420,6 +445,8 @@ def run_model(suite: Suite, *, quick: bool) -> dict:
             if "mean_normalized" in r
         )
         print(f"[{suite.name} {name}] ({time.perf_counter() - start:.0f} s) {line}", flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps({suite.name: results}, indent=2))
     pairs = [n for n in subsets if n != "all"]
     gain = {}
     for name in pairs:
@@ -509,6 +536,57 @@ def text_suites(seed: int, quick: bool):
     )
 
 
+def llm_suites(seed: int, quick: bool):
+    """SmolLM2-135M-Instruct with its top four blocks (``quick``: one) fine-tuned per text task
+    asked as an instruction (see ``finetune.llm_models``). No task has a head of its own: every
+    task reads the one tied head, the frozen token embedding, at its label words' first tokens
+    (restricted argmax), so a task's "head" here is those rows of the table."""
+    setup = finetune.llm_models(seed=seed, quick=quick)
+    graphdef = nnx.graphdef(setup.top)
+    heads = [setup.table[label] for label in setup.labels]
+    tuned = [{"trunk": p, "head": h} for p, h in zip(setup.tuned, heads, strict=True)]
+
+    @jax.jit
+    def features_and_logits(trunk_params, head, x):
+        features = nnx.merge(graphdef, trunk_params)(**x)
+        return features, features @ head.T
+
+    def correct(trunk_params, head, split, batch=100):
+        x, y = split
+        logits = [
+            features_and_logits(trunk_params, head, models.take(x, slice(i, i + batch)))[1]
+            for i in range(0, len(y), batch)
+        ]
+        return np.argmax(np.concatenate(logits), -1) == np.asarray(y)
+
+    def loss(trunk_params, head, batch):
+        logits = features_and_logits(trunk_params, head, batch["x"])[1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    @jax.jit
+    def _nll(trunk_params, x, ids):
+        hidden = nnx.merge(graphdef, trunk_params).all_positions(**x)
+        logits = hidden[:, :-1] @ setup.table.T
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    def perplexity(trunk_params):
+        x, ids = setup.general
+        return float(jnp.exp(_nll(trunk_params, x, ids)))
+
+    yield Suite(
+        "smollm2",
+        setup.top,
+        {"trunk": setup.base, "head": None},
+        tuned,
+        setup.tasks,
+        correct=correct,
+        loss=loss,
+        mask_key="attention_mask",
+        features_and_logits=features_and_logits,
+        perplexity=perplexity,
+    )
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -562,6 +640,8 @@ def markdown_table(paths) -> str:
                     cell += f" ± {v['se_normalized']:.3f}" if "se_normalized" in v else ""
                     cell += f" / {pair:.3f}" if pair is not None else ""
                     cell += f" (ρ {rho:.2f})" if rho is not None else ""
+                    ppl = v.get("perplexity_general")
+                    cell += f" ppl {ppl:.1f}" if ppl is not None else ""
                 rows.setdefault(method, {})[columns[-1]] = cell
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, cells in rows.items():
@@ -578,7 +658,7 @@ def main(argv=None) -> dict:
         help="print a Markdown table of "
         "result files (normalised accuracy K=all / mean over pairs, held-out ρ)",
     )
-    parser.add_argument("--suite", choices=("images", "text"))
+    parser.add_argument("--suite", choices=("images", "text", "llm"))
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
@@ -589,16 +669,18 @@ def main(argv=None) -> dict:
     if args.suite is None:
         parser.error("--suite is required (or --table)")
     start = time.perf_counter()
-    if args.suite == "images":
-        suites = list(image_suites(args.seed, args.quick))
-    else:
-        suites = list(text_suites(args.seed, args.quick))
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    out = args.out / f"accuracy_{args.suite}{suffix}.json"
+    partial = out.with_suffix(".partial.json")
+    make = {"images": image_suites, "text": text_suites, "llm": llm_suites}[args.suite]
+    suites = list(make(args.seed, args.quick))
     result = {
         "suite": args.suite,
         "seed": args.seed,
         "quick": args.quick,
         "tasks": [t.name for t in suites[0].tasks],
-        "models": {s.name: run_model(s, quick=args.quick) for s in suites},
+        "models": {s.name: run_model(s, quick=args.quick, partial=partial) for s in suites},
     }
     correlations = {
         "rho_heldout": "spearman_heldout_rho_vs_normalized",
@@ -618,10 +700,8 @@ def main(argv=None) -> dict:
     first = next(iter(result["models"].values()))
     result["methods"] = first["subsets"]["all"]  # the first model with every task, for tables
     result["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    out = args.out / f"accuracy_{args.suite}{suffix}.json"
     out.write_text(json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} in {result['seconds']:.0f} s")
     return result

@@ -31,6 +31,10 @@ inputs the merge is solved on) and ``heldout`` (calibration inputs never used to
 honest ρ). A loader whose package is absent raises :class:`DataUnavailable` with the install
 command. Packages are located with ``importlib.util.find_spec`` and their files read directly;
 none of them is imported.
+
+The language-model suite asks the same text tasks as instructions (:func:`llm_prompt`): a
+question naming the classes, the text, and ``"\nAnswer:"``; the answer is one label word per
+class, read from the next token (its first token).
 """
 
 import bz2
@@ -237,11 +241,31 @@ def _zipped_csv(name: str) -> list[dict]:
 
 
 def _by_source(rows, source: Callable[[dict], str], text: Callable[[dict], str], top: int):
+    """``(texts, labels, outlets)`` of the rows of the ``top`` most frequent sources; label ``i``
+    is ``outlets[i]`` (sorted by name)."""
     names, counts = np.unique([source(r) for r in rows], return_counts=True)
     outlets = sorted(names[np.argsort(-counts, kind="stable")[:top]].tolist())
     index = {o: i for i, o in enumerate(outlets)}
     chosen = [r for r in rows if source(r) in index]
-    return [text(r) for r in chosen], [index[source(r)] for r in chosen], len(outlets)
+    return [text(r) for r in chosen], [index[source(r)] for r in chosen], outlets
+
+
+def _tweets():
+    return _by_source(
+        _zipped_csv("healthtweets"),
+        lambda r: r["source_id"].rsplit("-", 1)[0],
+        lambda r: _URL.sub("", r["text"]).strip(),
+        top=6,
+    )
+
+
+def _news():
+    return _by_source(
+        _zipped_csv("NewsArticles"),
+        lambda r: urlparse(r["article_source_link"]).netloc,
+        lambda r: f"{r['title']}. {' '.join(r['text'].split()[:40])}",
+        top=9,
+    )
 
 
 def text_task(
@@ -257,20 +281,65 @@ def text_task(
             labels = [int(r["category"] == "plot") for r in rows]
         texts, classes = [r["text"] for r in rows], 2
     elif name == "tweet_outlet":
-        texts, labels, classes = _by_source(
-            _zipped_csv("healthtweets"),
-            lambda r: r["source_id"].rsplit("-", 1)[0],
-            lambda r: _URL.sub("", r["text"]).strip(),
-            top=6,
-        )
+        texts, labels, outlets = _tweets()
+        classes = len(outlets)
     elif name == "news_outlet":
-        texts, labels, classes = _by_source(
-            _zipped_csv("NewsArticles"),
-            lambda r: urlparse(r["article_source_link"]).netloc,
-            lambda r: f"{r['title']}. {' '.join(r['text'].split()[:40])}",
-            top=9,
-        )
+        texts, labels, outlets = _news()
+        classes = len(outlets)
     else:
         raise ValueError(f"unknown text task {name!r}; expected one of {TEXT_TASKS}.")
     texts, labels = _balanced(texts, labels, classes, cap_per_class, seed)
     return split(texts, labels, classes, name, seed, sizes)
+
+
+# The outlets' label words, by the source names of ``_tweets`` and ``_news``.
+_OUTLET_WORDS = {
+    "NBChealth": "NBC", "goodhealth": "Good", "latimeshealth": "LA", "nprhealth": "NPR",
+    "nytimeshealth": "NYT", "reuters_health": "Reuters",
+    "abcnews.go.com": "ABC", "europe.chinadaily.com.cn": "China", "tass.com": "TASS",
+    "www.aljazeera.com": "Al", "www.bbc.co.uk": "BBC", "www.cnn.com": "CNN", "www.dw.com": "DW",
+    "www.huffingtonpost.com": "Huff", "www.rte.ie": "RTE",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmPrompt:
+    """A text task as an instruction: ``prefix + text + suffix``, answered by ``words[label]``
+    (each preceded by a space, as it follows ``"Answer:"``)."""
+
+    prefix: str
+    suffix: str
+    words: tuple[str, ...]
+
+
+def llm_prompt(name: str) -> LlmPrompt:
+    """The instruction format of the text task ``name`` for the language-model suite.
+
+    Raises:
+        ValueError: an unknown task, or outlets other than those the label words name.
+    """
+    if name == "rt_polarity":
+        return LlmPrompt("Is this movie review positive or negative?\nReview: ", "\nAnswer:",
+                         ("negative", "positive"))  # fmt: skip
+    if name == "rt_plot":
+        return LlmPrompt("Is this text a critic's review or a plot summary?\nText: ",
+                         "\nAnswer:", ("review", "plot"))  # fmt: skip
+    if name in ("tweet_outlet", "news_outlet"):
+        outlets = (_tweets if name == "tweet_outlet" else _news)()[2]
+        unknown = [o for o in outlets if o not in _OUTLET_WORDS]
+        if unknown:
+            raise ValueError(f"task {name!r}: outlets {unknown} have no label word.")
+        words = tuple(_OUTLET_WORDS[o] for o in outlets)
+        what = "posted this health tweet" if name == "tweet_outlet" else "published this article"
+        label = "Tweet" if name == "tweet_outlet" else "Article"
+        options = ", ".join(words[:-1]) + " or " + words[-1]
+        return LlmPrompt(f"Which outlet {what} ({options})?\n{label}: ", "\nAnswer:", words)
+    raise ValueError(f"unknown text task {name!r}; expected one of {TEXT_TASKS}.")
+
+
+def general_text(*, skip_words: int = 60) -> list[str]:
+    """General English prose for a language model's perplexity: the news articles' bodies after
+    their first ``skip_words`` words (the news task reads the title and the first 40)."""
+    rows = _zipped_csv("NewsArticles")
+    bodies = (" ".join(r["text"].split()[skip_words:]) for r in rows)
+    return [b for b in bodies if b]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import optax
+from flax import nnx
 
 CACHE = pathlib.Path(__file__).resolve().parent / "cache"
 VERSION = 1  # bump when training code changes in a way the configuration does not capture
@@ -74,22 +75,14 @@ def cached(config: dict, train_fn):
     return params
 
 
-def train_classifier(
-    trunk, params, x, y, *, steps: int, lr: float, batch: int, seed: int, weight_decay=1e-4
-):
-    """AdamW on softmax cross-entropy of ``models.logits`` over random minibatches of ``(x, y)``.
-
-    Every parameter in ``params`` (trunk and head) is trained.
-    """
+def train(loss, params, x, y, *, steps: int, lr: float, batch: int, seed: int, weight_decay=1e-4):
+    """AdamW (cosine decay) on ``loss(params, x_batch, y_batch)`` over random minibatches of
+    ``(x, y)``; every leaf of ``params`` is trained."""
     opt = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
 
     @jax.jit
     def step(params, state, xb, yb):
-        def loss(p):
-            out = models.logits(trunk, p, xb)
-            return optax.softmax_cross_entropy_with_integer_labels(out, yb).mean()
-
-        grads = jax.grad(loss)(params)
+        grads = jax.grad(loss)(params, xb, yb)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -100,6 +93,19 @@ def train_classifier(
         idx = jnp.asarray(rng.integers(0, len(y), batch))
         params, state = step(params, state, models.take(x, idx), y[idx])
     return params
+
+
+def train_classifier(
+    trunk, params, x, y, *, steps: int, lr: float, batch: int, seed: int, weight_decay=1e-4
+):
+    """:func:`train` on softmax cross-entropy of ``models.logits`` (trunk and head trained)."""
+
+    def loss(p, xb, yb):
+        out = models.logits(trunk, p, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(out, yb).mean()
+
+    return train(loss, params, x, y, steps=steps, lr=lr, batch=batch, seed=seed,
+                 weight_decay=weight_decay)  # fmt: skip
 
 
 def pretrain(trunk_name: str, task, *, seed: int, steps: int, lr: float = 1e-3, batch: int = 128):
@@ -255,3 +261,100 @@ def text_models(*, seed: int, quick: bool):
 
         tuned.append(cached(config, run))
     return trunk, {"trunk": base_trunk, "head": None}, tuned, tasks
+
+
+LLM_START = {False: 26, True: 29}  # first fine-tuned block of SmolLM2's 30 (``quick``: the top one)
+LLM_LENGTH = {False: 64, True: 48}  # tokens per prompt, the text truncated, padded on the left
+LLM_STEPS = {False: 150, True: 6}
+LLM_LR = 1e-4
+LLM_SIZES = {
+    False: data.Sizes(val=100, test=300, calib=128, heldout=128, max_train=512),
+    True: data.Sizes(val=32, test=32, calib=32, heldout=32, max_train=64),
+}
+GENERAL_SEQS = {False: (16, 128), True: (2, 64)}  # perplexity text: (sequences, tokens each)
+
+
+@dataclasses.dataclass
+class LlmSetup:
+    """The language suite's models and data (see :func:`llm_models`).
+
+    Attributes:
+        top: ``models.llama_top``'s module over the fine-tuned blocks and the final norm.
+        base: its base parameters (``nnx.State``); ``tuned``: one per task.
+        tasks: the text tasks, inputs replaced by ``{"hidden", "attention_mask"}`` of the frozen
+            bottom blocks on the task's prompts.
+        table: the frozen token embedding ``(vocab, d)``, the tied head.
+        labels: per task, the label words' first tokens (``models.label_ids``).
+        general: ``({"hidden", "attention_mask"}, input_ids)`` of the perplexity text.
+    """
+
+    top: object
+    base: object
+    tuned: list
+    tasks: list
+    table: jax.Array
+    labels: list
+    general: tuple
+
+
+def llm_models(*, seed: int, quick: bool) -> LlmSetup:
+    """SmolLM2-135M-Instruct fine-tuned on each text task asked as an instruction
+    (``data.llm_prompt``): its top four blocks and final norm (``quick``: the top block), AdamW
+    on the cross-entropy of the label word's first token over the whole vocabulary at the
+    prompt's last position. The token embedding (with it the tied head) and the bottom blocks
+    stay frozen, so the bottom's outputs are computed once and cached."""
+    model, tok = models.load_smollm2()
+    start, length, sizes = LLM_START[quick], LLM_LENGTH[quick], LLM_SIZES[quick]
+    top, base = models.llama_top(model, start)
+    table = jnp.asarray(model.model.embed_tokens.embedding[...])
+    graphdef = nnx.graphdef(top)
+
+    def hidden(ids, mask):
+        return {"hidden": models.llama_bottom_hidden(model, ids, mask, start),
+                "attention_mask": mask}  # fmt: skip
+
+    tasks, labels = [], []
+    for name in data.TEXT_TASKS:
+        task = data.text_task(name, seed=seed, sizes=sizes)
+        prompt = data.llm_prompt(name)
+        labels.append(models.label_ids(prompt, tok))
+        parts = {}
+        for part in ("train", "val", "test", "calib", "heldout"):
+            texts, y = getattr(task, part)
+            config = {"kind": "llm-hidden", "task": name, "part": part, "seed": seed,
+                      "data": data_fingerprint(texts, y), "prompt": dataclasses.asdict(prompt),
+                      "length": length, "start": start}  # fmt: skip
+            tokens = lambda t=texts, p=prompt: models.prompt_tokens(t, p, tok, length)  # noqa: E731
+            parts[part] = (cached(config, lambda tokens=tokens: hidden(*tokens())), y)
+        tasks.append(dataclasses.replace(task, **parts))
+
+    seqs, seq_len = GENERAL_SEQS[quick]
+    config = {"kind": "llm-general", "seqs": seqs, "length": seq_len, "start": start}
+
+    def general_hidden():
+        ids = np.concatenate([e.ids for e in tok.encode_batch(data.general_text()[:400])])
+        ids = ids[: seqs * seq_len].reshape(seqs, seq_len).astype(np.int32)
+        return {**hidden(ids, np.ones_like(ids)), "input_ids": ids}
+
+    general = cached(config, general_hidden)
+    general = ({k: general[k] for k in ("hidden", "attention_mask")}, general["input_ids"])
+
+    tuned = []
+    for task, label in zip(tasks, labels, strict=True):
+        config = {"kind": "finetune-smollm2", "task": task.name, "seed": seed, "start": start,
+                  "steps": LLM_STEPS[quick], "lr": LLM_LR, "batch": 16, "length": length,
+                  "labels": label.tolist(), "data": data_fingerprint(*task.train)}  # fmt: skip
+
+        def loss(p, xb, yb, label=label):
+            features = nnx.merge(graphdef, p)(**xb)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                features @ table.T, jnp.asarray(label)[yb]
+            ).mean()
+
+        def run(task=task, loss=loss):
+            trained = train(loss, base, *task.train, steps=LLM_STEPS[quick], lr=LLM_LR,
+                            batch=16, seed=seed + 1, weight_decay=0.01)  # fmt: skip
+            return models.state_to_dict(trained)
+
+        tuned.append(models.dict_to_state(base, cached(config, run)))
+    return LlmSetup(top, base, tuned, tasks, table, labels, general)

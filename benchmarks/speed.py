@@ -1,6 +1,7 @@
-"""Speed benchmark: ``python benchmarks/speed.py [--quick]``.
+"""Speed benchmark: ``python benchmarks/speed.py [--llm] [--quick]``.
 
-Measures, in one run on this machine:
+Measures, in one run on this machine (``--llm``: only the two language-model comparisons marked
+below, written to ``speed_llm.json``):
 
 * ``stats_over_matmul``: throughput of the statistics update (``update_stats``: the ``X̄ᵀX̄`` and
   ``X̄ᵀY`` products of a batch) over the throughput of one plain jitted matmul of the same FLOPs,
@@ -12,22 +13,27 @@ Measures, in one run on this machine:
   log-log axes.
 * ``fusionbench``: an end-to-end merge in jaxmerge against FusionBench's ``RegMeanAlgorithm``
   (PyTorch, CPU, in ``benchmarks/.fusionbench-venv``; run ``bash benchmarks/fusionbench/setup.sh``
-  once) on the same models and calibration inputs: the image-suite MLP and MiniLM-L6 fine-tuned
-  on the text tasks. ``jaxmerge_s`` times ``jaxmerge.merge`` (full basis, ``α = 1``, every
-  supported layer solved, biases included); ``jaxmerge_regmean_s`` solves FusionBench's own
-  problem (kernels from bias-free token-averaged Gram matrices, ``W = (Σₖ Gₖ)⁻¹ Σₖ GₖWₖ``, every
-  other parameter averaged) from ``jaxmerge.collect_stats`` and ``jaxmerge.solve_layer``, and its
-  merged kernels are compared with FusionBench's. ``jaxmerge_first_call_new_process_s`` is the
-  merge's first call in a fresh process, XLA compilation included, and
-  ``jaxmerge_first_call_cached_compilation_s`` the same with JAX's persistent compilation cache
-  filled by an earlier process. ``floor_s`` / ``floor_ratio``: the least any RegMean merge of
-  the layers jaxmerge solves costs here with XLA's matmul (the faster tool's forward passes plus
-  the bare Gram products, ``jaxmerge_breakdown.gram_products_s``), alone and over FusionBench's
-  time.
+  once) on the same models and calibration inputs: the image-suite MLP, MiniLM-L6 fine-tuned on the
+  text tasks, and (``--llm``) the real SmolLM2-135M-Instruct as Hugging Face's
+  ``LlamaForCausalLM`` with four perturbed experts (:func:`smollm2_problem`). ``jaxmerge_s``
+  times ``jaxmerge.merge`` (full basis, ``α = 1``, every supported layer solved, biases
+  included); ``jaxmerge_regmean_s`` solves FusionBench's own problem (kernels from bias-free
+  token-averaged Gram matrices, ``W = (Σₖ Gₖ)⁻¹ Σₖ GₖWₖ``, every other parameter averaged) from
+  ``jaxmerge.collect_stats`` and ``jaxmerge.solve_layer``, and its merged kernels are compared
+  with FusionBench's. ``jaxmerge_first_call_new_process_s`` is the merge's first call in a fresh
+  process, XLA compilation included, and ``jaxmerge_first_call_cached_compilation_s`` the same
+  with JAX's persistent compilation cache filled by an earlier process. ``floor_s`` /
+  ``floor_ratio``: the least any RegMean merge of the layers jaxmerge solves costs here with XLA's
+  matmul (the faster tool's forward passes plus the bare Gram products,
+  ``jaxmerge_breakdown.gram_products_s``), alone and over FusionBench's time.
+* ``mergekit`` (``--llm``): mergekit's TIES and DARE against jaxmerge's on the same safetensors
+  checkpoints of the SmolLM2 problem (:func:`versus_mergekit`): wall times, their ratio and the
+  weights' largest relative difference.
 * ``sequential_over_parallel``: wall time of the sequential merge over the parallel one
   (``jaxmerge.merge``; reported as unavailable when that is not installed).
 
-Results go to ``benchmarks/results/speed.json`` and ``speed.png``.
+Results go to ``benchmarks/results/speed.json`` and ``speed.png`` (``--llm``:
+``speed_llm.json``).
 """
 
 import argparse
@@ -244,11 +250,11 @@ def merge_breakdown(module, base, tuned, calib, *, batch: int) -> dict:
     _, report = jm.merge(module, base, tuned, batches, mask_key=None, progress=False)
     solved = [layer.path for layer in report.layers if layer.status != "UNCHANGED"]
 
-    forward = jax.jit(models.features, static_argnums=0)
+    forward = models.forward_fn(module)
 
     def forward_all():
         pairs = zip(tuned, batches, strict=True)
-        return jax.block_until_ready([forward(module, p, b) for p, bs in pairs for b in bs])
+        return jax.block_until_ready([forward(p, b) for p, bs in pairs for b in bs])
 
     def collect():
         return jax.block_until_ready(
@@ -569,7 +575,47 @@ def minilm_problem(quick: bool, seed: int) -> dict:
                 models=origin)  # fmt: skip
 
 
-PROBLEMS = {"mlp": mlp_problem, "minilm": minilm_problem}
+def smollm2_problem(quick: bool, seed: int) -> dict:
+    """The real SmolLM2-135M-Instruct (``models.load_smollm2``) and four experts whose every
+    parameter is perturbed by 1% of its tensor's standard deviation (seeded), so that every
+    block differs and every layer is solved: a merge at language-model scale, not a fine-tune.
+    Each expert's calibration is one text task's calibration texts, tokenized and packed into
+    unpadded 8 × 128 token sequences. ``quick``: the bottom block only, 2 × 32 tokens. Raises
+    ``data.DataUnavailable`` without the texts.
+    """
+    from flax import nnx
+
+    from jaxmerge.models import LlamaForCausalLM
+
+    model, tok = models.load_smollm2()
+    if quick:
+        config = dataclasses.replace(model.config, num_hidden_layers=1)
+        small = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+        full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        full["model"]["layers"] = {0: full["model"]["layers"][0]}
+        small_state = nnx.state(small, nnx.Param)
+        nnx.replace_by_pure_dict(small_state, full)
+        nnx.update(small, small_state)
+        model = small
+    base = models.state_to_dict(nnx.state(model, nnx.Param))
+    tuned = [_perturbed(base, k) for k in jax.random.split(jax.random.PRNGKey(seed), 4)]
+    num_seqs, length = (2, 32) if quick else (8, 128)
+    calib = []
+    for name in data.TEXT_TASKS:
+        texts = data.text_task(name, seed=seed).calib[0]
+        ids = np.concatenate([e.ids for e in tok.encode_batch(texts)])[: num_seqs * length]
+        ids = ids.reshape(num_seqs, length).astype(np.int32)
+        calib.append({"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids)})
+    export = {"kind": "llama", "config": json.dumps(model.config.to_dict())}
+    for k, c in enumerate(calib):
+        export.update({f"calib{k}/{name}": np.asarray(a) for name, a in c.items()})
+    return dict(module=model, base=base, tuned=tuned, calib=calib, export=export, batch=4,
+                models="SmolLM2-135M-Instruct, four experts: every tensor + 1% of its std "
+                "as seeded Gaussian noise")  # fmt: skip
+
+
+PROBLEMS = {"mlp": mlp_problem, "minilm": minilm_problem, "smollm2": smollm2_problem}
+LLM_PROBLEMS = ("smollm2",)  # run by ``--llm`` only
 
 
 def first_call_seconds(name: str, quick: bool, seed: int, cache: str | None = None) -> float:
@@ -633,6 +679,173 @@ def _perturbed(params, key):
         for leaf, k in zip(leaves, jax.random.split(key, len(leaves)), strict=True)
     ]
     return jax.tree.unflatten(treedef, noisy)
+
+
+# ---- mergekit: TIES and DARE on the same checkpoints ---------------------------------------------
+
+MK_RUNNER = HERE / "fusionbench" / "run_mergekit.py"
+MERGEKIT = {"ties": 0.2, "dare_linear": 0.5}  # method: density (DARE keeps half, drop_rate 0.5)
+
+
+def _mergekit_missing() -> str | None:
+    if not FB_PYTHON.exists():
+        return f"no FusionBench environment at {FB_PYTHON.parent.parent}"
+    probe = subprocess.run([str(FB_PYTHON), "-c", "import mergekit"], capture_output=True)
+    return "mergekit is not installed there" if probe.returncode else None
+
+
+def _hf_tensors(path: pathlib.Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _masks_as_params(path: pathlib.Path, base: dict, k: int) -> dict:
+    """Model ``k``'s keep masks recorded by ``run_mergekit.py``, as a parameter tree like
+    ``base`` (Hugging Face ``(out, in)`` weights transposed back to kernels)."""
+    with np.load(path) as f:
+
+        def mask(path, leaf):
+            *module, name = path.split("/")
+            key = f"{k}/{'.'.join(module)}.weight"
+            bits = np.unpackbits(f[key])[: int(np.prod(f[f"shape/{key}"]))]
+            m = bits.reshape(f[f"shape/{key}"]).astype(bool)
+            return m.T if name == "kernel" else m
+
+        flat = traverse.flatten_dict(base, sep="/")
+        return traverse.unflatten_dict({p: mask(p, v) for p, v in flat.items()}, sep="/")
+
+
+def _max_rel_diff(ours: dict, theirs: dict) -> dict:
+    """The largest ``max|a − b| / max|b|`` over the tensors both checkpoints hold, where, how
+    many tensors were compared, and how many entries of them differ by more than ``1e-6 ·
+    max|b|`` (float32 rounding is far below)."""
+    common = sorted(set(ours) & set(theirs))
+    diffs, differing = {}, 0
+    for n in common:
+        gap, top = np.abs(ours[n] - theirs[n]), np.max(np.abs(theirs[n]))
+        diffs[n] = float(np.max(gap) / top)
+        differing += int(np.sum(gap > 1e-6 * top))
+    where = max(diffs, key=diffs.get)
+    return {"max_rel_diff": diffs[where], "max_rel_diff_tensor": where,
+            "tensors_compared": len(common), "entries_differing": differing,
+            "entries_compared": int(sum(theirs[n].size for n in common))}  # fmt: skip
+
+
+def _ties_tie_breaks(dirs, density: float, ours: dict, theirs: dict) -> dict:
+    """Of the entries where the two TIES merges differ, how many are ties that the two tools
+    break differently: ``at_zero_sign_sum``, where the trimmed task vectors (each model's top
+    ``⌊density · n⌋`` by magnitude, per tensor) sum to zero within float32 rounding (at most
+    ``8 eps Σ|τ|``: the elected sign is rounding's, the tools adding in different orders, or at
+    an exact zero + for mergekit, ``sum ≥ 0``, and none for jaxmerge); and ``at_trim_threshold``,
+    where a model's magnitude equals its tensor's threshold (mergekit keeps exactly
+    ``⌊density · n⌋`` entries, jaxmerge every entry at or above the threshold)."""
+    base = _hf_tensors(dirs[0])
+    models_ = [_hf_tensors(d) for d in dirs[1:]]
+    counts = {"at_zero_sign_sum": 0, "at_trim_threshold": 0}
+    for name in set(ours) & set(theirs):
+        gap, top = np.abs(ours[name] - theirs[name]), np.max(np.abs(theirs[name]))
+        differ = (gap > 1e-6 * top).ravel()
+        if not differ.any():
+            continue
+        total = np.zeros(differ.shape, np.float32)
+        size = np.zeros(differ.shape, np.float32)
+        at_threshold = np.zeros(differ.shape, bool)
+        for m in models_:
+            delta = (m[name] - base[name]).ravel()
+            keep = max(1, int(density * delta.size))
+            threshold = -np.partition(-np.abs(delta), keep - 1)[keep - 1]
+            kept = np.where(np.abs(delta) >= threshold, delta, 0)
+            total += kept
+            size += np.abs(kept)
+            at_threshold |= np.abs(delta) == threshold
+        rounding = np.abs(total) <= 8 * np.finfo(np.float32).eps * size
+        counts["at_zero_sign_sum"] += int(np.sum(differ & rounding))
+        counts["at_trim_threshold"] += int(np.sum(differ & at_threshold & ~rounding))
+    return counts
+
+
+def versus_mergekit(model, base: dict, tuned: list, *, seed: int) -> dict:
+    """mergekit's TIES and DARE (``dare_linear``) against jaxmerge's on the same safetensors
+    checkpoints of a ``LlamaForCausalLM``.
+
+    Each tool's wall time covers reading the ``K + 1`` checkpoints, the merge and writing the
+    merged one. mergekit: ``run_mergekit.py`` (``weight = 1`` per model, ``--random-seed seed``).
+    jaxmerge: ``load_llama_safetensors``, ``jaxmerge.ties`` (per-tensor trim, disjoint mean: the
+    semantics of mergekit's ``ties``) or ``jaxmerge.dare`` (``rescale="l1"``: mergekit's rule; its
+    own masks from ``jax.random.key(seed)``), ``save_llama_safetensors``; one run after one that
+    compiles. Weight agreement: every tensor both files hold; for DARE, jaxmerge's DARE on the
+    masks mergekit drew (the two tools' random streams differ). TIES differs only where the two
+    tools break ties differently: ``entries_differing`` counts the entries that differ,
+    ``entries_differing_as_ties`` those of them at a zero sign sum or at a trim threshold
+    (:func:`_ties_tie_breaks`; the experts' Gaussian noise is drawn from a float32 grid, so
+    equal and exactly opposite values occur).
+    """
+    from flax import nnx
+
+    missing = _mergekit_missing()
+    if missing:
+        return {
+            "status": "unavailable",
+            "reason": missing + "; run bash benchmarks/fusionbench/setup.sh",
+        }
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        dirs = [tmp / "base", *(tmp / f"model{k}" for k in range(len(tuned)))]
+        for d, params in zip(dirs, [base, *tuned], strict=True):
+            nnx.update(model, models.dict_to_state(nnx.state(model, nnx.Param), params))
+            jm.save_llama_safetensors(model, d)
+        nnx.update(model, models.dict_to_state(nnx.state(model, nnx.Param), base))
+        for method, density in MERGEKIT.items():
+            args = {"method": method, "base": str(dirs[0]), "models": [str(d) for d in dirs[1:]],
+                    "density": density, "seed": seed, "out": str(tmp / f"mk_{method}"),
+                    "result": str(tmp / f"{method}.json"),
+                    "masks": str(tmp / "masks.npz") if "dare" in method else None}  # fmt: skip
+            (tmp / "args.json").write_text(json.dumps(args))
+            proc = subprocess.run([str(FB_PYTHON), str(MK_RUNNER), str(tmp / "args.json")],
+                                  capture_output=True, text=True, timeout=3600)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"mergekit runner failed:\n{proc.stderr[-3000:]}")
+            mk = json.loads((tmp / f"{method}.json").read_text())
+
+            def ours(dst, method=method, density=density):
+                loaded = [jm.load_llama_safetensors(d) for d in dirs]
+                states = [nnx.state(m, nnx.Param) for m in loaded]
+                if method == "ties":
+                    merged = jm.ties(states[0], states[1:], density=density)
+                else:
+                    merged = jm.dare(states[0], states[1:], jax.random.key(seed),
+                                     drop_rate=1 - density, rescale="l1")  # fmt: skip
+                nnx.update(loaded[0], merged)
+                jm.save_llama_safetensors(loaded[0], dst, overwrite=True)
+
+            ours(tmp / f"jm_{method}")  # compiles
+            start = time.perf_counter()
+            ours(tmp / f"jm_{method}")
+            jm_s = time.perf_counter() - start
+            theirs = _hf_tensors(tmp / f"mk_{method}")
+            extra = {}
+            if method == "ties":
+                same = _hf_tensors(tmp / f"jm_{method}")
+                extra["entries_differing_as_ties"] = _ties_tie_breaks(dirs, density, same, theirs)
+            else:  # jaxmerge's DARE on mergekit's masks
+                masks = [_masks_as_params(tmp / "masks.npz", base, k) for k in range(len(tuned))]
+                dirs_ = jm.dare_task_vectors(base, tuned, masks, drop_rate=1 - density,
+                                             rescale="l1")  # fmt: skip
+                merged = jax.tree.map(lambda b, *d: b + sum(d), base, *dirs_)
+                nnx.update(model, models.dict_to_state(nnx.state(model, nnx.Param), merged))
+                jm.save_llama_safetensors(model, tmp / "jm_masks")
+                same = _hf_tensors(tmp / "jm_masks")
+                nnx.update(model, models.dict_to_state(nnx.state(model, nnx.Param), base))
+            out[method] = {"density": density, "jaxmerge_s": jm_s, "mergekit_s": mk["seconds"],
+                           "ratio": jm_s / mk["seconds"], **_max_rel_diff(same, theirs), **extra,
+                           "torch_threads": mk["torch_threads"]}  # fmt: skip
+    out["problem"] = (
+        "weights 1 per model, float32; jaxmerge.ties (trim='tensor', "
+        "aggregate='mean') and jaxmerge.dare (rescale='l1', drop_rate 1 - density)"
+    )
+    return out
 
 
 # ---- sequential against parallel ---------------------------------------------------------------
@@ -707,6 +920,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     parser.add_argument("--skip-fusionbench", action="store_true")
+    parser.add_argument("--llm", action="store_true", help="only the language-model comparisons")
     parser.add_argument("--first-call", choices=sorted(PROBLEMS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.first_call:  # the child of first_call_seconds
@@ -724,6 +938,10 @@ def main(argv=None) -> dict:
             "devices": [str(d) for d in jax.devices()],
         },
     }
+    name = ("speed_llm" if args.llm else "speed") + ("_quick" if quick else "")
+    if args.llm:
+        return _write(result, llm_comparisons(quick, args.seed, args.skip_fusionbench), start,
+                      args.out / f"{name}.json", plot_to=None)  # fmt: skip
     size = (2048, 256, 256) if quick else (16384, 768, 768)
     result["matmul"] = stats_over_matmul(*size, repeats=repeats)
     result["stats_over_matmul"] = result["matmul"]["stats_over_matmul"]
@@ -738,17 +956,43 @@ def main(argv=None) -> dict:
     if args.skip_fusionbench:
         result["fusionbench"] = {"status": "skipped"}
     else:
-        for name in PROBLEMS:
-            result["fusionbench"][name] = fusionbench_comparison(name, quick, args.seed)
-            print(f"fusionbench {name}: {result['fusionbench'][name]}", flush=True)
+        for problem in PROBLEMS:
+            if problem not in LLM_PROBLEMS:
+                result["fusionbench"][problem] = fusionbench_comparison(problem, quick, args.seed)
+                print(f"fusionbench {problem}: {result['fusionbench'][problem]}", flush=True)
     result["sequential_over_parallel"] = sequential_over_parallel(quick, args.seed, repeats)
     print(f"sequential_over_parallel {result['sequential_over_parallel']}", flush=True)
+    return _write(result, {}, start, args.out / f"{name}.json", plot_to=plot)
+
+
+def llm_comparisons(quick: bool, seed: int, skip_fusionbench: bool) -> dict:
+    """``--llm``: FusionBench's RegMean on each of :data:`LLM_PROBLEMS` and mergekit's TIES and
+    DARE on SmolLM2's checkpoints (:func:`versus_mergekit`)."""
+    out = {"fusionbench": {"status": "skipped"} if skip_fusionbench else {}}
+    for problem in () if skip_fusionbench else LLM_PROBLEMS:
+        out["fusionbench"][problem] = fusionbench_comparison(problem, quick, seed)
+        print(f"fusionbench {problem}: {out['fusionbench'][problem]}", flush=True)
+    try:
+        problem = smollm2_problem(quick, seed)
+        out["mergekit"] = {
+            "smollm2": versus_mergekit(
+                problem["module"], problem["base"], problem["tuned"], seed=seed
+            )
+        }
+    except data.DataUnavailable as e:
+        out["mergekit"] = {"smollm2": {"status": "unavailable", "reason": str(e)}}
+    print(f"mergekit {out['mergekit']}", flush=True)
+    return out
+
+
+def _write(result: dict, extra: dict, start: float, path: pathlib.Path, *, plot_to) -> dict:
+    result.update(extra)
     result["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if quick else ""
-    (args.out / f"speed{suffix}.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / f"speed{suffix}.png")
-    print(f"wrote {args.out / f'speed{suffix}.json'} in {result['seconds']:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    if plot_to is not None:
+        plot_to(result, path.with_suffix(".png"))
+    print(f"wrote {path} in {result['seconds']:.0f} s")
     return result
 
 

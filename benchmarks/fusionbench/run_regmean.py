@@ -4,11 +4,11 @@ Usage (``benchmarks/speed.py`` calls it)::
 
     benchmarks/.fusionbench-venv/bin/python benchmarks/fusionbench/run_regmean.py IN.npz OUT.npz
 
-``IN.npz`` holds ``kind`` (``"mlp"`` or ``"bert"``), ``config`` (JSON text: the MLP's widths or
-the BERT config), ``num_models``, ``batch``, ``alpha``, ``dtype`` (``"float32"`` or
-``"float64"``: models and inputs are cast to it), the PyTorch state dicts
-``base/<name>`` and ``model{k}/<name>``, and per-model calibration inputs ``calib{k}/x`` (MLP) or
-``calib{k}/input_ids`` and ``calib{k}/attention_mask`` (BERT), and optionally ``repeats``
+``IN.npz`` holds ``kind`` (``"mlp"``, ``"bert"`` or ``"llama"``: ``LlamaForCausalLM``), ``config``
+(JSON text: the MLP's widths or the Hugging Face config), ``num_models``, ``batch``, ``alpha``,
+``dtype`` (``"float32"`` or ``"float64"``: models and inputs are cast to it), the PyTorch state
+dicts ``base/<name>`` and ``model{k}/<name>``, and per-model calibration inputs ``calib{k}/x`` (MLP)
+or ``calib{k}/input_ids`` and ``calib{k}/attention_mask`` (BERT, Llama), and optionally ``repeats``
 (default 1). ``OUT.npz`` gets the merged state dict, ``seconds``, the wall time of
 ``RegMeanAlgorithm.run`` (Gram accumulation with forward hooks over the calibration batches, the
 solve, loading the merged state dict), and ``forward_seconds``, the same forward passes without
@@ -109,9 +109,18 @@ class InMemoryRegMean(RegMeanAlgorithm):
 def build(kind: str, config: dict) -> nn.Module:
     if kind == "mlp":
         return MLP(config["n_in"], config["width"])
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**config))
     from transformers import BertConfig, BertModel
 
     return BertModel(BertConfig(**config))
+
+
+def tied(kind: str, config: dict) -> set:
+    """Parameter names a tied checkpoint does not hold (the head reads the embedding)."""
+    return {"lm_head.weight"} if kind == "llama" and config.get("tie_word_embeddings") else set()
 
 
 def state_dict(data, prefix: str) -> dict:
@@ -146,7 +155,10 @@ def main(src: str, dst: str) -> None:
     def load(prefix):
         model = build(kind, config)
         missing, unexpected = model.load_state_dict(state_dict(data, prefix), strict=False)
-        if unexpected or [m for m in missing if not m.endswith("position_ids")]:
+        missing = [
+            m for m in missing if not m.endswith("position_ids") and m not in tied(kind, config)
+        ]
+        if unexpected or missing:
             raise SystemExit(f"{prefix}: missing {missing}, unexpected {unexpected}")
         return model.to(dtype).eval()
 
