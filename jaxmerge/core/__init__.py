@@ -4,6 +4,7 @@
 - :mod:`.bases`: the bases of the update (scalar, diagonal, full, ``LowRank``, ``Custom``);
 - :mod:`.psd`: ``psd_solve`` (Cholesky, condition estimate, pseudo-inverse fallback);
 - :mod:`.qp`: ``solve_layer``, the QP of one layer in a basis;
+- :mod:`.metric`: ``metric_solve``, the full-basis QP in per-task output metrics;
 - :mod:`.energy`: the captured-energy fraction ρ;
 - :mod:`.layers`: a layer given as a kernel, a ``(kernel, bias)`` pair or a dict.
 """
