@@ -1,5 +1,6 @@
 """MergeReport's text form and JSON round trip, and the public names of jaxmerge's errors."""
 
+import dataclasses
 import json
 import math
 import traceback
@@ -45,6 +46,25 @@ def test_str_of_a_report_with_solved_layers():
         "1 parameters by fallback, 1.50 s"
     )
     assert len(lines) == 5
+
+
+def test_model_rho_sums_losses_over_layers_whose_base_energy_is_unresolved():
+    """The model's ρ is ``1 − Σ L / Σ E₀``. A layer whose ``E₀`` lies below the statistics'
+    float32 resolution has ``ρ = −∞`` when the merge changes its outputs (as in the language
+    suite, for task arithmetic and the sequential merges); it adds its loss instead of making
+    the model's ρ infinite (before: ``Σ E₀ρ / Σ E₀ = −∞``)."""
+    tiny = jm.LayerReport("norm", "norm", "full", 1e-9, 1.0, -math.inf, math.nan, "CHOLESKY",
+                          energy_base_heldout=0.0, rho_heldout=-math.inf,
+                          energy_merged_heldout=0.5)  # fmt: skip
+    solved = dense("Dense_0", 0.75, energy_base_heldout=2.0, rho_heldout=0.25,
+                   energy_merged_heldout=1.5)  # fmt: skip
+    report = jm.MergeReport("parallel", 2, (tiny, solved), {}, 1.0)
+    assert report.rho == pytest.approx(1 - (1.0 + 1.0) / (4.0 + 1e-9))
+    assert report.rho_heldout == pytest.approx(1 - (0.5 + 1.5) / 2.0)
+    # Without the held-out loss (a report written before it existed): L = E₀(1 − ρ).
+    old = jm.MergeReport("parallel", 2, (dataclasses.replace(solved, energy_merged_heldout=None),),
+                         {}, 1.0)  # fmt: skip
+    assert old.rho_heldout == pytest.approx(0.25)
 
 
 def test_str_of_a_report_without_layers():

@@ -36,6 +36,8 @@ class LayerReport:
         shared_input: the other layers that share this layer's input (and Gram matrix).
         energy_base_heldout: ``E₀`` on the held-out calibration data, if given.
         rho_heldout: ``ρ`` on the held-out calibration data, if given.
+        energy_merged_heldout: ``L`` of the merged layer on the held-out calibration data, if
+            given.
         form: how the layer's uses were read (its :attr:`~jaxmerge.LayerSpec.form`): an
             einsum's equation (``"btd,dnh->btnh"``), a norm's offset (``"offset=1.0"``), an
             embedding's lookup scale and whether the head reads its table (``"tied;scale=2.0"``);
@@ -67,14 +69,21 @@ class LayerReport:
     energy_base_heldout: float | None = None
     rho_heldout: float | None = None
     form: str = ""
+    energy_merged_heldout: float | None = None
 
 
-def _weighted(pairs) -> float | None:
-    pairs = [(e0, rho) for e0, rho in pairs if e0 is not None and rho is not None]
-    total = sum(e0 for e0, _ in pairs)
-    if not pairs or total <= 0:
+def _model_rho(rows) -> float | None:
+    """``1 − Σ L / Σ E₀`` over ``(E₀, L, ρ)`` per layer (``L = E₀(1 − ρ)`` where only ``ρ`` is
+    known, as in reports written before ``energy_merged_heldout`` existed); ``None`` if
+    ``Σ E₀ = 0``. Summing losses rather than weighing ``ρ`` keeps a layer whose ``E₀`` is below
+    the statistics' resolution (``ρ = −∞`` when the merge changes its outputs) from making the
+    model's ``ρ`` infinite: it adds its loss, as it should."""
+    rows = [(e0, loss, rho) for e0, loss, rho in rows if e0 is not None and rho is not None]
+    total = sum(e0 for e0, _, _ in rows)
+    if not rows or total <= 0:
         return None
-    return sum(e0 * rho for e0, rho in pairs if e0 > 0) / total
+    losses = (e0 * (1.0 - rho) if loss is None else loss for e0, loss, rho in rows)
+    return 1.0 - sum(losses) / total
 
 
 def _count(n: int, noun: str) -> str:
@@ -147,13 +156,16 @@ class MergeReport:
 
     @property
     def rho(self) -> float | None:
-        """Model-level ``ρ = Σ E₀ρ / Σ E₀`` on the calibration data (``None`` if ``Σ E₀ = 0``)."""
-        return _weighted((r.energy_base, r.rho) for r in self.layers)
+        """Model-level ``ρ = 1 − Σ L* / Σ E₀`` on the calibration data (the ``E₀``-weighted mean
+        of the layers' ``ρ``; ``None`` if ``Σ E₀ = 0``)."""
+        return _model_rho((r.energy_base, r.energy_merged, r.rho) for r in self.layers)
 
     @property
     def rho_heldout(self) -> float | None:
         """Model-level held-out ``ρ`` (``None`` without held-out data)."""
-        return _weighted((r.energy_base_heldout, r.rho_heldout) for r in self.layers)
+        return _model_rho(
+            (r.energy_base_heldout, r.energy_merged_heldout, r.rho_heldout) for r in self.layers
+        )
 
     def to_json(self) -> str:
         """The report as a JSON string (non-finite floats as ``null``)."""

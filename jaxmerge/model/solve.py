@@ -216,6 +216,7 @@ def _keep_base(groups, specs, trees: _Trees, options, heldout: bool, merged_flat
             status="UNCHANGED",
             energy_base_heldout=0.0 if heldout else None,
             rho_heldout=1.0 if heldout else None,
+            energy_merged_heldout=0.0 if heldout else None,
         )
         for g in groups
         for p in g
@@ -247,15 +248,15 @@ def _solve_all(stats, trees: _Trees, options, *, throw, progress, merged_flat):
 
 
 def _score(heldout, trees: _Trees, merged_flat):
-    """``{path: (E₀, ρ)}`` of the merged layers of every group of ``heldout`` statistics."""
+    """``{path: (E₀, L, ρ)}`` of the merged layers of every group of ``heldout`` statistics."""
     scored = {}
     for group in heldout.values():
         for i, spec in enumerate(group.layers):
             b0 = _layer_params(trees.base_flat, spec)
             b1 = _layer_params(merged_flat, spec)
             st = member_stats(group.stats, group.layers, i)
-            e0, _, rho = kind_of(spec.kind).energy(spec, st, b0, b1)
-            scored[spec.path] = (float(e0), float(rho))
+            e0, loss, rho = kind_of(spec.kind).energy(spec, st, b0, b1)
+            scored[spec.path] = (float(e0), float(loss), float(rho))
     return scored
 
 
@@ -270,7 +271,10 @@ def _finish(trees, merged_flat, reports, solved_paths, algorithm, started, score
     if scored is not None:
         reports = [
             dataclasses.replace(
-                r, energy_base_heldout=scored[r.path][0], rho_heldout=scored[r.path][1]
+                r,
+                energy_base_heldout=scored[r.path][0],
+                energy_merged_heldout=scored[r.path][1],
+                rho_heldout=scored[r.path][2],
             )
             if r.path in scored
             else r
