@@ -53,7 +53,9 @@ def perturbed(params, count: int = 4) -> list:
 
 
 def systems(model, params, experts, calibration, paths=None) -> dict:
-    """``{group: (gram, cross, out_sq, w̄₀)}`` of the dense groups (``w̄₀`` bias-augmented)."""
+    """``{group: (gram, cross, out_sq, w̄₀)}`` of the dense groups, as ``solve_layer`` solves
+    them: bias-augmented (the constant input's row and column) where the layers have biases,
+    the kernel rows alone where they have none (SmolLM2's projections)."""
     out = {}
     stats = jm.collect_stats(model, experts, calibration, paths=paths, progress=False)
     for key, group in stats.items():
@@ -69,6 +71,8 @@ def systems(model, params, experts, calibration, paths=None) -> dict:
         w0 = np.concatenate([np.concatenate(kernels, 1), np.concatenate(biases)[None]])
         st = group.stats
         arrays = (st.gram, st.cross, st.out_sq, w0)
+        if all(spec.bias is None for spec in group.layers):
+            arrays = (st.gram[:-1, :-1], st.cross[:-1], st.out_sq, w0[:-1])
         out[key.split("+")[0]] = tuple(np.asarray(a, np.float64) for a in arrays)
     return out
 
