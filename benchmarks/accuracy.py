@@ -1,4 +1,5 @@
-"""Accuracy benchmark: ``python benchmarks/accuracy.py --suite images|text|llm [--quick]``.
+"""Accuracy benchmark: ``python benchmarks/accuracy.py --suite images|text|llm [--quick]
+[--no-pairs]``.
 
 For every model of the suite (images: the MLP and the CNN trunks; text: MiniLM-L6; llm:
 SmolLM2-135M-Instruct), every subset of tasks (all pairs, K = 2, and all tasks together) and
@@ -62,12 +63,15 @@ two tasks share their inputs and it must compromise between conflicting outputs 
 
 ``--quick`` (a smoke test): the MLP only, MiniLM's and SmolLM2's top block only, all tasks
 together (no pairs), small data, few training steps, short hyper-parameter grids.
+``--no-pairs``: every size as usual, all tasks together only.
 
 Results: ``benchmarks/results/accuracy_<suite>.json`` and ``.png`` (``--quick``:
-``accuracy_<suite>_quick.*``).
+``accuracy_<suite>_quick.*``); while a run goes, the subsets finished so far are in
+``accuracy_<suite>.partial.json``, removed when the results are written.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import pathlib
@@ -421,9 +425,10 @@ def input_dissimilarity(suite: Suite, i: int, j: int) -> float | None:
     return float(1 - np.vdot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_model(suite: Suite, *, quick: bool, partial: pathlib.Path | None = None) -> dict:
-    """Every subset of ``suite`` (all tasks, then each pair); each subset's results are written
-    to ``partial`` as it finishes, so that a long run that stops keeps what it measured."""
+def run_model(suite: Suite, *, quick: bool, pairs: bool = True, checkpoint=None) -> dict:
+    """Every subset of ``suite`` (all tasks, then each pair unless ``quick`` or not ``pairs``);
+    ``checkpoint(subsets)`` is called as each subset finishes, so that a long run that stops
+    keeps what it measured."""
     individual, individual_val = (
         [
             float(np.mean(suite.correct(p["trunk"], p["head"], getattr(t, split))))
@@ -433,7 +438,7 @@ def run_model(suite: Suite, *, quick: bool, partial: pathlib.Path | None = None)
     )
     k = len(suite.tasks)
     subsets = {"all": tuple(range(k))}
-    pair_idx = [] if quick else list(itertools.combinations(range(k), 2))
+    pair_idx = list(itertools.combinations(range(k), 2)) if pairs and not quick else []
     subsets.update({"+".join(suite.tasks[i].name for i in pair): pair for pair in pair_idx})
     results = {}
     for name, idx in subsets.items():
@@ -445,8 +450,8 @@ def run_model(suite: Suite, *, quick: bool, partial: pathlib.Path | None = None)
             if "mean_normalized" in r
         )
         print(f"[{suite.name} {name}] ({time.perf_counter() - start:.0f} s) {line}", flush=True)
-        if partial is not None:
-            partial.write_text(json.dumps({suite.name: results}, indent=2))
+        if checkpoint is not None:
+            checkpoint(results)
     pairs = [n for n in subsets if n != "all"]
     gain = {}
     for name in pairs:
@@ -660,6 +665,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--suite", choices=("images", "text", "llm"))
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument(
+        "--no-pairs", action="store_true", help="only the subset of all tasks, not every pair"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
@@ -675,12 +683,20 @@ def main(argv=None) -> dict:
     partial = out.with_suffix(".partial.json")
     make = {"images": image_suites, "text": text_suites, "llm": llm_suites}[args.suite]
     suites = list(make(args.seed, args.quick))
+    finished = {}  # the models done so far and, as it runs, the current one's subsets
+
+    def checkpoint(name, subsets):
+        partial.write_text(json.dumps({**finished, name: {"subsets": subsets}}, indent=2))
+
+    for s in suites:
+        finished[s.name] = run_model(s, quick=args.quick, pairs=not args.no_pairs,
+                                     checkpoint=functools.partial(checkpoint, s.name))  # fmt: skip
     result = {
         "suite": args.suite,
         "seed": args.seed,
         "quick": args.quick,
         "tasks": [t.name for t in suites[0].tasks],
-        "models": {s.name: run_model(s, quick=args.quick, partial=partial) for s in suites},
+        "models": finished,
     }
     correlations = {
         "rho_heldout": "spearman_heldout_rho_vs_normalized",
