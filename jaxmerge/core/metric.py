@@ -63,11 +63,16 @@ def _operator(a, g, w):
     return lambda u: jnp.einsum("k,kij,jl,klm->im", w, a, u, g)
 
 
-def _whitening(s, rcond):
-    """``(E diag(1/√λ), keep)`` over the eigenvalues ``λ > rcond · λ_max`` of ``s`` (zero columns
-    where not ``keep``): it maps ``s`` to the projector on its numerical range."""
+def _eig_range(s, rcond):
+    """Eigenvalues, eigenvectors and numerical range (``λ > rcond · λ_max``) of symmetric ``s``."""
     lam, vecs = jnp.linalg.eigh(0.5 * (s + s.T))
-    keep = lam > rcond * jnp.max(lam)
+    return lam, vecs, lam > rcond * jnp.max(lam)
+
+
+def _whitening(s, rcond):
+    """``(E diag(1/√λ), keep)`` over the numerical range of ``s`` (zero columns where not
+    ``keep``): it maps ``s`` to the projector on its numerical range."""
+    lam, vecs, keep = _eig_range(s, rcond)
     return vecs * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0), keep
 
 
@@ -80,8 +85,7 @@ def _split(whiten, keep, part):
 
 def _pinv_apply(s, rcond):
     """``z ↦ s⁺ z`` from one eigendecomposition (eigenvalues below ``rcond · λ_max`` dropped)."""
-    lam, vecs = jnp.linalg.eigh(0.5 * (s + s.T))
-    keep = lam > rcond * jnp.max(lam)
+    lam, vecs, keep = _eig_range(s, rcond)
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
     return lambda z: vecs @ (inv[:, None] * (vecs.T @ z))
 
