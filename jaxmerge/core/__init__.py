@@ -2,6 +2,7 @@
 
 - :mod:`.stats`: ``LayerStats``, the monoid of second-moment sums of one layer;
 - :mod:`.bases`: the bases of the update (scalar, diagonal, full, ``LowRank``, ``Custom``);
+- :mod:`.systems`: ``map_systems``, a stack of independent solves (a loop on CPU);
 - :mod:`.psd`: ``psd_solve`` (Cholesky, condition estimate, pseudo-inverse fallback);
 - :mod:`.qp`: ``solve_layer``, the QP of one layer in a basis;
 - :mod:`.metric`: ``metric_solve``, the full-basis QP in per-task output metrics;

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from .systems import map_systems
+
 __all__ = ["SolveStatus", "psd_solve"]
 
 
@@ -150,6 +152,10 @@ def psd_solve(
 ) -> tuple[Float[Array, "*batch p r"], Int[Array, "*batch"], Float[Array, "*batch"]]:
     """Solve ``h x = f`` for symmetric PSD ``h``, batched over leading axes (see module docs).
 
+    Batched systems are solved with :func:`~jaxmerge.core.systems.map_systems`: one at a time on
+    CPU, where jaxlib's batched decompositions can deadlock, batched elsewhere. Pass a stack as
+    leading axes rather than wrapping this function in your own ``jax.vmap``.
+
     Non-finite systems never raise, eagerly or under ``jax.jit`` (there is no ``throw``): a
     system holding NaN or Inf gets ``x = NaN``, ``cond = NaN`` and status
     ``SolveStatus.NONFINITE``, also under ``jit`` and ``vmap``, where ``status`` is a traced
@@ -182,7 +188,11 @@ def psd_solve(
     batch = h.shape[:-2]
     if f.shape[:-2] != batch or f.shape[-2] != h.shape[-1] or h.shape[-1] != h.shape[-2]:
         raise ValueError(f"psd_solve: incompatible shapes h {h.shape} and f {f.shape}.")
-    solve = lambda a, b: _solve_one(a, b, rcond, jitter)  # noqa: E731
-    for _ in batch:
-        solve = jax.vmap(solve)
-    return solve(h, f)
+    if not batch:
+        return _solve_one(h, f, rcond, jitter)
+    flat = map_systems(
+        lambda a, b: _solve_one(a, b, rcond, jitter),
+        h.reshape(-1, *h.shape[-2:]),
+        f.reshape(-1, *f.shape[-2:]),
+    )
+    return jax.tree.map(lambda leaf: leaf.reshape(*batch, *leaf.shape[1:]), flat)

@@ -16,7 +16,7 @@ bias has the output's weight indices in the output's order (Flax's ``Einsum`` co
 
 With group indices (one weight per expert, ``"ecd,edf->ecf"``), each group value is its own
 dense layer: the statistics are a stack of ``G`` Gram matrices (:class:`GroupedStats`) and the
-solve is vmapped over the groups.
+solve runs group by group (:func:`~jaxmerge.core.systems.map_systems`).
 
 The layer's equation, with ``...`` spelled out and the group sizes, is its
 :attr:`~jaxmerge.LayerSpec.form` (``"btd,sndh->sbtnh"``), so saved statistics are solved
@@ -43,6 +43,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from ..core.stats import LayerStats, affine_targets
+from ..core.systems import map_systems
 from .base import AffineKind, CallShape, call_input
 from .registry import Rules, kinds, register_kind
 
@@ -337,7 +338,7 @@ class EinsumKind(Rules, AffineKind):
             out[spec.bias] = bias.reshape(jnp.shape(like[spec.bias]))
         return out
 
-    # -- grouped layers: everything per group, vmapped --
+    # -- grouped layers: everything per group (statistics vmapped, solves one group at a time) --
     @staticmethod
     def _groups(spec) -> int:
         return int(np.prod(list(_parse_form(spec.form)[1].values()))) if spec.form else 1
@@ -397,7 +398,7 @@ class EinsumKind(Rules, AffineKind):
             e0, loss, _ = self.matrix_energy(st, b, sol[:2])
             return sol._replace(energy_base=e0, energy_merged=loss)
 
-        sol = jax.vmap(one)(stats.group(), b0, fks, c0, prior)
+        sol = map_systems(one, stats.group(), b0, fks, c0, prior)
         e0, loss = jnp.sum(sol.energy_base), jnp.sum(sol.energy_merged)
         rho = jnp.where(e0 > 0, 1.0 - loss / jnp.where(e0 > 0, e0, 1.0), 1.0)
         sol = sol._replace(energy_base=e0, energy_merged=loss, energy_fraction=rho,

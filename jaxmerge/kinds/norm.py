@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -21,6 +20,7 @@ from flax import nnx
 from ..core.bases import LowRank
 from ..core.qp import LayerSolution, solve_layer
 from ..core.stats import LayerStats
+from ..core.systems import map_systems
 from .base import AffineKind, CallShape, call_input
 from .registry import Rules, register_kind
 
@@ -145,7 +145,7 @@ def register_norm(
 
 
 def _solve_channels(stats: LayerStats, start, finetuned, prior, opt):
-    """Per-channel 2×2 systems ``[x̂_c, 1] → y_c`` (the full basis), vmapped over channels."""
+    """Per-channel 2×2 systems ``[x̂_c, 1] → y_c`` (the full basis), one per channel."""
     c = stats.n_in
     g, p, td = stats.gram, stats.cross, stats.task_diag
     a, b, d = jnp.diagonal(g)[:c], g[:c, c], jnp.broadcast_to(g[c, c], (c,))
@@ -161,7 +161,8 @@ def _solve_channels(stats: LayerStats, start, finetuned, prior, opt):
         return solve_layer(st, s, fs, basis="full", ridge=opt.ridge, prior=pr, alpha=opt.alpha,
                            rcond=opt.rcond, jitter=opt.jitter, throw=False)  # fmt: skip
 
-    sol = jax.vmap(one)(
+    sol = map_systems(
+        one,
         per_channel,
         _channels(start),
         [_channels(f) for f in finetuned],

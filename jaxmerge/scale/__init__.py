@@ -12,8 +12,10 @@ Statistics are sums (see :mod:`jaxmerge.core.stats`), so spreading them is plain
   with the same structure (the key of the merge's compiled group solve: kinds, shapes, static
   options) are stacked, the stack is padded to a multiple of the axis size and split over the axis,
   and every device solves its slice inside ``jax.shard_map``: the ``pmap`` pattern written with
-  current JAX. Small systems (scalar, diagonal and custom bases) are vmapped (batched solves). Full
-  and low-rank systems run one after the other on their device (``lax.map``): under ``vmap`` the
+  current JAX. Small systems (scalar, diagonal and custom bases) are batched on GPU and TPU and
+  solved one by one on CPU, where jaxlib's batched decompositions can deadlock
+  (:mod:`jaxmerge.core.systems`). Full and low-rank systems run one after the other on their
+  device (``lax.map``): under ``vmap`` the
   solver's fallbacks (``lax.cond``) turn into selects that compute every branch, which would pay an
   eigendecomposition, several times the cost of the Cholesky factorisation, for every layer.
 * **Several hosts.** After ``jax.distributed.initialize``, either accumulate on a mesh that spans

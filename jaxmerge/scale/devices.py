@@ -17,6 +17,7 @@ from ..core.layers import as_layer
 from ..core.psd import SolveStatus
 from ..core.qp import LayerSolution, SolveError, solve_layer
 from ..core.stats import LayerStats
+from ..core.systems import map_systems
 from ..kinds import LayerSpec
 from .mesh import _mesh_for, _on_mesh
 
@@ -81,11 +82,11 @@ def _solve_stack(lanes, *, static, ridge, alpha, mesh, axis):
             finite &= jnp.all(jnp.isfinite(sol.bias))
         return sol, finite & (sol.status != SolveStatus.NONFINITE)
 
-    # Small systems are vmapped; full and low-rank lanes run one by one so that the solver's
-    # fallbacks stay lazy (see the module docs).
+    # Small systems are batched off CPU (map_systems); full and low-rank lanes run one by one so
+    # that the solver's fallbacks stay lazy (see the module docs).
     basis = static[1][0][0]
     big = basis == "full" or isinstance(basis, LowRank)
-    per_device = functools.partial(jax.lax.map, one) if big else jax.vmap(one)
+    per_device = functools.partial(jax.lax.map if big else map_systems, one)
     lanes = _on_mesh(lanes, mesh, P(axis), axis)
     # check_vma=False: the solver's lax.cond branches return constants that are not marked as
     # varying over the axis; every lane is independent, so there is nothing to check.
@@ -140,9 +141,9 @@ def solve_layers(
     equal to :func:`solve_layer`'s up to rounding). Layers whose group solves have the same
     structure (basis, options, and the shapes and dtypes of statistics, parameters and prior)
     are stacked along a new leading axis of length ``G``, padded to a multiple of the axis size
-    ``D`` and split over the mesh axis, and every device solves its ``⌈G/D⌉`` layers (vmapped
-    for the scalar, diagonal and custom bases, one after the other for the full and low-rank
-    ones; see the module docs). One compiled program per structure.
+    ``D`` and split over the mesh axis, and every device solves its ``⌈G/D⌉`` layers (batched
+    for the scalar, diagonal and custom bases on GPU and TPU, one after the other for the full
+    and low-rank ones and on CPU; see the module docs). One compiled program per structure.
 
     Args:
         stats: ``{path: LayerStats}``; the layers to solve.
